@@ -1,0 +1,161 @@
+"""Architectures: from a `config.json` dict to an `Arch`, the Linear modules of a decoder layer, and
+parameter counts exactly as transformers builds the model.
+
+Sources for the per-family flags (transformers v5 `src/transformers/models/<family>/modeling_<family>.py`):
+- qwen2: q/k/v Linear layers have `bias=True`, o_proj `bias=False` (Qwen2Attention.__init__); config.json
+  has no `attention_bias` key.
+- llama, mistral, qwen3, olmo2, granite: `bias=config.attention_bias` on q/k/v/o; MLP `bias=config.mlp_bias`.
+- qwen3, gemma3: `q_norm`/`k_norm` RMSNorm(head_dim) per layer.
+- gemma2, gemma3: four RMSNorms per layer (input, post_attention, pre_feedforward, post_feedforward).
+- phi3: fused `qkv_proj` (H -> (nh + 2 kv) hd) and `gate_up_proj` (H -> 2 I), no biases.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import CatalogError
+from .schema import Arch
+
+__all__ = ["LinearSpec", "arch_from_config", "layer_linears", "param_counts", "SUPPORTED_MODEL_TYPES"]
+
+# Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP).
+_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
+               "olmo2", "granite", "smollm3", "deepseek_v2_lite_dense"}
+SUPPORTED_MODEL_TYPES = tuple(sorted(_LLAMA_LIKE - {"deepseek_v2_lite_dense"}))
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """One nn.Linear of a decoder layer: `name` is the module-name suffix PEFT matches."""
+
+    name: str
+    in_features: int
+    out_features: int
+    bias: bool
+    group: str  # "attn" or "mlp"
+
+    @property
+    def weight_numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+def _dtype(cfg: dict[str, Any]) -> str:
+    # transformers v5 writes `dtype`, v4 wrote `torch_dtype`; with neither, from_pretrained(torch_dtype="auto")
+    # falls back to torch's default float32.
+    value = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if value not in ("bfloat16", "float16", "float32"):
+        raise CatalogError(f"config.json dtype {value!r} is not one of bfloat16, float16, float32. Fix the config file.")
+    return value
+
+
+def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
+    """Build an `Arch` from a Hugging Face `config.json` dict (multimodal configs: their `text_config`)."""
+    if "text_config" in cfg and isinstance(cfg["text_config"], dict) and "hidden_size" in cfg["text_config"]:
+        outer = cfg
+        cfg = {**cfg["text_config"]}
+        cfg.setdefault("model_type", outer.get("model_type", ""))
+        for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+            if key not in cfg and key in outer:
+                cfg[key] = outer[key]
+    model_type = str(cfg.get("model_type", ""))
+    if any(cfg.get(k) for k in _MOE_KEYS):
+        raise CatalogError(
+            f"{name}: mixture-of-experts models ({model_type}) are not modelled yet. Use a dense decoder-only model."
+        )
+    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+               if k not in cfg]
+    if missing:
+        raise CatalogError(
+            f"{name}: config.json lacks {', '.join(missing)}. Pass the config.json of a decoder-only causal LM."
+        )
+    h = int(cfg["hidden_size"])
+    nh = int(cfg["num_attention_heads"])
+    head_dim = cfg.get("head_dim") or h // nh
+    attention_bias = bool(cfg.get("attention_bias", False))
+    family = model_type.replace("_text", "")
+    qkv_bias = True if family == "qwen2" else attention_bias
+    o_bias = False if family == "qwen2" else attention_bias
+    return Arch(
+        name=name,
+        model_type=model_type,
+        hidden_size=h,
+        intermediate_size=int(cfg["intermediate_size"]),
+        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        num_attention_heads=nh,
+        num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
+        head_dim=int(head_dim),
+        vocab_size=int(cfg["vocab_size"]),
+        # PretrainedConfig's default is tie_word_embeddings=True.
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
+        torch_dtype=_dtype(cfg),
+        qkv_bias=qkv_bias,
+        o_bias=o_bias,
+        mlp_bias=bool(cfg.get("mlp_bias", False)),
+        qk_norm=family in ("qwen3", "gemma3"),
+        norms_per_layer=4 if family in ("gemma2", "gemma3") else 2,
+        fused_qkv=family == "phi3",
+        fused_gate_up=family == "phi3",
+        final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        source=source,
+    )
+
+
+def layer_linears(arch: Arch) -> list[LinearSpec]:
+    """The nn.Linear modules of one decoder layer, in forward order."""
+    h, i = arch.hidden_size, arch.intermediate_size
+    q, kv = arch.q_dim, arch.kv_dim
+    out: list[LinearSpec] = []
+    if arch.fused_qkv:
+        out.append(LinearSpec("qkv_proj", h, q + 2 * kv, arch.qkv_bias, "attn"))
+    else:
+        out += [LinearSpec("q_proj", h, q, arch.qkv_bias, "attn"),
+                LinearSpec("k_proj", h, kv, arch.qkv_bias, "attn"),
+                LinearSpec("v_proj", h, kv, arch.qkv_bias, "attn")]
+    out.append(LinearSpec("o_proj", q, h, arch.o_bias, "attn"))
+    if arch.fused_gate_up:
+        out.append(LinearSpec("gate_up_proj", h, 2 * i, arch.mlp_bias, "mlp"))
+    else:
+        out += [LinearSpec("gate_proj", h, i, arch.mlp_bias, "mlp"),
+                LinearSpec("up_proj", h, i, arch.mlp_bias, "mlp")]
+    out.append(LinearSpec("down_proj", i, h, arch.mlp_bias, "mlp"))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamCounts:
+    embed: int
+    lm_head: int  # 0 when tied
+    per_layer_linear_weights: int
+    per_layer_linear_biases: int
+    per_layer_norms: int
+    final_norm: int
+    layers: int
+
+    @property
+    def per_layer(self) -> int:
+        return self.per_layer_linear_weights + self.per_layer_linear_biases + self.per_layer_norms
+
+    @property
+    def total(self) -> int:
+        return self.embed + self.lm_head + self.layers * self.per_layer + self.final_norm
+
+
+def param_counts(arch: Arch) -> ParamCounts:
+    """Parameters as `sum(p.numel() for p in model.parameters())` counts them (tied weights once)."""
+    lin = layer_linears(arch)
+    norms = arch.norms_per_layer * arch.hidden_size + (2 * arch.head_dim if arch.qk_norm else 0)
+    embed = arch.vocab_size * arch.hidden_size
+    return ParamCounts(
+        embed=embed,
+        lm_head=0 if arch.tie_word_embeddings else embed,
+        per_layer_linear_weights=sum(m.weight_numel for m in lin),
+        per_layer_linear_biases=sum(m.out_features for m in lin if m.bias),
+        per_layer_norms=norms,
+        final_norm=arch.hidden_size,
+        layers=arch.num_hidden_layers,
+    )

@@ -1,0 +1,99 @@
+"""GPU and model catalogs, shipped as package data (`gpus.yaml`, `models.yaml`), each entry with its source."""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..arch import arch_from_config
+from ..errors import CatalogError
+from ..schema import Arch, GpuSpec
+
+__all__ = ["gpus", "models", "get_gpu", "resolve_arch", "resolve_config", "model_configs"]
+
+
+def _load_yaml(filename: str) -> Any:
+    text = resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
+    return yaml.safe_load(text)
+
+
+@lru_cache(maxsize=1)
+def gpus() -> dict[str, GpuSpec]:
+    """All catalog GPUs by id, in file order."""
+    return {entry["id"]: GpuSpec(**entry) for entry in _load_yaml("gpus.yaml")}
+
+
+@lru_cache(maxsize=1)
+def model_configs() -> dict[str, dict[str, Any]]:
+    """Catalog entries by Hugging Face repo id: {"source": str, "config": config.json fields}."""
+    return {entry["id"]: entry for entry in _load_yaml("models.yaml")}
+
+
+@lru_cache(maxsize=1)
+def models() -> dict[str, Arch]:
+    return {mid: arch_from_config(e["config"], mid, e.get("source", "")) for mid, e in model_configs().items()}
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    lowered = {c.lower(): c for c in choices}
+    hits = difflib.get_close_matches(word.lower(), list(lowered), n=3, cutoff=0.4)
+    if not hits:  # substring matches help for short names like "qwen2.5-3b"
+        hits = [c for c in lowered if word.lower().split("/")[-1] in c][:3]
+    return ", ".join(lowered[h] for h in hits)
+
+
+def get_gpu(gpu_id: str) -> GpuSpec:
+    table = gpus()
+    if gpu_id in table:
+        return table[gpu_id]
+    near = _closest(gpu_id, list(table))
+    hint = f" Closest: {near}." if near else ""
+    raise CatalogError(f"unknown GPU {gpu_id!r}.{hint} Run `trainfit gpus` for the list.")
+
+
+def resolve_arch(model: str) -> Arch:
+    """A catalog id (Hugging Face repo id), or a path to a config.json or to a folder holding one."""
+    table = models()
+    if model in table:
+        return table[model]
+    lowered = {k.lower(): k for k in table}
+    if model.lower() in lowered:
+        return table[lowered[model.lower()]]
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise CatalogError(f"folder {model!r} holds no config.json. Point --model at a model folder or a config.json.")
+    if path.is_file():
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise CatalogError(f"cannot read {str(path)!r} as JSON ({exc}). Pass a Hugging Face config.json.") from None
+        if not isinstance(cfg, dict):
+            raise CatalogError(f"{str(path)!r} is not a JSON object. Pass a Hugging Face config.json.")
+        return arch_from_config(cfg, str(path), source=f"read from {path}")
+    near = _closest(model, list(table))
+    hint = f" Closest: {near}." if near else ""
+    raise CatalogError(
+        f"unknown model {model!r}: not a catalog id and no such file.{hint} "
+        "Run `trainfit models`, or pass a path to a config.json."
+    )
+
+
+def resolve_config(model: str) -> dict[str, Any]:
+    """The raw config.json dict behind `resolve_arch(model)` (the trace builds the real transformers model from it)."""
+    table = model_configs()
+    lowered = {k.lower(): k for k in table}
+    if model.lower() in lowered:
+        return dict(table[lowered[model.lower()]]["config"])
+    resolve_arch(model)  # raises the same errors as the estimate path
+    path = Path(model).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+    return json.loads(path.read_text(encoding="utf-8"))

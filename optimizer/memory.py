@@ -1,0 +1,948 @@
+"""The training-memory model: peak allocated bytes of one steady-state optimizer step.
+
+PURE: no I/O, no printing. Every term is an int number of bytes, rounded per tensor the way PyTorch's
+CUDA caching allocator rounds (`units.alloc_bytes`, 512 B). The step mirrors `llamafactory-cli train` on
+one CUDA GPU (LLaMA-Factory 0.9.5, transformers 5.24, PEFT 0.21, bitsandbytes 0.50, accelerate 1.15,
+torch 2.13): the second optimizer step, when the optimizer states exist.
+
+Legend: b batch, s padded sequence length (cutoff_len rounded up to a multiple of 8: LLaMA-Factory's
+SFT collator pads with `pad_to_multiple_of=8`), N = b*s tokens, H hidden, I intermediate, L layers,
+V vocabulary, r LoRA rank, c compute-dtype bytes (2 under bf16/fp16 autocast).
+
+How the activation terms are made: `layer_forward` walks one decoder layer op by op (`_Walk`), allocating
+each output and keeping what autograd saves for backward, so shared tensors count once and the forward
+transient peak falls out. The walk encodes what the libraries do; each rule names its source:
+- [S] read in a library's source (file and function named),
+- [T] measured with `trainfit trace` (optimizer/trace: a real PyTorch step on fake tensors, every
+  allocation counted), see tests/test_accuracy.py for the grid it is checked on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .arch import LinearSpec, layer_linears, param_counts
+from .errors import ConfigError
+from .schema import Arch, Estimate, MemoryTerm, PhasePeak, Plan
+from .units import MIB, alloc_bytes, ceil_div, round_up
+
+__all__ = ["estimate", "Setting", "setting_for", "lora_targets", "count_params", "layer_forward"]
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+
+# ---------------------------------------------------------------------------------------------------
+# Settings derived from the plan: which dtype each thing has.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Dtypes and switches of one run, derived once from (arch, plan) by `setting_for`."""
+
+    amp: bool  # autocast on: accelerate wraps model.forward in torch.autocast for bf16/fp16
+    c: int  # compute dtype bytes: autocast dtype, or the weights' dtype without autocast
+    ckpt_w: int  # checkpoint dtype bytes (frozen 16-bit weights, biases)
+    train_w: int  # bytes of a trainable parameter (fp32 master unless pure_bf16)
+    embed_w: int  # bytes per element of embed_tokens / untied lm_head
+    norm_w: int  # bytes per element of norm weights
+    stream: int  # bytes per element of the residual stream (the embedding output dtype)
+    lora_w: int  # bytes of a LoRA adapter parameter
+    full: bool
+    quant: int | None
+    double_quant: bool
+    gc: bool
+    attn: str  # "sdpa" or "eager"
+    targets: tuple[str, ...]  # LoRA'd module suffixes of a decoder layer
+    lora_dropout: bool
+    rank: int
+    seq: int
+    batch: int
+    gemma_norm: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+def lora_targets(arch: Arch, plan: Plan) -> tuple[str, ...]:
+    """Resolve `lora_target` as LLaMA-Factory does.
+
+    [S] LLaMA-Factory `model/model_utils/misc.py::find_all_linear_modules`: `all` = the name suffix of every
+    module whose class name contains "Linear", except `lm_head` and "Embedding" classes; otherwise the comma
+    list goes to PEFT as `target_modules`, which matches module-name suffixes.
+    """
+    names = [m.name for m in layer_linears(arch)]
+    raw = [t.strip() for t in plan.lora_target.split(",") if t.strip()]
+    if raw == ["all"]:
+        return tuple(names)
+    unknown = [t for t in raw if t not in names]
+    if unknown:
+        raise ConfigError(
+            f"lora_target {', '.join(unknown)} matches no Linear layer of the decoder layers of {arch.name} "
+            f"(they are: {', '.join(names)}). Use `all` or a comma list of those names."
+        )
+    return tuple(n for n in names if n in raw)
+
+
+def setting_for(arch: Arch, plan: Plan) -> Setting:
+    if plan.quantization_bit and plan.finetuning_type != "lora":
+        # [S] LLaMA-Factory hparams/parser.py: "Quantization is only compatible with the LoRA or OFT method."
+        raise ConfigError("quantization_bit needs finetuning_type: lora. Remove quantization_bit or use lora.")
+    if plan.bf16 and plan.fp16:
+        raise ConfigError("bf16 and fp16 are both true. Set only one of them.")
+    ckpt_w = DTYPE_BYTES[arch.torch_dtype]
+    amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
+    full = plan.finetuning_type == "full"
+    # [S] LLaMA-Factory model/adapter.py::init_adapter: trainable params are upcast to float32 unless
+    # pure_bf16; in full fine-tuning every parameter is trainable, so the whole model becomes fp32.
+    train_w = 2 if plan.pure_bf16 else FP32
+    # [S] PEFT utils/other.py::prepare_model_for_kbit_training casts every non-4/8-bit parameter to fp32.
+    kbit_up = plan.kbit_prepare and plan.quantization_bit is not None
+    embed_w = train_w if full else (FP32 if kbit_up else ckpt_w)
+    norm_w = train_w if full else (FP32 if (kbit_up or plan.upcast_layernorm) else ckpt_w)
+    stream = embed_w
+    if "embed_tokens" in _additional(plan):
+        stream = train_w  # the trainable copy PEFT makes is upcast like every trainable param
+    c = 2 if amp else (train_w if full else ckpt_w)
+    family = arch.model_type.replace("_text", "")
+    return Setting(
+        amp=amp, c=c, ckpt_w=ckpt_w, train_w=train_w, embed_w=embed_w, norm_w=norm_w, stream=stream,
+        lora_w=2 if plan.pure_bf16 else FP32, full=full, quant=plan.quantization_bit,
+        double_quant=plan.double_quantization, gc=plan.gradient_checkpointing,
+        attn="eager" if plan.flash_attn == "disabled" else "sdpa",
+        targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
+        rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
+        gemma_norm=family in ("gemma", "gemma2", "gemma3"),
+    )
+
+
+def _additional(plan: Plan) -> list[str]:
+    return [t.strip() for t in (plan.additional_target or "").split(",") if t.strip()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter counts (as LLaMA-Factory prints them)
+# ---------------------------------------------------------------------------------------------------
+
+
+def count_params(arch: Arch, plan: Plan) -> tuple[int, int]:
+    """(trainable, all) exactly as LLaMA-Factory's log line `trainable params: .. || all params: ..`.
+
+    [S] LLaMA-Factory `extras/misc.py::count_parameters`: sums `numel()` over `model.parameters()` (tied
+    weights once) and multiplies a Params4bit's numel by 2 x storage itemsize, which undoes the 4-bit
+    packing: `all` = the base model's true count + adapters. LoRA adds r x (in + out) per targeted Linear
+    (lora_A [r, in], lora_B [out, r], no bias) [S] PEFT `tuners/lora/layer.py::LoraLayer.update_layer`.
+    PEFT `modules_to_save` keeps the original module and adds a trainable copy (counted in both).
+    """
+    base = param_counts(arch).total
+    if plan.finetuning_type == "full":
+        return base, base
+    targets = lora_targets(arch, plan)
+    per_layer = sum(plan.lora_rank * (m.in_features + m.out_features) for m in layer_linears(arch) if m.name in targets)
+    extra = sum(_module_numel(arch, name) for name in _additional(plan))
+    trainable = per_layer * arch.num_hidden_layers + extra
+    return trainable, base + trainable
+
+
+def _module_numel(arch: Arch, name: str) -> int:
+    if name in ("embed_tokens", "lm_head"):
+        return arch.vocab_size * arch.hidden_size
+    if name == "norm":
+        return arch.hidden_size
+    raise ConfigError(f"additional_target {name!r} is not modelled. Use embed_tokens, lm_head or norm, or leave it unset.")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Static terms: weights, adapters, gradients, optimizer states
+# ---------------------------------------------------------------------------------------------------
+
+
+def quant4_bytes(n: int, double_quant: bool) -> int:
+    """One bitsandbytes 4-bit weight of n elements (blocksize 64), packed data + QuantState.
+
+    [S] bitsandbytes `functional.py::quantize_4bit`: packed data (n+1)//2 bytes (LLaMA-Factory sets
+    `bnb_4bit_quant_storage` = compute dtype, i.e. (n+1)//4 bf16 elements: the same bytes); absmax fp32
+    [ceil(n/64)]; the 16-entry NF4/FP4 code fp32 [16]. With double quantization (`compress_statistics`) the
+    absmax is `quantize_blockwise(absmax - offset, blocksize=256)`: uint8 [blocks] + fp32 absmax2
+    [ceil(blocks/256)] + fp32 dynamic code [256] + fp32 offset []. Each tensor is its own allocation.
+    """
+    blocks = ceil_div(n, 64)
+    packed = alloc_bytes(ceil_div(n, 4) * 2)
+    code = alloc_bytes(16 * FP32)
+    if not double_quant:
+        return packed + alloc_bytes(blocks * FP32) + code
+    nested = alloc_bytes(blocks) + alloc_bytes(ceil_div(blocks, 256) * FP32) + alloc_bytes(256 * FP32) + alloc_bytes(FP32)
+    return packed + code + nested
+
+
+def linear_weight_bytes(m: LinearSpec, st: Setting) -> int:
+    """Bytes of one decoder Linear (weight + bias) as stored on the GPU.
+
+    16-bit frozen: in*out x checkpoint bytes. Full fine-tuning: fp32 master (or bf16 with pure_bf16).
+    4-bit: `quant4_bytes`. 8-bit [S] bitsandbytes `nn/modules.py::Int8Params`: CB int8 [out, in] + SCB fp32
+    [out]. Biases stay in the checkpoint dtype ([S] transformers `integrations/bitsandbytes.py` replaces
+    only the weight).
+    """
+    n = m.weight_numel
+    bias = alloc_bytes(m.out_features * (st.train_w if st.full else st.ckpt_w)) if m.bias else 0
+    if st.full:
+        return alloc_bytes(n * st.train_w) + bias
+    if st.quant == 4:
+        return quant4_bytes(n, st.double_quant) + bias
+    if st.quant == 8:
+        return alloc_bytes(n) + alloc_bytes(m.out_features * FP32) + bias
+    return alloc_bytes(n * st.ckpt_w) + bias
+
+
+def base_weight_bytes(arch: Arch, st: Setting) -> dict[str, int]:
+    """Frozen (LoRA) or trainable (full) model weights, by part.
+
+    Only the decoder Linear layers are quantized; embed_tokens, lm_head and norms stay in the checkpoint
+    dtype [S] transformers `integrations/bitsandbytes.py::get_keys_to_not_convert` (lm_head and tied
+    weights skipped; nn.Embedding and norms are not Linear). Tied lm_head shares embed_tokens (counted once).
+    """
+    lin = layer_linears(arch)
+    H, V, L = arch.hidden_size, arch.vocab_size, arch.num_hidden_layers
+    norm = alloc_bytes(H * st.norm_w)
+    qk = 2 * alloc_bytes(arch.head_dim * st.norm_w) if arch.qk_norm else 0
+    embed = alloc_bytes(V * H * st.embed_w)
+    return {
+        "decoder_linears": L * sum(linear_weight_bytes(m, st) for m in lin),
+        "norms": L * (arch.norms_per_layer * norm + qk) + norm,
+        "embed_tokens": embed,
+        "lm_head": 0 if arch.tie_word_embeddings else embed,
+    }
+
+
+def _lora_shapes(arch: Arch, st: Setting) -> list[tuple[int, int]]:
+    """(numel of lora_A, numel of lora_B) per LoRA'd Linear of one layer."""
+    return [(st.rank * m.in_features, m.out_features * st.rank) for m in layer_linears(arch) if m.name in st.targets]
+
+
+def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> list[int]:
+    """numel of every trainable parameter tensor (one optimizer/grad tensor each)."""
+    if st.full:
+        pc = param_counts(arch)
+        per_layer = [m.weight_numel for m in layer_linears(arch)]
+        per_layer += [m.out_features for m in layer_linears(arch) if m.bias]
+        per_layer += [arch.hidden_size] * arch.norms_per_layer + ([arch.head_dim] * 2 if arch.qk_norm else [])
+        out = per_layer * arch.num_hidden_layers + [pc.embed, pc.final_norm]
+        if pc.lm_head:
+            out.append(pc.lm_head)
+        return out
+    out = []
+    for a, b in _lora_shapes(arch, st):
+        out += [a, b]
+    out = out * arch.num_hidden_layers
+    out += [_module_numel(arch, name) for name in _additional(plan)]
+    return out
+
+
+def adapter_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
+    """Trainable parameters that are not base weights: LoRA A/B (fp32 unless pure_bf16) and the trainable
+    copies PEFT makes for `additional_target` ([S] PEFT `utils/other.py::ModulesToSaveWrapper`)."""
+    if st.full:
+        return 0
+    return sum(alloc_bytes(n * st.lora_w) for n in trainable_tensor_numels(arch, plan, st))
+
+
+def grad_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
+    """One gradient per trainable tensor, in the parameter's dtype (AccumulateGrad stores `param.grad`
+    with the param's dtype; under autocast the cast's backward returns fp32 for fp32 params)."""
+    w = st.train_w if st.full else st.lora_w
+    return sum(alloc_bytes(n * w) for n in trainable_tensor_numels(arch, plan, st))
+
+
+# [S] bitsandbytes optim/optimizer.py::Optimizer8bit: `min_8bit_size=4096`: smaller params keep 32-bit
+# states; 8-bit states use blockwise quantization with 256-element blocks (absmax fp32 per block) and
+# share one 256-entry fp32 quantization map per state.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_BLOCK = 256
+
+
+def optimizer_state_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
+    """Optimizer states after the first step.
+
+    adamw_torch / adamw_torch_fused [S] torch `optim/adamw.py::_init_group`: exp_avg and exp_avg_sq with
+    the param's dtype; `step` is a device fp32 scalar when fused (one 512 B block each), a CPU tensor
+    otherwise. adamw_8bit / paged_adamw_8bit [S] bitsandbytes `optim/optimizer.py::Optimizer2State.init_state`:
+    state1/state2 uint8 + absmax1/absmax2 fp32 per 256 block; tensors under 4096 elements keep fp32
+    states. Paged states are CUDA managed memory, invisible to torch's allocator (counted in the device
+    peak only). sgd (HF passes no momentum) keeps no state.
+    """
+    numels = trainable_tensor_numels(arch, plan, st)
+    w = st.train_w if st.full else st.lora_w
+    if plan.optim in ("adamw_torch", "adamw_torch_fused"):
+        step = alloc_bytes(FP32) if plan.optim == "adamw_torch_fused" else 0
+        return sum(2 * alloc_bytes(n * w) + step for n in numels)
+    if plan.optim in ("adamw_8bit", "adamw_bnb_8bit"):
+        return _bnb8_state_bytes(numels)
+    if plan.optim == "paged_adamw_8bit":
+        return 0
+    return 0  # sgd
+
+
+def _bnb8_state_bytes(numels: list[int]) -> int:
+    total = 2 * alloc_bytes(256 * FP32)  # qmap1, qmap2
+    for n in numels:
+        if n < BNB_MIN_8BIT_SIZE:
+            total += 2 * alloc_bytes(n * FP32) + alloc_bytes(FP32)
+        else:
+            total += 2 * alloc_bytes(n) + 2 * alloc_bytes(ceil_div(n, BNB_BLOCK) * FP32)
+    return total
+
+
+def paged_state_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
+    """paged_adamw_8bit states live in CUDA managed memory (device peak only)."""
+    if plan.optim != "paged_adamw_8bit":
+        return 0
+    return _bnb8_state_bytes(trainable_tensor_numels(arch, plan, st))
+
+
+def optimizer_step_temp_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
+    """Temporaries of clip + optimizer.step on top of params, grads and states.
+
+    Clipping [S] torch `nn/utils/clip_grad.py::_get_total_norm`: `torch._foreach_norm` returns one fp32
+    scalar per grad (512 B each), then `stack` + `vector_norm`. adamw_torch (foreach, the CUDA default)
+    [S] torch `optim/adamw.py::_multi_tensor_adamw`: `exp_avg_sq_sqrt = torch._foreach_sqrt(exp_avg_sqs)`
+    allocates one tensor per param (the same bytes as one state); all other foreach ops are in place.
+    Fused AdamW and 8-bit AdamW update in place.
+    """
+    numels = trainable_tensor_numels(arch, plan, st)
+    w = st.train_w if st.full else st.lora_w
+    clip = 0
+    if plan.max_grad_norm > 0:
+        clip = len(numels) * alloc_bytes(FP32) + alloc_bytes(len(numels) * FP32) + alloc_bytes(FP32)
+    foreach = sum(alloc_bytes(n * w) for n in numels) if plan.optim == "adamw_torch" else 0
+    return clip + foreach
+
+
+# ---------------------------------------------------------------------------------------------------
+# Activations: one decoder layer, op by op
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Walk:
+    """Live tensors during a walk. `saved` marks what autograd keeps for backward."""
+
+    live: dict[str, int] = field(default_factory=dict)
+    saved: set[str] = field(default_factory=set)
+    peak: int = 0
+    n: int = 0
+    no_grad: bool = False  # reentrant checkpointing runs the layer forward under torch.no_grad()
+
+    def alloc(self, stem: str, nbytes: int) -> str:
+        self.n += 1
+        name = f"{stem}#{self.n}"
+        self.live[name] = alloc_bytes(nbytes)
+        self.peak = max(self.peak, sum(self.live.values()))
+        return name
+
+    def save(self, name: str) -> None:
+        if not self.no_grad:
+            self.saved.add(name)
+
+    def drop(self, *names: str) -> None:
+        """The Python reference goes away: the tensor dies unless autograd saved it."""
+        for name in names:
+            if name in self.live and name not in self.saved:
+                del self.live[name]
+
+
+def _promote(a: int, b: int) -> int:
+    return max(a, b)
+
+
+def _norm(w: _Walk, st: Setting, x: str, x_b: int, n_el: int, rows: int, trainable: bool) -> tuple[str, int]:
+    """RMSNorm over the last dim: `n_el` elements of `x_b` bytes; returns (output, output bytes/elem).
+
+    [S] transformers models/llama/modeling_llama.py::LlamaRMSNorm.forward: h = x.to(float32);
+    var = h.pow(2).mean(-1); h = h * rsqrt(var + eps); return weight * h.to(input_dtype).
+    pow and mul save h (the fp32 copy, or x itself when x is fp32), rsqrt saves its [rows] fp32 output;
+    the final mul saves h.to(input_dtype) only if the weight is trainable (autograd saves an input only for
+    the other input's gradient). Gemma: `output * (1.0 + weight.float())` then `.type_as(x)` [S]
+    models/gemma2/modeling_gemma2.py::Gemma2RMSNorm: saves the fp32 normalized h when trainable.
+    """
+    h = x if x_b == FP32 else w.alloc("norm_f32", n_el * FP32)
+    w.save(h)
+    p = w.alloc("pow", n_el * FP32)
+    var = w.alloc("var", rows * FP32)
+    w.drop(p)
+    tmp = w.alloc("var_eps", rows * FP32)
+    rs = w.alloc("rsqrt", rows * FP32)
+    w.save(rs)
+    w.drop(var, tmp)
+    hn = w.alloc("normed", n_el * FP32)
+    if st.gemma_norm:
+        if trainable:
+            w.save(hn)
+        o32 = w.alloc("norm_out32", n_el * FP32)
+        w.drop(hn)
+        if x_b == FP32:
+            return o32, FP32
+        out = w.alloc("norm_out", n_el * x_b)
+        w.drop(o32)
+        return out, x_b
+    hc = hn
+    if x_b != FP32:
+        hc = w.alloc("normed_cast", n_el * x_b)
+        w.drop(hn)
+    out_b = _promote(st.norm_w, x_b)
+    if trainable:
+        w.save(hc)
+    out = w.alloc("norm_out", n_el * out_b)
+    w.drop(hc)
+    return out, out_b
+
+
+def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> tuple[str, int]:
+    """One decoder Linear with its LoRA branch; returns (output, output bytes/elem)."""
+    lora = m.name in st.targets
+    c = st.c
+    # --- base layer ---
+    if st.full:
+        # Trainable weight: autograd saves the input (for grad_W) and the weight it multiplied.
+        # [S] torch autocast `cached_cast`: a leaf that requires grad is cast once per autocast region and
+        # cached; the bf16 copy is saved for backward.
+        xi = x
+        if st.amp and x_b != c:
+            xi = w.alloc("cast_in", N * m.in_features * c)
+        w.save(xi)
+        if st.amp and st.train_w != c:
+            w.save(w.alloc("w_cast", m.weight_numel * c))
+        out = w.alloc("lin_out", N * m.out_features * (c if st.amp else _promote(x_b, st.train_w)))
+        w.drop(xi)
+        return out, (c if st.amp else _promote(x_b, st.train_w))
+    if st.quant == 4:
+        # [S] bitsandbytes nn/modules.py::Linear4bit.forward casts x to the compute dtype;
+        # autograd/_functions.py::MatMul4Bit keeps only the packed weight (ctx.tensors = (None, B)).
+        # On CUDA the 4-bit GEMM dequantizes the weight to a transient 16-bit copy for > 1536 tokens and on
+        # sm90+ ([S] trace-recipe note on bnb 0.50 `gemm_4bit` fallback).
+        xi = x
+        if x_b != c:
+            xi = w.alloc("cast_in", N * m.in_features * c)
+        deq = w.alloc("dequant_w", m.weight_numel * c)
+        out = w.alloc("lin_out", N * m.out_features * c)
+        w.drop(deq)
+        if xi != x:
+            w.drop(xi)
+        out_b = c
+        if x_b != c:  # `.to(inp_dtype)` at the end of Linear4bit.forward
+            o2 = w.alloc("lin_out_cast", N * m.out_features * x_b)
+            w.drop(out)
+            out, out_b = o2, x_b
+    elif st.quant == 8:
+        # [S] bitsandbytes autograd/_functions.py::MatMul8bitLt: int8_vectorwise_quant(A.to(float16))
+        # (transient fp16 copy + int8 CA + fp32 row scales), ctx.tensors = (CAt, subA, A): keeps A.
+        a16 = w.alloc("a_fp16", N * m.in_features * 2) if x_b != 2 or st.c != 2 else None
+        ca = w.alloc("a_int8", N * m.in_features)
+        sca = w.alloc("a_scale", N * FP32)
+        w.save(x)
+        out = w.alloc("lin_out", N * m.out_features * x_b)
+        w.drop(ca, sca)
+        if a16:
+            w.drop(a16)
+        out_b = x_b
+    else:
+        # Frozen 16-bit weight: F.linear saves only the weight (for grad_input), no copy when the
+        # weight already has the compute dtype. Under autocast a non-leaf-cached cast of a frozen weight is
+        # saved when dtypes differ (fp16 autocast on a bf16 checkpoint).
+        xi = x
+        if st.amp and x_b != c:
+            xi = w.alloc("cast_in", N * m.in_features * c)
+        if st.amp and st.ckpt_w != c:
+            w.save(w.alloc("w_cast", m.weight_numel * c))
+        out_b = c if st.amp else _promote(x_b, st.ckpt_w)
+        out = w.alloc("lin_out", N * m.out_features * out_b)
+        if xi != x:
+            w.drop(xi)
+    if not lora:
+        return out, out_b
+    # --- LoRA branch ---
+    r = st.rank
+    if st.quant == 4:
+        # [S] PEFT tuners/lora/bnb.py::Linear4bit.forward: `result = result.clone()`; the input is cast to
+        # the adapter dtype only when autocast is off (`requires_conversion = not torch.is_autocast_enabled()`).
+        cl = w.alloc("clone", N * m.out_features * out_b)
+        w.drop(out)
+        out = cl
+        convert = not st.amp
+    else:
+        # [S] PEFT tuners/lora/layer.py::Linear.forward: `x = self._cast_input_dtype(x, lora_A.weight.dtype)`.
+        convert = True
+    xl = x
+    if convert and x_b != st.lora_w:
+        xl = w.alloc("lora_in_cast", N * m.in_features * st.lora_w)
+    xl_b = st.lora_w if convert else x_b
+    if st.lora_dropout:
+        mask = w.alloc("dropout_mask", N * m.in_features)
+        w.save(mask)
+        xd = w.alloc("dropout_out", N * m.in_features * xl_b)
+        if xl != x:
+            w.drop(xl)
+        xl = xd
+    # lora_A: saves its input (for grad of lora_A.weight) and the (cast) weight.
+    if st.amp:
+        xa = xl
+        if xl_b != c:
+            xa = w.alloc("lora_a_in", N * m.in_features * c)
+            if xl != x:
+                w.drop(xl)
+        w.save(xa)
+        if st.lora_w != c:
+            w.save(w.alloc("lora_a_wcast", r * m.in_features * c))
+            w.save(w.alloc("lora_b_wcast", r * m.out_features * c))
+        a_b = c
+    else:
+        w.save(xl)
+        a_b = xl_b
+    a = w.alloc("lora_a_out", N * r * a_b)
+    w.save(a)
+    bo = w.alloc("lora_b_out", N * m.out_features * a_b)
+    sc = w.alloc("lora_scaled", N * m.out_features * a_b)
+    w.drop(bo)
+    if a_b != out_b and not st.amp:
+        cast = w.alloc("lora_out_cast", N * m.out_features * out_b)
+        w.drop(sc)
+        sc = cast
+    res = w.alloc("lora_sum", N * m.out_features * _promote(out_b, a_b if st.amp else out_b))
+    w.drop(sc, out)
+    return res, _promote(out_b, a_b if st.amp else out_b)
+
+
+@dataclass(frozen=True)
+class LayerActivations:
+    saved_bytes: int  # what one layer keeps for backward (its input included when saved)
+    peak_bytes: int  # peak live bytes of the walk, the input included
+    output_bytes: int
+    input_bytes: int
+
+
+def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActivations:
+    """Walk one decoder layer's forward. The layer input `x` is live at start and held by the caller."""
+    b, s = st.batch, st.seq
+    N = b * s
+    H, I = arch.hidden_size, arch.intermediate_size
+    nh, hd = arch.num_attention_heads, arch.head_dim
+    c = st.c
+    trainable = st.full
+    w = _Walk(no_grad=no_grad)
+    x = w.alloc("x", N * H * st.stream)
+    lin = {m.name: m for m in layer_linears(arch)}
+    h, h_b = _norm(w, st, x, st.stream, N * H, N, trainable)
+    # q, k, v
+    if arch.fused_qkv:
+        qkv, qkv_b = _linear(w, st, lin["qkv_proj"], h, h_b, N)
+        # Phi-3 slices q/k/v as views of the fused output: the fused tensor stays alive while any is used.
+        q, k, v, q_b = qkv, qkv, qkv, qkv_b
+        k_b = v_b = qkv_b
+    else:
+        q, q_b = _linear(w, st, lin["q_proj"], h, h_b, N)
+        k, k_b = _linear(w, st, lin["k_proj"], h, h_b, N)
+        v, v_b = _linear(w, st, lin["v_proj"], h, h_b, N)
+    w.drop(h)
+    qd, kvd = arch.q_dim, arch.kv_dim
+    if arch.qk_norm:
+        q2, q_b = _norm(w, st, q, q_b, N * qd, N * nh, trainable)
+        k2, k_b = _norm(w, st, k, k_b, N * kvd, N * arch.num_key_value_heads, trainable)
+        if not arch.fused_qkv:
+            w.drop(q, k)
+        q, k = q2, k2
+    # RoPE [S] transformers llama `apply_rotary_pos_emb`: q*cos + rotate_half(q)*sin, cos/sin in the stream
+    # dtype (shared by all layers, see `rope_bytes`); mul saves only cos/sin (no grad).
+    rope_b = _promote(q_b, st.stream)
+
+    def rope(t: str, dim: int) -> str:
+        a = w.alloc("rope_cos", N * dim * rope_b)
+        neg = w.alloc("rope_neg", N * dim // 2 * q_b)
+        cat = w.alloc("rope_cat", N * dim * q_b)
+        w.drop(neg)
+        bsin = w.alloc("rope_sin", N * dim * rope_b)
+        w.drop(cat)
+        out = w.alloc("rope_out", N * dim * rope_b)
+        w.drop(a, bsin)
+        return out
+
+    qe = rope(q, qd)
+    if not arch.fused_qkv or arch.qk_norm:
+        w.drop(q)
+    ke = rope(k, kvd)
+    if not arch.fused_qkv or arch.qk_norm:
+        w.drop(k)
+    a_b = c if st.amp else rope_b
+    if st.attn == "sdpa":
+        # [S] transformers integrations/sdpa_attention.py: is_causal, no mask, GQA via enable_gqa; the
+        # CUDA flash kernel saves q, k, v, out and the fp32 logsumexp [b, nh, s]. Output is laid out
+        # [b, s, nh, hd] so `.transpose(1, 2).contiguous()` copies nothing.
+        ins = []
+        for t, dim, tb in ((qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b)):
+            if st.amp and tb != c:
+                t2 = w.alloc("sdpa_in_cast", N * dim * c)
+                w.drop(t)
+                t = t2
+            w.save(t)
+            ins.append(t)
+        out = w.alloc("sdpa_out", N * qd * a_b)
+        w.save(out)
+        w.save(w.alloc("sdpa_lse", b * nh * s * FP32))
+        attn_out = out
+    else:
+        # [S] transformers models/llama/modeling_llama.py::eager_attention_forward: repeat_kv copies K and V
+        # to nh heads (when GQA), scores = q @ k^T * scaling (+ the shared causal mask), softmax in fp32
+        # (saved), cast back (saved for probs @ v), dropout p=0 is a no-op, out.transpose(1,2).contiguous().
+        rep = nh // arch.num_key_value_heads
+        kr, vr = ke, v
+        if rep > 1:
+            kr = w.alloc("repeat_k", N * qd * rope_b)
+            vr = w.alloc("repeat_v", N * qd * v_b)
+            w.drop(ke)
+            if not arch.fused_qkv:
+                w.drop(v)
+        w.save(qe)
+        w.save(kr)
+        w.save(vr)
+        sc = b * nh * s * s
+        s1 = w.alloc("scores", sc * a_b)
+        s2 = w.alloc("scores_scaled", sc * a_b)
+        w.drop(s1)
+        s3 = w.alloc("scores_masked", sc * a_b)
+        w.drop(s2)
+        p32 = w.alloc("probs_f32", sc * FP32)
+        w.save(p32)
+        w.drop(s3)
+        p16 = w.alloc("probs", sc * a_b)
+        w.save(p16)
+        o = w.alloc("attn_matmul_out", N * qd * a_b)
+        attn_out = w.alloc("attn_out", N * qd * a_b)
+        w.drop(o)
+    if arch.fused_qkv:
+        w.drop(qkv)
+    if st.attn == "sdpa":
+        pass
+    o_out, o_b = _linear(w, st, lin["o_proj"], attn_out, a_b, N)
+    w.drop(attn_out)
+    res_b = _promote(st.stream, o_b)
+    if arch.norms_per_layer == 4:  # Gemma 2/3: post_attention_layernorm on the attention output
+        o2, o_b = _norm(w, st, o_out, o_b, N * H, N, trainable)
+        w.drop(o_out)
+        o_out = o2
+    h1 = w.alloc("resid1", N * H * res_b)
+    w.drop(o_out)
+    h2, h2_b = _norm(w, st, h1, res_b, N * H, N, trainable)
+    # MLP [S] transformers llama `LlamaMLP.forward`: down(act(gate(x)) * up(x)); act saves its input,
+    # the product saves both factors.
+    if arch.fused_gate_up:
+        gu, gu_b = _linear(w, st, lin["gate_up_proj"], h2, h2_b, N)
+        w.save(gu)  # act(gate view) and `up * act` keep the fused output alive
+        g, g_b, u = gu, gu_b, gu
+    else:
+        g, g_b = _linear(w, st, lin["gate_proj"], h2, h2_b, N)
+        u, _ = _linear(w, st, lin["up_proj"], h2, h2_b, N)
+        w.save(g)
+        w.save(u)
+    w.drop(h2)
+    act = w.alloc("act", N * I * g_b)
+    w.save(act)
+    prod = w.alloc("act_mul_up", N * I * g_b)
+    d_out, d_b = _linear(w, st, lin["down_proj"], prod, g_b, N)
+    w.drop(prod)
+    if arch.norms_per_layer == 4:  # Gemma: post_feedforward_layernorm
+        d2, d_b = _norm(w, st, d_out, d_b, N * H, N, trainable)
+        w.drop(d_out)
+        d_out = d2
+    out = w.alloc("resid2", N * H * _promote(res_b, d_b))
+    w.drop(d_out, h1)
+    # After the layer returns, the caller drops its input: what stays is what autograd saved (the input
+    # too when a norm saved it as its own fp32 view) and the output.
+    return LayerActivations(
+        saved_bytes=sum(v for k, v in w.live.items() if k in w.saved),
+        peak_bytes=w.peak,
+        output_bytes=w.live[out],
+        input_bytes=alloc_bytes(N * H * st.stream),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Outside the decoder layers: shared RoPE tables, final norm, logits and the loss
+# ---------------------------------------------------------------------------------------------------
+
+
+def shared_forward_bytes(arch: Arch, st: Setting) -> int:
+    """Tensors made once per forward and kept by every layer's graph.
+
+    [S] transformers llama `LlamaRotaryEmbedding.forward`: cos and sin [b, s, head_dim] in the hidden
+    dtype; every layer's `q * cos` saves them. Eager attention adds the 4-D causal mask [b, 1, s, s]
+    ([S] transformers masking_utils.py::eager_mask, hidden dtype).
+    """
+    b, s = st.batch, st.seq
+    rope = 2 * alloc_bytes(b * s * arch.head_dim * st.stream)
+    mask = alloc_bytes(b * s * s * st.stream) if st.attn == "eager" else 0
+    return rope + mask
+
+
+@dataclass(frozen=True)
+class HeadActivations:
+    final_norm_saved: int  # final norm's saved tensors + the lm_head input kept by the outputs object
+    forward_end_extra: int  # the logits while the lm_head has just run
+    loss_peak_extra: int  # peak of the loss computation (logits, fp32 upcast, log-softmax)
+    loss_saved: int  # what the loss keeps for backward
+    ce_backward_extra: int  # peak of the cross-entropy backward, on top of loss_saved
+    lm_head_backward_extra: int  # after CE backward: grad of logits + grad of the hidden states
+
+
+def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
+    """Final norm, lm_head, loss; forward and backward.
+
+    [S] transformers loss/loss_utils.py::ForCausalLMLoss: `logits = logits.float()`, labels padded and
+    shifted (no copy of the logits), `cross_entropy` = log_softmax (saved, fp32 [N, V]) + nll_loss.
+    [S] accelerate utils/operations.py::convert_outputs_to_fp32 (applied by Accelerator.prepare_model under
+    bf16/fp16): the model's outputs, logits included, are converted to fp32 before HF Trainer drops them.
+    Backward: nll_loss_backward writes a dense fp32 [N, V] gradient and _log_softmax_backward_data another
+    while the saved log-softmax is alive (3 x 4NV); then the fp32 gradient is cast back to the logits dtype.
+    Liger's fused linear cross-entropy ([S] liger_kernel/ops/fused_linear_cross_entropy.py) never holds
+    the full logits: it processes chunks of ceil(N / ceil(N*V/ (N*H))) rows ... see `_liger_chunk_bytes`.
+    """
+    N, H, V = st.tokens, arch.hidden_size, arch.vocab_size
+    w = _Walk()
+    x = w.alloc("last_hidden", N * H * st.stream)
+    h, h_b = _norm(w, st, x, st.stream, N * H, N, st.full)
+    w.drop(x)
+    # the lm_head input stays referenced by the model outputs until forward returns
+    final_saved = sum(v for k, v in w.live.items() if k in w.saved or k == h)
+    if plan.enable_liger_kernel:
+        chunk = _liger_chunk_bytes(arch, st)
+        return HeadActivations(final_saved, chunk, chunk, alloc_bytes(N * H * st.c), chunk, alloc_bytes(N * H * st.c))
+    lw = st.embed_w if not st.full else st.train_w
+    logit_b = st.c if st.amp else _promote(h_b, lw)
+    logits_nv = N * V
+    fwd_end = alloc_bytes(logits_nv * logit_b)
+    peak = fwd_end
+    cur = fwd_end
+    if plan.upcast_lmhead_output and logit_b != FP32:
+        # [S] LLaMA-Factory model/model_utils/checkpointing.py: a forward hook returns output.to(float32)
+        peak = max(peak, cur + alloc_bytes(logits_nv * FP32))
+        cur, logit_b = alloc_bytes(logits_nv * FP32), FP32
+    saved = 0
+    if arch.final_logit_softcapping:
+        # [S] transformers gemma2 `Gemma2ForCausalLM.forward`: logits / cap, tanh (saves its output), * cap
+        t = alloc_bytes(logits_nv * logit_b)
+        peak = max(peak, cur + 2 * t)
+        saved += t
+        cur = t + saved
+    up = alloc_bytes(logits_nv * FP32) if logit_b != FP32 else 0
+    lsm = alloc_bytes(logits_nv * FP32)
+    peak = max(peak, cur + up + lsm)
+    saved += lsm
+    if st.amp:  # accelerate converts the outputs (logits) to fp32 at forward return
+        peak = max(peak, cur + saved + (alloc_bytes(logits_nv * FP32) if logit_b != FP32 else 0))
+    ce_bwd = 2 * alloc_bytes(logits_nv * FP32)  # nll grad + log_softmax grad, on top of the saved lsm
+    lm_bwd = alloc_bytes(logits_nv * FP32) + (alloc_bytes(logits_nv * logit_b) if logit_b != FP32 else 0)
+    lm_bwd = max(lm_bwd, alloc_bytes(logits_nv * logit_b) + alloc_bytes(N * H * st.c))
+    return HeadActivations(final_saved, fwd_end, peak, saved, ce_bwd, lm_bwd)
+
+
+def _liger_chunk_bytes(arch: Arch, st: Setting) -> int:
+    """Liger fused linear cross-entropy working set.
+
+    [S] liger_kernel/ops/fused_linear_cross_entropy.py::fused_linear_cross_entropy_forward:
+    inc_factor = ceil(V / H); chunk_size = next_power_of_2(ceil(N / inc_factor)); per chunk it allocates
+    the chunk's logits in the input dtype and computes the gradient in place; it also allocates
+    grad_input [N, H] and grad_weight [V, H] (fp32 when the weight trains; not for a frozen lm_head).
+    """
+    N, H, V = st.tokens, arch.hidden_size, arch.vocab_size
+    inc = ceil_div(V, H)
+    chunk = 1 << max(0, (ceil_div(N, inc) - 1).bit_length())
+    return alloc_bytes(chunk * V * st.c) + alloc_bytes(chunk * V * FP32) + alloc_bytes(N * H * st.c)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond tensors: workspaces, allocator, CUDA context
+# ---------------------------------------------------------------------------------------------------
+
+# [S] torch aten/src/ATen/cuda/CublasHandlePool.cpp::getChosenWorkspaceSize: default
+# CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8" = 2 x 4096 KiB + 8 x 16 KiB = 8,519,680 B per (handle, stream),
+# allocated through the caching allocator (so it shows in memory_allocated). Handles are per thread, and
+# the autograd engine runs backward on its own device thread: one workspace for forward, one for backward.
+CUBLAS_WORKSPACE_BYTES = 8_519_680
+# [S] pytorch/pytorch#86509: CUDA context of a process with lazy module loading (PyTorch >= 1.13 sets
+# CUDA_MODULE_LOADING=LAZY): 287,047,680 B measured with nvidia-smi. Not counted by torch's allocator.
+CUDA_CONTEXT_BYTES = 287_047_680
+# [S] c10/cuda/CUDACachingAllocator.cpp: requests > 1 MiB (kSmallSize) come from large segments;
+# requests under 10 MiB (kMinLargeAlloc) share 20 MiB segments (kLargeBuffer), larger ones are rounded up
+# to 2 MiB (kRoundLarge) and get their own segment; small requests share 2 MiB segments (kSmallBuffer).
+ROUND_LARGE = 2 * MIB
+LARGE_BUFFER = 20 * MIB
+
+
+def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
+    """Predicted max_memory_reserved: the peak's big blocks rounded up to 2 MiB, plus one 20 MiB segment for
+    the 1-10 MiB pool and one 2 MiB small segment, plus the blocks freed-but-cached from the phase before
+    the peak (the caching allocator keeps them; a later bigger request cannot reuse smaller free blocks).
+    The segment rules are [S] CUDACachingAllocator constants; the free-but-cached part is bounded here by the
+    largest single block, which is what a request sequence like the CE backward (same-size fp32 [N, V]
+    blocks) leaves. Not calibrated on a GPU yet (no GPU was available): treat it as a model, not a fact.
+    """
+    rounding = sum(round_up(b, ROUND_LARGE) - b for b in large_blocks if b > 10 * MIB)
+    cached = max([b for b in large_blocks] + [0])
+    return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The step, phase by phase
+# ---------------------------------------------------------------------------------------------------
+
+# [T] Layer-backward working set on top of the layer's saved tensors, in units of the layer's MLP
+# activation (N x I x c) and hidden state (N x H x stream): see tests/test_accuracy.py for the trace grid
+# this is checked against. The gradient of down_proj's input from the base weight and from the LoRA branch
+# (c, fp32 and c again through the adapter-dtype casts) coexist with the MLP's saved factors.
+BWD_MLP_FACTOR = 4
+BWD_HIDDEN_FACTOR = 3
+
+
+def _layer_backward_extra(arch: Arch, st: Setting) -> int:
+    N = st.tokens
+    return BWD_MLP_FACTOR * N * arch.intermediate_size * st.c + BWD_HIDDEN_FACTOR * N * arch.hidden_size * max(st.stream, st.c)
+
+
+def _terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
+    return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
+
+
+def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
+    """The memory model of one steady-state step of `plan` on `arch`."""
+    st = setting_for(arch, plan)
+    L = arch.num_hidden_layers
+    N = st.tokens
+    weights = base_weight_bytes(arch, st)
+    w_total = sum(weights.values())
+    adapters = adapter_bytes(arch, plan, st)
+    states = optimizer_state_bytes(arch, plan, st)
+    grads = grad_bytes(arch, plan, st)
+    opt_tmp = optimizer_step_temp_bytes(arch, plan, st)
+    workspace = CUBLAS_WORKSPACE_BYTES
+    shared = shared_forward_bytes(arch, st)
+    lay = layer_forward(arch, st)
+    lay_ng = layer_forward(arch, st, no_grad=True) if st.gc and plan.use_reentrant_gc else lay
+    head = head_activations(arch, plan, st)
+    ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
+    if st.gc:
+        acts_all = L * ckpt
+        fwd_layer = (L - 1) * ckpt + lay_ng.peak_bytes
+        what = f"{L} checkpointed layer inputs [b, s, H]"
+    else:
+        acts_all = L * lay.saved_bytes
+        fwd_layer = (L - 1) * lay.saved_bytes + lay.peak_bytes
+        what = f"{L} layers x saved activations"
+    weight_terms = (
+        ("weights_decoder_linears", weights["decoder_linears"], _weights_detail(st)),
+        ("weights_embed_tokens", weights["embed_tokens"], "V x H, checkpoint dtype" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
+        ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
+        ("weights_norms", weights["norms"], "RMSNorm weights"),
+        ("adapters", adapters, f"LoRA A/B ({'fp32' if st.lora_w == 4 else 'bf16'})" if not st.full else ""),
+        ("optimizer_states", states, plan.optim),
+        ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
+    )
+    static = _terms(*weight_terms)
+    forward = PhasePeak(phase="forward", moment="last decoder layer's forward", terms=static + _terms(
+        ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
+        ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
+    ))
+    fwd_end = head.final_norm_saved + head.forward_end_extra
+    loss = PhasePeak(phase="loss", moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + _terms(
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_and_lm_head_input", head.final_norm_saved, "final RMSNorm saved tensors + lm_head input"),
+        ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
+    ))
+    bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
+    ce = PhasePeak(phase="backward", moment="cross-entropy backward", terms=static + _terms(
+        bw_ws,
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_and_lm_head_input", head.final_norm_saved, ""),
+        ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
+        ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
+    ))
+    bwd_extra = _layer_backward_extra(arch, st)
+    if st.gc:
+        top = (L - 1) * ckpt + lay.peak_bytes + lay.saved_bytes * 0 + bwd_extra
+        layer_moment = "last layer's recompute + backward"
+    else:
+        top = L * lay.saved_bytes + bwd_extra
+        layer_moment = "last layer's backward"
+    layer_grads = 0 if not st.full else (weights["lm_head"] and grads * 0)
+    lb = PhasePeak(phase="backward", moment=layer_moment, terms=static + _terms(
+        bw_ws,
+        ("activations_shared", shared, ""),
+        ("activations_layers", top, "saved activations + layer backward working set"),
+        ("grads", layer_grads, ""),
+    ))
+    candidates = [ce, lb]
+    if st.full:
+        # Full fine-tuning: gradients of every parameter accumulate while activations are released; the
+        # end of the backward (layer 0 + embedding gradient) holds all gradients.
+        emb_grad = alloc_bytes(arch.vocab_size * arch.hidden_size * st.stream)
+        end = PhasePeak(phase="backward", moment="first layer's backward + embedding gradient", terms=static + _terms(
+            bw_ws,
+            ("activations_shared", shared, ""),
+            ("activations_layers", (ckpt if st.gc else 0) + lay.saved_bytes + bwd_extra, "layer 0 activations + working set"),
+            ("grads", grads, "all gradients"),
+            ("embedding_grad_transient", emb_grad, "embedding_dense_backward output"),
+        ))
+        candidates.append(end)
+    backward = max(candidates, key=lambda p: p.total_bytes)
+    optimizer = PhasePeak(phase="optimizer", moment="clip_grad_norm_ + optimizer.step()", terms=static + _terms(
+        bw_ws,
+        ("grads", grads, "one gradient per trainable tensor"),
+        ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
+    ))
+    phases = [forward, loss, backward, optimizer]
+    peak = max(phases, key=lambda p: p.total_bytes)
+    trainable, all_params = count_params(arch, plan)
+    logits_block = alloc_bytes(N * arch.vocab_size * FP32) if not plan.enable_liger_kernel else 0
+    large = [logits_block] * 3 + [alloc_bytes(N * arch.intermediate_size * st.c)] * 4
+    reserved = reserved_bytes(peak.total_bytes, large)
+    paged = paged_state_bytes(arch, plan, st)
+    notes = _notes(arch, plan, st, grads)
+    return Estimate(
+        arch=arch.name,
+        trainable_params=trainable,
+        all_params=all_params,
+        tokens_per_micro_batch=N,
+        phases=phases,
+        peak_phase=peak.phase,
+        peak_allocated_bytes=peak.total_bytes,
+        peak_reserved_bytes=reserved + paged,
+        device_peak_bytes=reserved + paged + CUDA_CONTEXT_BYTES,
+        notes=notes,
+    )
+
+
+def _weights_detail(st: Setting) -> str:
+    if st.full:
+        return "decoder Linear weights, fp32 masters" if st.train_w == 4 else "decoder Linear weights, bf16"
+    if st.quant == 4:
+        return "bitsandbytes 4-bit: packed + absmax" + (" (double-quantized)" if st.double_quant else "")
+    if st.quant == 8:
+        return "bitsandbytes LLM.int8: int8 + row scales"
+    return "decoder Linear weights, checkpoint dtype"
+
+
+def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
+    notes = [f"sequence padded to {st.seq} tokens (cutoff_len {plan.cutoff_len} rounded up to a multiple of 8); "
+             "the peak assumes a micro-batch of maximum-length samples"]
+    if plan.gradient_accumulation_steps > 1:
+        notes.append(
+            f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: the estimate is the same for any value; "
+            f"from the second micro-batch on, the {grads / MIB:,.1f} MiB of accumulated gradients stay live "
+            "(covered by the safety margin, not added)"
+        )
+    if plan.flash_attn == "fa2":
+        notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
+    if plan.optim == "paged_adamw_8bit":
+        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in reserved/device")
+    if not plan.bf16 and not plan.fp16 and not plan.pure_bf16:
+        notes.append("no bf16/fp16: no autocast; LoRA runs in fp32 and the base in the checkpoint dtype")
+    return notes

@@ -1,0 +1,167 @@
+"""Pydantic types for everything a user types or reads.
+
+Architecture fields copy Hugging Face `config.json` names; plan fields copy LLaMA-Factory's YAML keys,
+so reading a training YAML and emitting one is a near-rename-free dump.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["Arch", "GpuSpec", "Plan", "MemoryTerm", "PhasePeak", "Estimate", "PHASES"]
+
+_FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class Arch(BaseModel):
+    """A decoder-only transformer, as its `config.json` describes it (plus a few flags that the
+    model's transformers class hard-codes, derived by `optimizer.arch.arch_from_config`)."""
+
+    model_config = _FROZEN
+
+    name: str = Field(description="Catalog id (the Hugging Face repo id) or the path it was read from.")
+    model_type: str = Field(description="config.json `model_type`, e.g. qwen2, llama, mistral, qwen3, gemma2, phi3.")
+    hidden_size: int = Field(gt=0, description="config.json `hidden_size` (H).")
+    intermediate_size: int = Field(gt=0, description="config.json `intermediate_size` (I), the MLP width.")
+    num_hidden_layers: int = Field(gt=0, description="config.json `num_hidden_layers` (L).")
+    num_attention_heads: int = Field(gt=0, description="config.json `num_attention_heads`.")
+    num_key_value_heads: int = Field(gt=0, description="config.json `num_key_value_heads` (GQA when smaller).")
+    head_dim: int = Field(gt=0, description="config.json `head_dim`, or hidden_size / num_attention_heads.")
+    vocab_size: int = Field(gt=0, description="config.json `vocab_size` (V).")
+    tie_word_embeddings: bool = Field(description="config.json `tie_word_embeddings`: lm_head shares embed_tokens.")
+    max_position_embeddings: int = Field(gt=0, description="config.json `max_position_embeddings`.")
+    hidden_act: str = Field(default="silu", description="config.json `hidden_act` (or `hidden_activation`).")
+    torch_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16", description="config.json `torch_dtype`/`dtype`: the checkpoint dtype LLaMA-Factory loads."
+    )
+    qkv_bias: bool = Field(default=False, description="q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`).")
+    o_bias: bool = Field(default=False, description="o_proj carries a bias (Llama-style `attention_bias`).")
+    mlp_bias: bool = Field(default=False, description="config.json `mlp_bias`.")
+    qk_norm: bool = Field(default=False, description="RMSNorm on q and k per head (q_norm/k_norm: Qwen3, Gemma 3).")
+    norms_per_layer: int = Field(default=2, ge=1, description="RMSNorms per decoder layer (2; Gemma 2/3 have 4).")
+    fused_qkv: bool = Field(default=False, description="One `qkv_proj` Linear instead of q/k/v (Phi-3).")
+    fused_gate_up: bool = Field(default=False, description="One `gate_up_proj` Linear instead of gate/up (Phi-3).")
+    final_logit_softcapping: float | None = Field(
+        default=None, description="config.json `final_logit_softcapping` (Gemma 2): tanh capping of the logits."
+    )
+    source: str = Field(default="", description="Where these numbers come from.")
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+
+class GpuSpec(BaseModel):
+    """One GPU model. Memory is the total nvidia-smi reports, in MiB."""
+
+    model_config = _FROZEN
+
+    id: str = Field(description="Catalog id, e.g. `rtx-5060-ti-16gb`.")
+    name: str = Field(description="Marketing name.")
+    memory_mib: int = Field(gt=0, description="Total memory as nvidia-smi reports it, MiB.")
+    bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth, GB/s.")
+    bf16_tflops: float | None = Field(description="Dense BF16 tensor TFLOPS (FP32 accumulate on GeForce); None without bf16.")
+    fp16_tflops: float = Field(gt=0, description="Dense FP16 tensor TFLOPS (FP32 accumulate on GeForce).")
+    compute_capability: str = Field(description="CUDA compute capability, e.g. `8.9`.")
+    architecture: str = Field(description="GPU architecture, e.g. Ada, Blackwell.")
+    bf16: bool = Field(description="Supports bfloat16 (Ampere and newer).")
+    flash_attn2: Literal["yes", "no", "experimental"] = Field(description="FlashAttention-2 support.")
+    source: str = Field(default="", description="Where these numbers come from.")
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.memory_mib * 1024 * 1024
+
+
+FinetuningType = Literal["lora", "full"]
+FlashAttn = Literal["auto", "disabled", "sdpa", "fa2"]
+Optim = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd"]
+
+
+class Plan(BaseModel):
+    """The memory-relevant keys of one LLaMA-Factory training run, with LLaMA-Factory's defaults
+    (v0.9.5, on transformers v5; `../docs` of each field gives the source of the default)."""
+
+    model_config = _FROZEN
+
+    finetuning_type: FinetuningType = Field(default="lora", description="LLaMA-Factory `finetuning_type` (default lora).")
+    quantization_bit: Literal[4, 8] | None = Field(default=None, description="bitsandbytes on-the-fly quantization: 4 (QLoRA) or 8.")
+    quantization_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type (default nf4).")
+    double_quantization: bool = Field(default=True, description="Quantize the 4-bit absmax again (default true).")
+    lora_rank: int = Field(default=8, gt=0, description="LoRA rank r (default 8).")
+    lora_alpha: int | None = Field(default=None, description="LoRA alpha (default 2 x lora_rank). No memory effect.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout (default 0.0); > 0 keeps a dropout mask and output.")
+    lora_target: str = Field(default="all", description="`all` or a comma list of module-name suffixes (q_proj,v_proj,...).")
+    additional_target: str | None = Field(default=None, description="Comma list of fully trained modules (PEFT modules_to_save).")
+    cutoff_len: int = Field(default=2048, gt=0, description="Maximum tokens per sample (default 2048).")
+    per_device_train_batch_size: int = Field(default=8, gt=0, description="Micro-batch size (HF default 8).")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step. No memory effect.")
+    max_samples: int | None = Field(default=None, description="Samples kept per dataset. No memory effect.")
+    num_train_epochs: float = Field(default=3.0, gt=0, description="Epochs. No memory effect.")
+    disable_gradient_checkpointing: bool = Field(default=False, description="LLaMA-Factory turns checkpointing on unless this is true.")
+    use_reentrant_gc: bool = Field(default=True, description="Reentrant torch.utils.checkpoint (LLaMA-Factory default true).")
+    flash_attn: FlashAttn = Field(default="auto", description="Attention kernel: auto (sdpa), disabled (eager), sdpa, fa2.")
+    optim: Optim = Field(default="adamw_torch_fused", description="HF optimizer name (transformers v5 default adamw_torch_fused).")
+    bf16: bool = Field(default=False, description="bf16 autocast (AMP).")
+    fp16: bool = Field(default=False, description="fp16 autocast (AMP).")
+    pure_bf16: bool = Field(default=False, description="Train in bf16 without AMP: trainable parameters stay bf16.")
+    enable_liger_kernel: bool = Field(default=False, description="Liger kernels: fused linear cross-entropy, no full logits.")
+    upcast_layernorm: bool = Field(default=False, description="Cast norm weights to fp32.")
+    upcast_lmhead_output: bool = Field(default=False, description="Cast the lm_head output (logits) to fp32 with a hook.")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping (HF default 1.0; 0 disables).")
+    kbit_prepare: bool = Field(
+        default=False,
+        description="trainfit option: model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts; "
+        "not LLaMA-Factory): every non-quantized parameter is upcast to fp32.",
+    )
+
+    @property
+    def gradient_checkpointing(self) -> bool:
+        return not self.disable_gradient_checkpointing
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+PHASES = ("forward", "loss", "backward", "optimizer")
+
+
+class MemoryTerm(BaseModel):
+    model_config = _FROZEN
+    name: str = Field(description="Term name, e.g. `base_weights`, `logits_loss_backward`.")
+    bytes: int = Field(description="Bytes of this term live at the peak of its phase (allocator-rounded).")
+    detail: str = Field(default="", description="How the number is made: shapes and dtypes.")
+
+
+class PhasePeak(BaseModel):
+    model_config = _FROZEN
+    phase: str = Field(description="forward, loss, backward or optimizer.")
+    moment: str = Field(description="The instant inside the phase where the peak happens.")
+    terms: list[MemoryTerm] = Field(description="Co-resident buffers at that instant; they add up to `total_bytes`.")
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.bytes for t in self.terms)
+
+
+class Estimate(BaseModel):
+    """What the memory model says about one plan on one architecture."""
+
+    model_config = _FROZEN
+    arch: str = Field(description="Architecture name.")
+    trainable_params: int = Field(description="Trainable parameters, as LLaMA-Factory prints them.")
+    all_params: int = Field(description="All parameters, as LLaMA-Factory prints them (4-bit weights un-packed).")
+    tokens_per_micro_batch: int = Field(description="per_device_train_batch_size x padded sequence length.")
+    phases: list[PhasePeak] = Field(description="Peak allocated memory of each phase of the steady-state step.")
+    peak_phase: str = Field(description="The phase holding the overall peak.")
+    peak_allocated_bytes: int = Field(description="Predicted torch.cuda.max_memory_allocated().")
+    peak_reserved_bytes: int = Field(description="Predicted torch.cuda.max_memory_reserved().")
+    device_peak_bytes: int = Field(description="Predicted nvidia-smi usage of the process (reserved + CUDA context).")
+    notes: list[str] = Field(default_factory=list, description="Assumptions and warnings.")
