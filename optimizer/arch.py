@@ -21,9 +21,12 @@ from .schema import Arch
 __all__ = ["LinearSpec", "arch_from_config", "layer_linears", "param_counts", "SUPPORTED_MODEL_TYPES"]
 
 # Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP).
-_LLAMA_LIKE = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3",
-               "olmo2", "granite", "smollm3", "deepseek_v2_lite_dense"}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_LLAMA_LIKE - {"deepseek_v2_lite_dense"}))
+SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "granite", "llama", "mistral", "phi3",
+                         "qwen2", "qwen3")
+# transformers v5 config classes: `tie_word_embeddings` defaults to True only for the Gemma family
+# (GemmaConfig, Gemma2Config, Gemma3TextConfig); LlamaConfig, Qwen2Config, Qwen3Config, MistralConfig,
+# Phi3Config and GraniteConfig default to False.
+_TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3")
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -61,6 +64,11 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
             if key not in cfg and key in outer:
                 cfg[key] = outer[key]
     model_type = str(cfg.get("model_type", ""))
+    family = model_type.replace("_text", "")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CatalogError(
+            f"{name}: model_type {model_type!r} is not modelled. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
     if any(cfg.get(k) for k in _MOE_KEYS):
         raise CatalogError(
             f"{name}: mixture-of-experts models ({model_type}) are not modelled yet. Use a dense decoder-only model."
@@ -75,7 +83,6 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
     nh = int(cfg["num_attention_heads"])
     head_dim = cfg.get("head_dim") or h // nh
     attention_bias = bool(cfg.get("attention_bias", False))
-    family = model_type.replace("_text", "")
     qkv_bias = True if family == "qwen2" else attention_bias
     o_bias = False if family == "qwen2" else attention_bias
     return Arch(
@@ -88,8 +95,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
         head_dim=int(head_dim),
         vocab_size=int(cfg["vocab_size"]),
-        # PretrainedConfig's default is tie_word_embeddings=True.
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family in _TIED_BY_DEFAULT)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
         torch_dtype=_dtype(cfg),

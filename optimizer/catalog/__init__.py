@@ -41,10 +41,15 @@ def models() -> dict[str, Arch]:
 
 
 def _closest(word: str, choices: list[str]) -> str:
+    w = word.lower()
     lowered = {c.lower(): c for c in choices}
-    hits = difflib.get_close_matches(word.lower(), list(lowered), n=3, cutoff=0.4)
-    if not hits:  # substring matches help for short names like "qwen2.5-3b"
-        hits = [c for c in lowered if word.lower().split("/")[-1] in c][:3]
+    tail = w.split("/")[-1]
+    # a prefix match first ("Qwen/Qwen2.5-3B" -> "Qwen/Qwen2.5-3B-Instruct"), then fuzzy, then substring
+    hits = [c for c in lowered if c.startswith(w) or c.split("/")[-1].startswith(tail)][:3]
+    if not hits:
+        hits = difflib.get_close_matches(w, list(lowered), n=3, cutoff=0.4)
+    if not hits:
+        hits = [c for c in lowered if tail in c][:3]
     return ", ".join(lowered[h] for h in hits)
 
 

@@ -1,0 +1,109 @@
+"""Read a LLaMA-Factory training YAML the way `llamafactory-cli train` does, into a `Plan`.
+
+LLaMA-Factory parses the YAML with `HfArgumentParser(...).parse_dict(args, allow_extra_keys=False)`
+([S] llamafactory/hparams/parser.py::_parse_args): a key that no argument class defines stops the run with
+`ValueError: Some keys are not used by the HfArgumentParser`. The accepted keys ship in
+`optimizer/data/llamafactory_keys.yaml` (with how they were extracted).
+"""
+
+from __future__ import annotations
+
+import difflib
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import ConfigError
+from .schema import Plan
+
+__all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "PLAN_KEYS", "NOT_MODELLED"]
+
+PLAN_KEYS = tuple(k for k in Plan.model_fields if k != "kbit_prepare")
+
+# Keys LLaMA-Factory accepts whose memory effect trainfit does not model: refusing is more honest than a
+# wrong number. (key, value that is harmless)
+NOT_MODELLED: dict[str, Any] = {
+    "use_unsloth": False, "use_unsloth_gc": False, "use_galore": False, "use_apollo": False, "use_badam": False,
+    "use_adam_mini": False, "use_muon": False, "use_dora": False, "pissa_init": False, "use_llama_pro": False,
+    "deepspeed": None, "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
+    "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
+}
+
+
+@lru_cache(maxsize=1)
+def accepted_keys() -> frozenset[str]:
+    text = resources.files("optimizer").joinpath("data/llamafactory_keys.yaml").read_text(encoding="utf-8")
+    data = yaml.safe_load(text)
+    keys: set[str] = set()
+    for names in data["keys"].values():
+        keys.update(names)
+    return frozenset(keys)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a LLaMA-Factory training YAML.")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{str(path)!r} is not valid YAML{where}. Fix the syntax.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {str(path)!r} ({exc}). Pass a readable UTF-8 YAML file.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{str(path)!r} is not a mapping of LLaMA-Factory keys. Pass a training YAML.")
+    return data
+
+
+def _lower_bool(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return value
+
+
+def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, str | None]:
+    """(plan, model_name_or_path). Applies LLaMA-Factory's defaults to absent keys; collects every problem."""
+    problems: list[str] = []
+    known = accepted_keys()
+    for key in data:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), sorted(known), n=1)
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            problems.append(f"key {key!r} is not a LLaMA-Factory 0.9.5 train argument{hint}; LLaMA-Factory stops with "
+                            "'Some keys are not used by the HfArgumentParser'")
+    for key, harmless in NOT_MODELLED.items():
+        if key in data and data[key] not in (harmless, None, False, "", "none"):
+            problems.append(f"{key}: {data[key]!r} changes memory in ways trainfit does not model yet; remove it to estimate")
+    stage = data.get("stage", "sft")
+    if stage not in ("sft", "pt"):
+        problems.append(f"stage {stage!r} is not modelled (sft and pt are)")
+    if data.get("quantization_method", "bnb") not in ("bnb", "bitsandbytes"):
+        problems.append(f"quantization_method {data['quantization_method']!r} is not modelled (bnb is)")
+    ft = data.get("finetuning_type", "lora")
+    if ft not in ("lora", "full"):
+        problems.append(f"finetuning_type {ft!r} is not modelled (lora and full are)")
+    fields = {k: _lower_bool(data[k]) for k in PLAN_KEYS if k in data}
+    if "lora_target" in fields and isinstance(fields["lora_target"], list):
+        fields["lora_target"] = ",".join(str(t) for t in fields["lora_target"])
+    if "additional_target" in fields and isinstance(fields["additional_target"], list):
+        fields["additional_target"] = ",".join(str(t) for t in fields["additional_target"])
+    if fields.get("flash_attn") is False:
+        fields["flash_attn"] = "disabled"
+    plan = None
+    if not problems:
+        try:
+            plan = Plan(**fields)
+        except ValidationError as exc:
+            for err in exc.errors():
+                loc = ".".join(str(x) for x in err["loc"])
+                problems.append(f"{loc}: {err['msg'].lower()} (found {err.get('input')!r})")
+    if problems:
+        raise ConfigError(f"{where}: " + "; ".join(problems) + ". Fix these keys.")
+    model = data.get("model_name_or_path")
+    return plan, (str(model) if model is not None else None)

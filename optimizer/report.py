@@ -1,0 +1,122 @@
+"""Render estimates for people (tables) and scripts (JSON). Pure: returns strings."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .schema import Arch, Estimate, GpuSpec, Plan
+from .units import GIB, MIB
+
+__all__ = ["estimate_json", "estimate_table", "verdict", "gpus_table", "models_table"]
+
+# Keep at least this share of the card free by default (the solver's margin uses the same constant).
+# A planning margin, not a measured constant: it absorbs what the model leaves out (desktop/compositor
+# memory on consumer cards, driver and library versions, allocator fragmentation beyond the model).
+DEFAULT_MARGIN = 0.10
+
+
+def verdict(est: Estimate, gpu: GpuSpec | None, margin: float = DEFAULT_MARGIN) -> dict[str, Any] | None:
+    if gpu is None:
+        return None
+    total = gpu.memory_bytes
+    headroom = total - est.device_peak_bytes
+    fits = headroom >= 0
+    return {
+        "gpu": gpu.id,
+        "gpu_total_bytes": total,
+        "headroom_bytes": headroom,
+        "fits": fits,
+        "fits_with_margin": headroom >= margin * total,
+        "margin": margin,
+    }
+
+
+def estimate_json(est: Estimate, gpu: GpuSpec | None, plan: Plan, margin: float = DEFAULT_MARGIN) -> str:
+    peak = next(p for p in est.phases if p.phase == est.peak_phase)
+    v = verdict(est, gpu, margin)
+    obj: dict[str, Any] = {
+        "arch": est.arch,
+        "trainable_params": est.trainable_params,
+        "all_params": est.all_params,
+        "trainable_percent": round(100 * est.trainable_params / est.all_params, 4) if est.all_params else 0.0,
+        "tokens_per_micro_batch": est.tokens_per_micro_batch,
+        "peak_allocated_bytes": est.peak_allocated_bytes,
+        "peak_reserved_bytes": est.peak_reserved_bytes,
+        "device_peak_bytes": est.device_peak_bytes,
+        "peak_phase": est.peak_phase,
+        "peak_moment": peak.moment,
+        "components": {t.name: t.bytes for t in peak.terms},
+        "phases": {p.phase: {"peak_allocated_bytes": p.total_bytes, "moment": p.moment,
+                             "components": {t.name: t.bytes for t in p.terms}} for p in est.phases},
+        "gpu_total_bytes": v["gpu_total_bytes"] if v else None,
+        "headroom_bytes": v["headroom_bytes"] if v else None,
+        "fits": v["fits"] if v else None,
+        "fits_with_margin": v["fits_with_margin"] if v else None,
+        "plan": plan.model_dump(),
+        "notes": est.notes,
+    }
+    return json.dumps(obj, indent=2, sort_keys=False)
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def estimate_table(est: Estimate, gpu: GpuSpec | None, margin: float = DEFAULT_MARGIN) -> str:
+    peak = next(p for p in est.phases if p.phase == est.peak_phase)
+    total = peak.total_bytes
+    pct = 100 * est.trainable_params / est.all_params if est.all_params else 0.0
+    lines = [
+        f"{est.arch}: trainable params: {est.trainable_params:,} || all params: {est.all_params:,} "
+        f"|| trainable%: {pct:.4f}",
+        f"tokens per micro-batch: {est.tokens_per_micro_batch:,}",
+        "",
+        f"Peak in phase '{peak.phase}' ({peak.moment}):",
+        f"  {'term':34s} {'MiB':>12s} {'share':>7s}",
+    ]
+    for t in sorted(peak.terms, key=lambda t: -t.bytes):
+        lines.append(f"  {t.name:34s} {t.bytes / MIB:12,.1f} {100 * t.bytes / total:6.1f}%  {t.detail}")
+    lines.append(f"  {'peak allocated':34s} {total / MIB:12,.1f} {100.0:6.1f}%")
+    lines += ["", "Phase peaks (allocated):"]
+    for p in est.phases:
+        mark = "  <- peak" if p.phase == peak.phase else ""
+        lines.append(f"  {p.phase:10s} {_gib(p.total_bytes)}  {p.moment}{mark}")
+    lines += [
+        "",
+        f"peak allocated   {_gib(est.peak_allocated_bytes)}   (torch.cuda.max_memory_allocated)",
+        f"peak reserved    {_gib(est.peak_reserved_bytes)}   (torch.cuda.max_memory_reserved)",
+        f"device peak      {_gib(est.device_peak_bytes)}   (nvidia-smi: reserved + CUDA context)",
+    ]
+    v = verdict(est, gpu, margin)
+    if v:
+        head = v["headroom_bytes"]
+        if not v["fits"]:
+            word = "DOES NOT FIT"
+        elif not v["fits_with_margin"]:
+            word = f"fits, but with less than the {margin:.0%} safety margin"
+        else:
+            word = "fits"
+        lines.append(f"verdict on {gpu.name} ({gpu.memory_mib:,} MiB): {word}; headroom {head / GIB:+.2f} GiB "
+                     f"({100 * head / v['gpu_total_bytes']:+.1f}%)")
+    for n in est.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def gpus_table(gpus: list[GpuSpec]) -> str:
+    lines = [f"{'id':18s} {'name':28s} {'MiB':>7s} {'GB/s':>6s} {'bf16 TF':>8s} {'CC':>5s} {'bf16':>5s} {'FA2':>12s}"]
+    for g in gpus:
+        tf = f"{g.bf16_tflops:.1f}" if g.bf16_tflops else "-"
+        lines.append(f"{g.id:18s} {g.name[:28]:28s} {g.memory_mib:7d} {g.bandwidth_gbps:6.0f} {tf:>8s} "
+                     f"{g.compute_capability:>5s} {'yes' if g.bf16 else 'no':>5s} {g.flash_attn2:>12s}")
+    return "\n".join(lines)
+
+
+def models_table(archs: list[Arch], counts: dict[str, int]) -> str:
+    lines = [f"{'id':44s} {'type':12s} {'params':>15s} {'L':>3s} {'H':>5s} {'heads':>7s} {'V':>7s} {'tied':>5s}"]
+    for a in archs:
+        lines.append(f"{a.name:44s} {a.model_type:12s} {counts[a.name]:15,d} {a.num_hidden_layers:3d} "
+                     f"{a.hidden_size:5d} {a.num_attention_heads:3d}/{a.num_key_value_heads:<3d} {a.vocab_size:7d} "
+                     f"{'yes' if a.tie_word_embeddings else 'no':>5s}")
+    return "\n".join(lines)
