@@ -59,6 +59,12 @@ class Setting:
     seq: int
     batch: int
     gemma_norm: bool
+    mixed16: bool = False  # fp16 autocast over bf16 weights: same bytes, different dtype, so casts copy
+
+    def same_as_c(self, nbytes: int, from_weights: bool) -> bool:
+        """Does a tensor of `nbytes` per element have the compute dtype? Tensors that come from the 16-bit
+        weights (embeddings, norms) are bf16 while fp16 autocast computes in fp16."""
+        return nbytes == self.c and not (self.mixed16 and from_weights)
 
     @property
     def tokens(self) -> int:
@@ -106,6 +112,9 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         stream = train_w  # the trainable copy PEFT makes is upcast like every trainable param
     c = 2 if amp else (train_w if full else ckpt_w)
     family = arch.model_type.replace("_text", "")
+    # [S] LLaMA-Factory >= 0.9.4 model/loader.py loads with torch_dtype="auto" (the checkpoint dtype), so
+    # `fp16: true` on a bf16 checkpoint runs fp16 autocast over bf16 weights.
+    mixed16 = amp and plan.fp16 and arch.torch_dtype == "bfloat16" and not full
     return Setting(
         amp=amp, c=c, ckpt_w=ckpt_w, train_w=train_w, embed_w=embed_w, norm_w=norm_w, stream=stream,
         lora_w=2 if plan.pure_bf16 else FP32, full=full, quant=plan.quantization_bit,
@@ -113,7 +122,7 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         attn="eager" if plan.flash_attn == "disabled" else "sdpa",
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
         rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
-        gemma_norm=family in ("gemma", "gemma2", "gemma3"),
+        gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16,
     )
 
 
@@ -397,10 +406,12 @@ def _norm(w: _Walk, st: Setting, x: str, x_b: int, n_el: int, rows: int, trainab
     return out, out_b
 
 
-def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> tuple[str, int]:
-    """One decoder Linear with its LoRA branch; returns (output, output bytes/elem)."""
+def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from_norm: bool = False) -> tuple[str, int]:
+    """One decoder Linear with its LoRA branch; returns (output, output bytes/elem). `from_norm`: the input
+    is a norm output (weights' dtype), which matters under fp16 autocast over bf16 weights."""
     lora = m.name in st.targets
     c = st.c
+    native = st.same_as_c(x_b, from_norm)
     # --- base layer ---
     if st.full:
         # Trainable weight: autograd saves the input (for grad_W) and the weight it multiplied.
@@ -421,7 +432,7 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> t
         # On CUDA the 4-bit GEMM dequantizes the weight to a transient 16-bit copy for > 1536 tokens and on
         # sm90+ ([S] trace-recipe note on bnb 0.50 `gemm_4bit` fallback).
         xi = x
-        if x_b != c:
+        if not native:
             xi = w.alloc("cast_in", N * m.in_features * c)
         deq = w.alloc("dequant_w", m.weight_numel * c)
         out = w.alloc("lin_out", N * m.out_features * c)
@@ -429,7 +440,7 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> t
         if xi != x:
             w.drop(xi)
         out_b = c
-        if x_b != c:  # `.to(inp_dtype)` at the end of Linear4bit.forward
+        if not native:  # `.to(inp_dtype)` at the end of Linear4bit.forward
             o2 = w.alloc("lin_out_cast", N * m.out_features * x_b)
             w.drop(out)
             out, out_b = o2, x_b
@@ -450,9 +461,9 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> t
         # weight already has the compute dtype. Under autocast a non-leaf-cached cast of a frozen weight is
         # saved when dtypes differ (fp16 autocast on a bf16 checkpoint).
         xi = x
-        if st.amp and x_b != c:
+        if st.amp and not native:
             xi = w.alloc("cast_in", N * m.in_features * c)
-        if st.amp and st.ckpt_w != c:
+        if st.amp and (st.ckpt_w != c or st.mixed16):
             w.save(w.alloc("w_cast", m.weight_numel * c))
         out_b = c if st.amp else _promote(x_b, st.ckpt_w)
         out = w.alloc("lin_out", N * m.out_features * out_b)
@@ -486,7 +497,7 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int) -> t
     # lora_A: saves its input (for grad of lora_A.weight) and the (cast) weight.
     if st.amp:
         xa = xl
-        if xl_b != c:
+        if not st.same_as_c(xl_b, from_norm and not convert):
             xa = w.alloc("lora_a_in", N * m.in_features * c)
             if xl != x:
                 w.drop(xl)
@@ -534,14 +545,14 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
     h, h_b = _norm(w, st, x, st.stream, N * H, N, trainable)
     # q, k, v
     if arch.fused_qkv:
-        qkv, qkv_b = _linear(w, st, lin["qkv_proj"], h, h_b, N)
+        qkv, qkv_b = _linear(w, st, lin["qkv_proj"], h, h_b, N, from_norm=True)
         # Phi-3 slices q/k/v as views of the fused output: the fused tensor stays alive while any is used.
         q, k, v, q_b = qkv, qkv, qkv, qkv_b
         k_b = v_b = qkv_b
     else:
-        q, q_b = _linear(w, st, lin["q_proj"], h, h_b, N)
-        k, k_b = _linear(w, st, lin["k_proj"], h, h_b, N)
-        v, v_b = _linear(w, st, lin["v_proj"], h, h_b, N)
+        q, q_b = _linear(w, st, lin["q_proj"], h, h_b, N, from_norm=True)
+        k, k_b = _linear(w, st, lin["k_proj"], h, h_b, N, from_norm=True)
+        v, v_b = _linear(w, st, lin["v_proj"], h, h_b, N, from_norm=True)
     w.drop(h)
     qd, kvd = arch.q_dim, arch.kv_dim
     if arch.qk_norm:
@@ -634,12 +645,12 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
     # MLP [S] transformers llama `LlamaMLP.forward`: down(act(gate(x)) * up(x)); act saves its input,
     # the product saves both factors.
     if arch.fused_gate_up:
-        gu, gu_b = _linear(w, st, lin["gate_up_proj"], h2, h2_b, N)
+        gu, gu_b = _linear(w, st, lin["gate_up_proj"], h2, h2_b, N, from_norm=True)
         w.save(gu)  # act(gate view) and `up * act` keep the fused output alive
         g, g_b, u = gu, gu_b, gu
     else:
-        g, g_b = _linear(w, st, lin["gate_proj"], h2, h2_b, N)
-        u, _ = _linear(w, st, lin["up_proj"], h2, h2_b, N)
+        g, g_b = _linear(w, st, lin["gate_proj"], h2, h2_b, N, from_norm=True)
+        u, _ = _linear(w, st, lin["up_proj"], h2, h2_b, N, from_norm=True)
         w.save(g)
         w.save(u)
     w.drop(h2)
@@ -718,6 +729,10 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     logit_b = st.c if st.amp else _promote(h_b, lw)
     logits_nv = N * V
     fwd_end = alloc_bytes(logits_nv * logit_b)
+    if st.mixed16 or (st.amp and lw != st.c):
+        # the frozen lm_head weight is cast to the autocast dtype and saved for the input gradient
+        wcast = alloc_bytes(V * H * st.c)
+        final_saved += wcast
     peak = fwd_end
     cur = fwd_end
     if plan.upcast_lmhead_output and logit_b != FP32:

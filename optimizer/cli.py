@@ -1,0 +1,172 @@
+"""The `trainfit` command line. Thin: parse, call one library function, render."""
+
+from __future__ import annotations
+
+import sys
+from enum import Enum
+from typing import Any, Optional
+
+import typer
+
+from . import catalog
+from .arch import param_counts
+from .errors import ConfigError, TrainfitError
+from .lfconfig import plan_from_dict, read_yaml
+from .memory import estimate as run_estimate
+from .report import DEFAULT_MARGIN, estimate_json, estimate_table, gpus_table, models_table
+from .schema import Arch, Plan
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="The best fine-tuning config that fits your GPU: memory model, search, LLaMA-Factory configs.")
+
+
+class FlashAttn(str, Enum):
+    auto = "auto"
+    disabled = "disabled"
+    sdpa = "sdpa"
+    fa2 = "fa2"
+
+
+class Optim(str, Enum):
+    adamw_torch = "adamw_torch"
+    adamw_torch_fused = "adamw_torch_fused"
+    adamw_8bit = "adamw_8bit"
+    adamw_bnb_8bit = "adamw_bnb_8bit"
+    paged_adamw_8bit = "paged_adamw_8bit"
+    sgd = "sgd"
+
+
+class FinetuningType(str, Enum):
+    lora = "lora"
+    full = "full"
+
+
+def _fail(exc: Exception) -> None:
+    typer.echo(f"Error: {exc}", err=True)
+    raise typer.Exit(1)
+
+
+# Flags named after LLaMA-Factory's keys; None = not given (the YAML's value or LLaMA-Factory's default).
+_FLAG_HELP = "LLaMA-Factory key; overrides --config"
+
+
+def _resolve(config: Optional[str], model: Optional[str], overrides: dict[str, Any]) -> tuple[Arch, Plan]:
+    data: dict[str, Any] = {}
+    where = "flags"
+    if config:
+        data = read_yaml(config)
+        where = config
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value.value if isinstance(value, Enum) else value
+    kbit = data.pop("kbit_prepare", None)
+    plan, yaml_model = plan_from_dict(data, where)
+    if kbit:
+        plan = plan.model_copy(update={"kbit_prepare": True})
+    name = model or yaml_model
+    if not name:
+        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
+    return catalog.resolve_arch(name), plan
+
+
+def _plan_options(
+    finetuning_type: Optional[FinetuningType], quantization_bit: Optional[int], quantization_type: Optional[str],
+    double_quantization: Optional[bool], lora_rank: Optional[int], lora_alpha: Optional[int],
+    lora_dropout: Optional[float], lora_target: Optional[str], additional_target: Optional[str],
+    cutoff_len: Optional[int], per_device_train_batch_size: Optional[int], gradient_accumulation_steps: Optional[int],
+    max_samples: Optional[int], num_train_epochs: Optional[float], disable_gradient_checkpointing: Optional[bool],
+    use_reentrant_gc: Optional[bool], flash_attn: Optional[FlashAttn], optim: Optional[Optim], bf16: Optional[bool],
+    fp16: Optional[bool], pure_bf16: Optional[bool], enable_liger_kernel: Optional[bool],
+    upcast_layernorm: Optional[bool], upcast_lmhead_output: Optional[bool], max_grad_norm: Optional[float],
+    kbit_prepare: Optional[bool],
+) -> dict[str, Any]:
+    return dict(locals())
+
+
+@app.command()
+def estimate(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
+    margin: float = typer.Option(DEFAULT_MARGIN, help="Share of GPU memory to keep free for 'fits with margin'."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
+    quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
+    quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
+    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization", help=_FLAG_HELP),
+    lora_rank: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    lora_alpha: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    lora_dropout: Optional[float] = typer.Option(None, help=_FLAG_HELP),
+    lora_target: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (all, or q_proj,v_proj,...)"),
+    additional_target: Optional[str] = typer.Option(None, help=_FLAG_HELP),
+    cutoff_len: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    per_device_train_batch_size: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
+    use_reentrant_gc: Optional[bool] = typer.Option(None, "--use-reentrant-gc/--no-use-reentrant-gc", help=_FLAG_HELP),
+    flash_attn: Optional[FlashAttn] = typer.Option(None, help=_FLAG_HELP),
+    optim: Optional[Optim] = typer.Option(None, help=_FLAG_HELP),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help=_FLAG_HELP),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help=_FLAG_HELP),
+    pure_bf16: Optional[bool] = typer.Option(None, "--pure-bf16/--no-pure-bf16", help=_FLAG_HELP),
+    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel", help=_FLAG_HELP),
+    upcast_layernorm: Optional[bool] = typer.Option(None, "--upcast-layernorm/--no-upcast-layernorm", help=_FLAG_HELP),
+    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output", help=_FLAG_HELP),
+    max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
+    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
+) -> None:
+    """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
+    overrides = _plan_options(
+        finetuning_type, quantization_bit, quantization_type, double_quantization, lora_rank, lora_alpha,
+        lora_dropout, lora_target, additional_target, cutoff_len, per_device_train_batch_size,
+        gradient_accumulation_steps, max_samples, num_train_epochs, disable_gradient_checkpointing,
+        use_reentrant_gc, flash_attn, optim, bf16, fp16, pure_bf16, enable_liger_kernel, upcast_layernorm,
+        upcast_lmhead_output, max_grad_norm, kbit_prepare,
+    )
+    try:
+        arch, plan = _resolve(config, model, overrides)
+        spec = catalog.get_gpu(gpu) if gpu else None
+        est = run_estimate(arch, plan)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
+
+
+@app.command()
+def gpus(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the GPU catalog."""
+    table = list(catalog.gpus().values())
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([g.model_dump() for g in table], indent=2))
+    else:
+        typer.echo(gpus_table(table))
+
+
+@app.command()
+def models(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """List the model catalog (ids are Hugging Face repo ids)."""
+    archs = list(catalog.models().values())
+    counts = {a.name: param_counts(a).total for a in archs}
+    if json_out:
+        import json
+
+        typer.echo(json.dumps([{**a.model_dump(), "params": counts[a.name]} for a in archs], indent=2))
+    else:
+        typer.echo(models_table(archs, counts))
+
+
+def main() -> None:
+    try:
+        app()
+    except TrainfitError as exc:  # pragma: no cover - commands catch their own
+        print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

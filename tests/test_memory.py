@@ -1,0 +1,181 @@
+"""The memory model: golden numbers from real artifacts, and properties."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optimizer.arch import layer_linears
+from optimizer.catalog import resolve_arch
+from optimizer.memory import count_params, estimate, quant4_bytes
+from optimizer.schema import Plan
+from optimizer.units import alloc_bytes
+
+QWEN3B = "Qwen/Qwen2.5-3B-Instruct"
+
+
+def test_reference_case_counts_match_the_llamafactory_log():
+    # Real log line of the reference case (LLaMA-Factory, Qwen2.5-3B-Instruct, 4-bit, lora_rank 8, target all):
+    # "trainable params: 14,966,784 || all params: 3,100,905,472 || trainable%: 0.4827"
+    plan = Plan(quantization_bit=4, lora_rank=8, lora_target="all", bf16=True)
+    assert count_params(resolve_arch(QWEN3B), plan) == (14_966_784, 3_100_905_472)
+
+
+# PEFT 0.21.2 `get_nb_trainable_parameters()` of `get_peft_model(AutoModelForCausalLM.from_config(cfg) on the
+# meta device, LoraConfig(r, target_modules))`, transformers 5.24.0, run on 2026-11-29 with the catalog configs.
+# (trainable, all): PEFT's `all` is the base count + adapters, as LLaMA-Factory prints it.
+PEFT_COUNTS = [
+    ("meta-llama/Llama-3.1-8B-Instruct", 16, "all", 41_943_040, 8_072_204_288),
+    ("Qwen/Qwen3-4B", 32, "q_proj,v_proj", 11_796_480, 4_034_264_576),
+    ("microsoft/Phi-3.5-mini-instruct", 8, "all", 12_582_912, 3_833_662_464),
+    ("google/gemma-2-2b-it", 64, "all", 83_066_880, 2_697_408_768),
+    ("mistralai/Mistral-7B-Instruct-v0.3", 4, "gate_proj,up_proj,down_proj", 7_077_888, 7_255_101_440),
+    ("Qwen/Qwen2.5-7B-Instruct", 8, "all", 20_185_088, 7_635_801_600),
+]
+
+
+@pytest.mark.parametrize("model,rank,target,trainable,total", PEFT_COUNTS)
+def test_lora_counts_match_peft(model, rank, target, trainable, total):
+    plan = Plan(lora_rank=rank, lora_target=target)
+    assert count_params(resolve_arch(model), plan) == (trainable, total)
+
+
+# bitsandbytes 0.50.2 `functional.quantize_4bit(w_bf16, blocksize=64, quant_type="nf4",
+# quant_storage=torch.bfloat16, compress_statistics=dq)` on real CPU tensors (2026-11-29); tensor bytes of
+# packed data, absmax, code (+ state2.absmax, state2.code, offset with double quantization).
+BNB_TENSORS = {
+    ((2048, 2048), False): [2097152, 262144, 64],
+    ((2048, 2048), True): [2097152, 65536, 64, 1024, 1024, 4],
+    ((256, 2048), True): [262144, 8192, 64, 128, 1024, 4],
+    ((11008, 2048), False): [11272192, 1409024, 64],
+    ((11008, 2048), True): [11272192, 352256, 64, 5504, 1024, 4],
+}
+
+
+@pytest.mark.parametrize("shape,dq", list(BNB_TENSORS))
+def test_4bit_bytes_match_bitsandbytes(shape, dq):
+    expected = sum(alloc_bytes(b) for b in BNB_TENSORS[(shape, dq)])
+    assert quant4_bytes(shape[0] * shape[1], dq) == expected
+
+
+def test_only_linear_layers_are_quantized_embeddings_stay_16bit():
+    arch = resolve_arch(QWEN3B)
+    e16 = estimate(arch, Plan(bf16=True, per_device_train_batch_size=1, cutoff_len=512))
+    e4 = estimate(arch, Plan(bf16=True, per_device_train_batch_size=1, cutoff_len=512, quantization_bit=4))
+    c16 = {t.name: t.bytes for t in e16.phases[0].terms}
+    c4 = {t.name: t.bytes for t in e4.phases[0].terms}
+    assert c4["weights_embed_tokens"] == c16["weights_embed_tokens"] == alloc_bytes(151936 * 2048 * 2)
+    linear_numel = sum(m.weight_numel for m in layer_linears(arch)) * arch.num_hidden_layers
+    # NF4 + double quantization: about 0.516 bytes per parameter
+    assert 0.515 < c4["weights_decoder_linears"] / linear_numel < 0.52
+
+
+def _plan(**kw) -> Plan:
+    base = dict(bf16=True, per_device_train_batch_size=1, cutoff_len=512)
+    base.update(kw)
+    return Plan(**base)
+
+
+MODELS = ["Qwen/Qwen2.5-3B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3",
+          "Qwen/Qwen3-4B", "microsoft/Phi-3.5-mini-instruct", "google/gemma-2-2b-it"]
+plans = st.fixed_dictionaries({
+    "model": st.sampled_from(MODELS),
+    "quantization_bit": st.sampled_from([None, 4, 8]),
+    "lora_rank": st.sampled_from([4, 8, 16, 64]),
+    "lora_target": st.sampled_from(["all", "q_proj,v_proj", "o_proj"]),
+    "cutoff_len": st.integers(16, 4096),
+    "per_device_train_batch_size": st.integers(1, 8),
+    "disable_gradient_checkpointing": st.booleans(),
+    "flash_attn": st.sampled_from(["auto", "disabled", "sdpa"]),
+    "optim": st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_8bit", "sgd"]),
+    "lora_dropout": st.sampled_from([0.0, 0.05]),
+})
+
+
+def _make(d: dict) -> tuple:
+    d = dict(d)
+    model = d.pop("model")
+    arch = resolve_arch(model)
+    if model.startswith("microsoft") and d["lora_target"] != "all":
+        d["lora_target"] = "qkv_proj" if d["lora_target"] == "q_proj,v_proj" else "o_proj"
+    return arch, _plan(**d)
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans, st.integers(1, 8))
+def test_peak_is_monotone_in_batch(d, extra):
+    arch, plan = _make(d)
+    bigger = plan.model_copy(update={"per_device_train_batch_size": plan.per_device_train_batch_size + extra})
+    assert estimate(arch, bigger).peak_allocated_bytes >= estimate(arch, plan).peak_allocated_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans, st.integers(1, 2048))
+def test_peak_is_monotone_in_cutoff_len(d, extra):
+    arch, plan = _make(d)
+    longer = plan.model_copy(update={"cutoff_len": plan.cutoff_len + extra})
+    assert estimate(arch, longer).peak_allocated_bytes >= estimate(arch, plan).peak_allocated_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans)
+def test_checkpointing_never_raises_the_peak(d):
+    arch, plan = _make(d)
+    on = plan.model_copy(update={"disable_gradient_checkpointing": False})
+    off = plan.model_copy(update={"disable_gradient_checkpointing": True})
+    assert estimate(arch, on).peak_allocated_bytes <= estimate(arch, off).peak_allocated_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans)
+def test_parts_add_up(d):
+    arch, plan = _make(d)
+    est = estimate(arch, plan)
+    for phase in est.phases:
+        assert phase.total_bytes == sum(t.bytes for t in phase.terms)
+        assert all(t.bytes > 0 for t in phase.terms)
+    assert est.peak_allocated_bytes == max(p.total_bytes for p in est.phases)
+    assert est.peak_phase == max(est.phases, key=lambda p: p.total_bytes).phase
+    assert est.peak_allocated_bytes < est.peak_reserved_bytes < est.device_peak_bytes
+
+
+@settings(max_examples=60, deadline=None)
+@given(plans, st.integers(1, 10_000), st.floats(0.1, 100), st.integers(1, 256))
+def test_keys_that_do_not_change_memory_never_change_it(d, max_samples, epochs, accum):
+    arch, plan = _make(d)
+    other = plan.model_copy(update={"max_samples": max_samples, "num_train_epochs": epochs,
+                                    "gradient_accumulation_steps": accum})
+    a, b = estimate(arch, plan), estimate(arch, other)
+    assert (a.peak_allocated_bytes, a.peak_reserved_bytes, a.device_peak_bytes) == (
+        b.peak_allocated_bytes, b.peak_reserved_bytes, b.device_peak_bytes)
+
+
+def test_liger_kernel_removes_most_of_the_logits_term():
+    arch = resolve_arch(QWEN3B)
+    plain = estimate(arch, _plan(cutoff_len=4096))
+    liger = estimate(arch, _plan(cutoff_len=4096, enable_liger_kernel=True))
+    assert plain.peak_allocated_bytes - liger.peak_allocated_bytes > 5 * 2**30
+
+
+def test_upcast_lmhead_output_adds_memory():
+    arch = resolve_arch(QWEN3B)
+    assert estimate(arch, _plan(upcast_lmhead_output=True)).peak_allocated_bytes >= estimate(arch, _plan()).peak_allocated_bytes
+
+
+def test_full_finetuning_with_amp_keeps_fp32_masters_and_pure_bf16_does_not():
+    arch = resolve_arch("Qwen/Qwen2.5-0.5B-Instruct")
+    amp = estimate(arch, _plan(finetuning_type="full"))
+    pure = estimate(arch, _plan(finetuning_type="full", pure_bf16=True, bf16=False))
+    w_amp = sum(t.bytes for t in amp.phases[0].terms if t.name.startswith("weights_"))
+    w_pure = sum(t.bytes for t in pure.phases[0].terms if t.name.startswith("weights_"))
+    assert w_amp == pytest.approx(2 * w_pure, rel=0.01)
+    assert amp.trainable_params == amp.all_params == 494_032_768
+
+
+def test_kbit_prepare_upcasts_embeddings_to_fp32():
+    arch = resolve_arch(QWEN3B)
+    lf = estimate(arch, _plan(quantization_bit=4))
+    peft = estimate(arch, _plan(quantization_bit=4, kbit_prepare=True))
+    emb = lambda e: next(t.bytes for t in e.phases[0].terms if t.name == "weights_embed_tokens")  # noqa: E731
+    assert emb(peft) == 2 * emb(lf)
