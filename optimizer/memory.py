@@ -19,7 +19,9 @@ transient peak falls out. The walk encodes what the libraries do; each rule name
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 from .arch import LinearSpec, layer_linears, param_counts
 from .errors import ConfigError
@@ -229,23 +231,41 @@ def _lora_shapes(arch: Arch, st: Setting) -> list[tuple[int, int]]:
     return [(st.rank * m.in_features, m.out_features * st.rank) for m in layer_linears(arch) if m.name in st.targets]
 
 
-def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> list[int]:
-    """numel of every trainable parameter tensor (one optimizer/grad tensor each)."""
-    if st.full:
+def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int], ...]:
+    """(numel, count) of the trainable parameter tensors (one gradient and one optimizer-state set each)."""
+    return _trainable_numels(arch, st.full, st.targets, st.rank, tuple(_additional(plan)))
+
+
+@lru_cache(maxsize=4096)
+def _trainable_numels(arch: Arch, full: bool, targets: tuple[str, ...], rank: int,
+                      additional: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
+    counts: Counter[int] = Counter()
+    L = arch.num_hidden_layers
+    lin = layer_linears(arch)
+    if full:
         pc = param_counts(arch)
-        per_layer = [m.weight_numel for m in layer_linears(arch)]
-        per_layer += [m.out_features for m in layer_linears(arch) if m.bias]
-        per_layer += [arch.hidden_size] * arch.norms_per_layer + ([arch.head_dim] * 2 if arch.qk_norm else [])
-        out = per_layer * arch.num_hidden_layers + [pc.embed, pc.final_norm]
+        for m in lin:
+            counts[m.weight_numel] += L
+            if m.bias:
+                counts[m.out_features] += L
+        counts[arch.hidden_size] += L * arch.norms_per_layer + 1
+        if arch.qk_norm:
+            counts[arch.head_dim] += 2 * L
+        counts[pc.embed] += 1
         if pc.lm_head:
-            out.append(pc.lm_head)
-        return out
-    out = []
-    for a, b in _lora_shapes(arch, st):
-        out += [a, b]
-    out = out * arch.num_hidden_layers
-    out += [_module_numel(arch, name) for name in _additional(plan)]
-    return out
+            counts[pc.lm_head] += 1
+    else:
+        for m in lin:
+            if m.name in targets:
+                counts[rank * m.in_features] += L
+                counts[m.out_features * rank] += L
+        for name in additional:
+            counts[_module_numel(arch, name)] += 1
+    return tuple(sorted(counts.items()))
+
+
+def _sum_alloc(numels: tuple[tuple[int, int], ...], nbytes: int, extra_per_tensor: int = 0) -> int:
+    return sum(k * (alloc_bytes(n * nbytes) + extra_per_tensor) for n, k in numels)
 
 
 def adapter_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
@@ -253,14 +273,14 @@ def adapter_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     copies PEFT makes for `additional_target` ([S] PEFT `utils/other.py::ModulesToSaveWrapper`)."""
     if st.full:
         return 0
-    return sum(alloc_bytes(n * st.lora_w) for n in trainable_tensor_numels(arch, plan, st))
+    return _sum_alloc(trainable_tensor_numels(arch, plan, st), st.lora_w)
 
 
 def grad_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     """One gradient per trainable tensor, in the parameter's dtype (AccumulateGrad stores `param.grad`
     with the param's dtype; under autocast the cast's backward returns fp32 for fp32 params)."""
     w = st.train_w if st.full else st.lora_w
-    return sum(alloc_bytes(n * w) for n in trainable_tensor_numels(arch, plan, st))
+    return _sum_alloc(trainable_tensor_numels(arch, plan, st), w)
 
 
 # [S] bitsandbytes optim/optimizer.py::Optimizer8bit: `min_8bit_size=4096`: smaller params keep 32-bit
@@ -284,7 +304,7 @@ def optimizer_state_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     w = st.train_w if st.full else st.lora_w
     if plan.optim in ("adamw_torch", "adamw_torch_fused"):
         step = alloc_bytes(FP32) if plan.optim == "adamw_torch_fused" else 0
-        return sum(2 * alloc_bytes(n * w) + step for n in numels)
+        return 2 * _sum_alloc(numels, w) + sum(k for _, k in numels) * step
     if plan.optim in ("adamw_8bit", "adamw_bnb_8bit"):
         return _bnb8_state_bytes(numels)
     if plan.optim == "paged_adamw_8bit":
@@ -292,13 +312,13 @@ def optimizer_state_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     return 0  # sgd
 
 
-def _bnb8_state_bytes(numels: list[int]) -> int:
+def _bnb8_state_bytes(numels: tuple[tuple[int, int], ...]) -> int:
     total = 2 * alloc_bytes(256 * FP32)  # qmap1, qmap2
-    for n in numels:
+    for n, k in numels:
         if n < BNB_MIN_8BIT_SIZE:
-            total += 2 * alloc_bytes(n * FP32) + alloc_bytes(FP32)
+            total += k * (2 * alloc_bytes(n * FP32) + alloc_bytes(FP32))
         else:
-            total += 2 * alloc_bytes(n) + 2 * alloc_bytes(ceil_div(n, BNB_BLOCK) * FP32)
+            total += k * (2 * alloc_bytes(n) + 2 * alloc_bytes(ceil_div(n, BNB_BLOCK) * FP32))
     return total
 
 
@@ -319,11 +339,12 @@ def optimizer_step_temp_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     Fused AdamW and 8-bit AdamW update in place.
     """
     numels = trainable_tensor_numels(arch, plan, st)
+    n_tensors = sum(k for _, k in numels)
     w = st.train_w if st.full else st.lora_w
     clip = 0
     if plan.max_grad_norm > 0:
-        clip = len(numels) * alloc_bytes(FP32) + alloc_bytes(len(numels) * FP32) + alloc_bytes(FP32)
-    foreach = sum(alloc_bytes(n * w) for n in numels) if plan.optim == "adamw_torch" else 0
+        clip = n_tensors * alloc_bytes(FP32) + alloc_bytes(n_tensors * FP32) + alloc_bytes(FP32)
+    foreach = _sum_alloc(numels, w) if plan.optim == "adamw_torch" else 0
     return clip + foreach
 
 
@@ -340,13 +361,16 @@ class _Walk:
     saved: set[str] = field(default_factory=set)
     peak: int = 0
     n: int = 0
+    total: int = 0
     no_grad: bool = False  # reentrant checkpointing runs the layer forward under torch.no_grad()
 
     def alloc(self, stem: str, nbytes: int) -> str:
         self.n += 1
         name = f"{stem}#{self.n}"
-        self.live[name] = alloc_bytes(nbytes)
-        self.peak = max(self.peak, sum(self.live.values()))
+        size = alloc_bytes(nbytes)
+        self.live[name] = size
+        self.total += size
+        self.peak = max(self.peak, self.total)
         return name
 
     def save(self, name: str) -> None:
@@ -357,7 +381,7 @@ class _Walk:
         """The Python reference goes away: the tensor dies unless autograd saved it."""
         for name in names:
             if name in self.live and name not in self.saved:
-                del self.live[name]
+                self.total -= self.live.pop(name)
 
 
 def _promote(a: int, b: int) -> int:
@@ -531,6 +555,7 @@ class LayerActivations:
     input_bytes: int
 
 
+@lru_cache(maxsize=8192)
 def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActivations:
     """Walk one decoder layer's forward. The layer input `x` is live at start and held by the caller."""
     b, s = st.batch, st.seq
