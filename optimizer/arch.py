@@ -13,6 +13,7 @@ Sources for the per-family flags (transformers v5 `src/transformers/models/<fami
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from .errors import CatalogError
@@ -111,7 +112,8 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
     )
 
 
-def layer_linears(arch: Arch) -> list[LinearSpec]:
+@lru_cache(maxsize=256)
+def layer_linears(arch: Arch) -> tuple[LinearSpec, ...]:
     """The nn.Linear modules of one decoder layer, in forward order."""
     h, i = arch.hidden_size, arch.intermediate_size
     q, kv = arch.q_dim, arch.kv_dim
@@ -129,11 +131,11 @@ def layer_linears(arch: Arch) -> list[LinearSpec]:
         out += [LinearSpec("gate_proj", h, i, arch.mlp_bias, "mlp"),
                 LinearSpec("up_proj", h, i, arch.mlp_bias, "mlp")]
     out.append(LinearSpec("down_proj", i, h, arch.mlp_bias, "mlp"))
-    return out
+    return tuple(out)
 
 
 @dataclass(frozen=True)
-class ParamCounts:
+class ParamCounts:  # noqa: D101
     embed: int
     lm_head: int  # 0 when tied
     per_layer_linear_weights: int
@@ -151,6 +153,7 @@ class ParamCounts:
         return self.embed + self.lm_head + self.layers * self.per_layer + self.final_norm
 
 
+@lru_cache(maxsize=256)
 def param_counts(arch: Arch) -> ParamCounts:
     """Parameters as `sum(p.numel() for p in model.parameters())` counts them (tied weights once)."""
     lin = layer_linears(arch)

@@ -120,3 +120,38 @@ def models_table(archs: list[Arch], counts: dict[str, int]) -> str:
                      f"{a.hidden_size:5d} {a.num_attention_heads:3d}/{a.num_key_value_heads:<3d} {a.vocab_size:7d} "
                      f"{'yes' if a.tie_word_embeddings else 'no':>5s}")
     return "\n".join(lines)
+
+
+def _dur(seconds: float) -> str:
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s}s"
+    m, s = divmod(s, 60)
+    if m < 60:
+        return f"{m}m{s:02d}s"
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m"
+
+
+def front_table(result) -> str:
+    """The Pareto front of a `search.SolveResult` as a table."""
+    lines = [
+        f"{result.model} on {result.gpu} ({result.gpu_total_bytes / MIB:,.0f} MiB; device-peak bound "
+        f"{result.budget_bytes / MIB:,.0f} MiB = {1 - result.margin:.0%})",
+        f"{'#':>2s} {'type':7s} {'rank':>4s} {'target':9s} {'cutoff':>6s} {'batch':>5s} {'accum':>5s} {'GC':>3s} "
+        f"{'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} {'quality':>7s}  pick",
+    ]
+    for i, s in enumerate(result.front, 1):
+        lines.append(
+            f"{i:2d} {s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} {s.cutoff_len:6d} "
+            f"{s.per_device_train_batch_size:5d} {s.gradient_accumulation_steps:5d} {'on' if s.gradient_checkpointing else 'off':>3s} "
+            f"{s.optim:17s} {'on' if s.enable_liger_kernel else 'off':5s} {s.device_peak_bytes / GIB:6.2f} GiB "
+            f"{s.headroom_bytes / GIB:5.2f} GiB {_dur(s.time_s):>7s} {s.quality:7.4f}  {','.join(s.labels)}"
+        )
+    lines.append(f"recommended: #{result.recommended + 1} ({result.why})")
+    proof = "proven optimal" if result.proven_optimal else "NOT proven optimal (time limit hit)"
+    lines.append(f"front: {len(result.front)} points, {proof} ({result.method}), {result.evaluated_plans} plans "
+                 f"evaluated by the memory model, {result.solve_s:.1f} s; peak = device peak (nvidia-smi)")
+    for n in result.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

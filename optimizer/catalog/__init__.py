@@ -20,7 +20,8 @@ __all__ = ["gpus", "models", "get_gpu", "resolve_arch", "resolve_config", "model
 
 def _load_yaml(filename: str) -> Any:
     text = resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
-    return yaml.safe_load(text)
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
 
 
 @lru_cache(maxsize=1)

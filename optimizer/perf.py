@@ -1,0 +1,114 @@
+"""Throughput and training-time model. PURE.
+
+t_micro = flops_per_token * tokens / (peak_flops * mfu(tokens)) + dequant_s     (per micro-batch)
+time    = epochs * ceil(samples / b) * t_micro + optimizer_steps * t_optimizer
+
+- FLOPs per token (Kaplan et al. 2020 6N convention, split by pass): with N the matmul parameters (decoder
+  Linear layers + lm_head), A = 4 * (s/2) * (heads*head_dim) * L the causal attention FLOPs of a forward
+  and P the LoRA parameters: LoRA forward 2N + A + 2P, backward (input gradients only) 2N + 2A + 4P,
+  recompute under checkpointing 2N + A + 2P; full fine-tuning forward 2N + A, backward 4N + 2A,
+  recompute 2N + A. So LoRA is 4N (6N with checkpointing) and full 6N (8N), plus attention.
+- mfu(t) = MFU_MAX * t / (t + T_HALF_TOKENS): utilization rises with tokens per micro-batch. Fitted to the
+  published Qwen-7B LoRA throughput on an A100-80G (Qwen README, FA2 + checkpointing, batch 1: 1,707 /
+  2,731 / 3,151 / 3,244 tokens/s at 256 / 512 / 2048 / 4096 tokens, i.e. 23 / 38 / 45 / 49 % of 312 TFLOPS).
+  Consumer cards use the same curve against their catalog TFLOPS (an assumption until measured).
+- bitsandbytes 4-bit dequantizes every frozen weight in forward, recompute and backward, once per
+  micro-batch whatever its tokens: DEQUANT_BYTES_PER_PARAM * quantized params / bandwidth. Fitted to the
+  same README's Q-LoRA rows (0.1-0.23 s per micro-batch for 7B NF4 on an A100-80G, 2,039 GB/s).
+- LLM.int8 training runs at INT8_THROUGHPUT of 16-bit (h2oGPT and LLaMA-Factory #2077 report 8-bit much
+  slower than fp16; the factor is an assumption within the 0.3-0.6 range those reports suggest).
+The fit and its errors are printed by benchmarks/throughput.py; treat times as +-30 %.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+from .arch import layer_linears
+from .schema import Arch, GpuSpec
+from .units import round_up
+
+__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "training_seconds"]
+
+MFU_MAX = 0.51
+T_HALF_TOKENS = 250
+DEQUANT_BYTES_PER_PARAM = 47.0
+INT8_THROUGHPUT = 0.45
+# fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq: 7 fp32 tensors
+ADAMW_BYTES_PER_PARAM = 28
+
+
+def matmul_params(arch: Arch) -> int:
+    return arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch)) + arch.vocab_size * arch.hidden_size
+
+
+def flops_per_token(arch: Arch, *, full: bool, gc: bool, seq_len: int, lora_params: int) -> float:
+    n = matmul_params(arch)
+    a = 4 * (seq_len / 2) * arch.q_dim * arch.num_hidden_layers
+    p = 0 if full else lora_params
+    if full:
+        fwd, bwd, rec = 2 * n + a, 4 * n + 2 * a, 2 * n + a
+    else:
+        fwd, bwd, rec = 2 * n + a + 2 * p, 2 * n + 2 * a + 4 * p, 2 * n + a + 2 * p
+    return fwd + bwd + (rec if gc else 0)
+
+
+def mfu(tokens: float) -> float:
+    return MFU_MAX * tokens / (tokens + T_HALF_TOKENS)
+
+
+def peak_flops(gpu: GpuSpec) -> float:
+    return (gpu.bf16_tflops if gpu.bf16 and gpu.bf16_tflops else gpu.fp16_tflops) * 1e12
+
+
+def micro_batch_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: bool, batch: int, seq_len: int,
+                        lora_params: int) -> float:
+    tokens = batch * seq_len
+    full = finetuning_type == "full"
+    f = flops_per_token(arch, full=full, gc=gc, seq_len=seq_len, lora_params=lora_params)
+    t = f * tokens / (peak_flops(gpu) * mfu(tokens))
+    if finetuning_type == "qlora4":
+        quantized = arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch))
+        t += DEQUANT_BYTES_PER_PARAM * quantized / (gpu.bandwidth_gbps * 1e9)
+    if finetuning_type == "qlora8":
+        t /= INT8_THROUGHPUT
+    return t
+
+
+def _quantile(percentiles: dict[int, int], u: float) -> float:
+    pts = sorted(percentiles.items())
+    if pts[0][0] > 0:
+        pts = [(0, 1)] + pts
+    q = u * 100
+    for (q0, l0), (q1, l1) in zip(pts, pts[1:]):
+        if q0 <= q <= q1:
+            return l0 + (l1 - l0) * ((q - q0) / (q1 - q0) if q1 > q0 else 0.0)
+    return float(pts[-1][1])
+
+
+def expected_padded_len(percentiles: dict[int, int], cutoff_len: int, batch: int) -> int:
+    return _expected_padded_len(tuple(sorted(percentiles.items())), cutoff_len, batch)
+
+
+@lru_cache(maxsize=4096)
+def _expected_padded_len(pts: tuple[tuple[int, int], ...], cutoff_len: int, batch: int) -> int:
+    """Expected padded length of a micro-batch: E[max of `batch` sample lengths], each truncated to
+    cutoff_len, rounded up to a multiple of 8 (LLaMA-Factory's collator pads to the longest sample with
+    pad_to_multiple_of=8). E[max] = integral of Q(u) * b * u^(b-1) du over the quantile function Q."""
+    steps = 400
+    total = 0.0
+    for i in range(steps):
+        u = (i + 0.5) / steps
+        total += min(cutoff_len, _quantile(dict(pts), u)) * batch * u ** (batch - 1) / steps
+    return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
+
+
+def training_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: bool, batch: int, seq_len: int,
+                     lora_params: int, trainable_params: int, samples: int, epochs: float, accumulation: int) -> float:
+    micro = math.ceil(samples / batch)
+    steps = math.ceil(micro / accumulation)
+    t_micro = micro_batch_seconds(arch, gpu, finetuning_type=finetuning_type, gc=gc, batch=batch, seq_len=seq_len,
+                                  lora_params=lora_params)
+    t_opt = ADAMW_BYTES_PER_PARAM * trainable_params / (gpu.bandwidth_gbps * 1e9)
+    return epochs * (micro * t_micro + steps * t_opt)

@@ -1,0 +1,140 @@
+"""Problems: what a user asks `trainfit solve` (model, GPU, data, search space, margin, objective)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ProblemError
+from .quality import QualityWeights
+
+__all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+# finetuning_type choices of the search: LoRA on 16-bit weights, QLoRA on bitsandbytes 4-bit or 8-bit
+# weights, full fine-tuning.
+FT_CHOICES = ("lora", "qlora4", "qlora8", "full")
+
+
+class DatasetSummary(BaseModel):
+    """What the solver needs to know about the data when no data file is given."""
+
+    model_config = _STRICT
+    num_samples: int = Field(gt=0, description="Samples in the training set (after any validation split).")
+    token_length_percentiles: dict[int, int] = Field(
+        description="Percentile (0-100) -> tokens per sample (prompt + response, after the chat template). "
+        "Give at least the 50th and 100th; more points make the coverage estimate better."
+    )
+    response_token_share: float = Field(
+        default=0.5, gt=0, le=1, description="Share of a sample's tokens that are the supervised response."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "DatasetSummary":
+        keys = sorted(self.token_length_percentiles)
+        if not keys or keys[0] < 0 or keys[-1] != 100 or 50 not in keys:
+            raise ValueError("token_length_percentiles needs keys within 0..100 including 50 and 100")
+        vals = [self.token_length_percentiles[k] for k in keys]
+        if any(v <= 0 for v in vals) or vals != sorted(vals):
+            raise ValueError("token_length_percentiles must be positive and non-decreasing in the percentile")
+        return self
+
+
+class DatasetSpec(BaseModel):
+    model_config = _STRICT
+    name: str = Field(default="train", description="Dataset name written to dataset_info.json and the config.")
+    file: str | None = Field(default=None, description="The LLaMA-Factory data file the emitted config trains on "
+                             "(alpaca or sharegpt JSON/JSONL), relative to the problem file.")
+    formatting: Literal["alpaca", "sharegpt", "openai"] = Field(default="alpaca", description="The data file's format.")
+    summary: DatasetSummary = Field(description="Sample count and token-length distribution.")
+
+
+class CustomGpu(BaseModel):
+    model_config = _STRICT
+    name: str = Field(description="A name for the card.")
+    memory_mib: int = Field(gt=0, description="Total memory as nvidia-smi reports it, MiB.")
+    bf16_tflops: float = Field(gt=0, description="Dense BF16 (or FP16) tensor TFLOPS.")
+    bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth, GB/s.")
+    bf16: bool = Field(default=True, description="Supports bfloat16.")
+    flash_attn2: Literal["yes", "no", "experimental"] = Field(default="no", description="FlashAttention-2 support.")
+    compute_capability: str = Field(default="8.0", description="CUDA compute capability.")
+
+
+class SearchSpace(BaseModel):
+    """Each dimension lists its allowed values; a one-element list pins it."""
+
+    model_config = _STRICT
+    finetuning_type: list[Literal["lora", "qlora4", "qlora8", "full"]] = Field(
+        default=["lora", "qlora4"], min_length=1, description="lora (16-bit base), qlora4, qlora8 (bitsandbytes), full.")
+    lora_rank: list[int] = Field(default=[8, 16, 32, 64], min_length=1, description="LoRA ranks.")
+    lora_target: list[Literal["attention", "mlp", "all"]] = Field(
+        default=["attention", "mlp", "all"], min_length=1, description="Which Linear layers get adapters.")
+    cutoff_len: list[int] = Field(default=[256, 384, 512, 768, 1024, 1536, 2048], min_length=1, description="cutoff_len values.")
+    per_device_train_batch_size: list[int] = Field(default=[1, 2, 4, 8], min_length=1, description="Micro-batch sizes.")
+    gradient_accumulation_steps: list[int] = Field(default=[1, 2, 4, 8, 16], min_length=1, description="Accumulation steps.")
+    max_samples: list[int | None] = Field(default=[None], min_length=1, description="max_samples (null = all).")
+    gradient_checkpointing: list[bool] = Field(default=[True, False], min_length=1, description="Checkpointing on/off.")
+    flash_attn: list[Literal["auto", "sdpa", "fa2", "disabled"]] = Field(
+        default=["auto"], min_length=1, description="Attention kernels (fa2 is dropped on GPUs without it).")
+    optim: list[Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]] = Field(
+        default=["adamw_torch_fused", "adamw_8bit"], min_length=1, description="Optimizers.")
+    enable_liger_kernel: list[bool] = Field(default=[False, True], min_length=1, description="Liger kernels off/on.")
+
+    @model_validator(mode="after")
+    def _positive(self) -> "SearchSpace":
+        for name in ("lora_rank", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps"):
+            if any(v <= 0 for v in getattr(self, name)):
+                raise ValueError(f"{name} values must be positive")
+        if any(v is not None and v <= 0 for v in self.max_samples):
+            raise ValueError("max_samples values must be positive or null")
+        return self
+
+
+class Objective(BaseModel):
+    model_config = _STRICT
+    quality_weights: QualityWeights = Field(default_factory=QualityWeights, description="Weights of the quality score's terms.")
+    num_train_epochs: float = Field(default=3.0, gt=0, description="Epochs (for the training-time objective).")
+
+
+class Problem(BaseModel):
+    """A `trainfit solve` problem file."""
+
+    model_config = _STRICT
+    name: str = Field(description="Problem name; configs go under configs/<name>/.")
+    model: str = Field(description="Catalog model id or a path to a config.json (relative to the problem file).")
+    gpu: str | CustomGpu = Field(description="Catalog GPU id, or a custom card with its memory.")
+    num_gpus: Literal[1] = Field(default=1, description="GPUs (1 for now).")
+    trainer: Literal["llamafactory"] = Field(default="llamafactory", description="The trainer the configs are for.")
+    dataset: DatasetSpec = Field(description="The training data.")
+    search: SearchSpace = Field(default_factory=SearchSpace, description="The search space.")
+    margin: float = Field(default=0.10, ge=0, lt=1, description="Share of the GPU's memory kept free. It applies to the "
+                          "device peak (what nvidia-smi shows: reserved + CUDA context).")
+    objective: Objective = Field(default_factory=Objective, description="Objective settings.")
+
+
+def load_problem(path: str | Path) -> tuple[Problem, Path]:
+    """(problem, folder of the file). Every validation problem is reported in one message."""
+    p = Path(path)
+    if not p.is_file():
+        raise ProblemError(f"problem file {str(path)!r} does not exist. Pass a problem YAML (see problems/).")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ProblemError(f"{str(path)!r} is not valid YAML{where}. Fix the syntax.") from None
+    if not isinstance(data, dict):
+        raise ProblemError(f"{str(path)!r} is not a mapping. A problem file has keys name, model, gpu, dataset, ...")
+    try:
+        return Problem(**data), p.parent
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msg = err["msg"].replace("Value error, ", "")
+            msgs.append(f"{loc}: {msg}")
+        raise ProblemError(f"{path}: " + "; ".join(msgs) + ". Fix the problem file.") from None

@@ -1,0 +1,236 @@
+"""Problem + catalog -> an instance: finite sorted domains and the integer tables both solvers use.
+
+Every memory number comes from `memory.estimate` (the single source of truth); quality from `quality`,
+time from `perf`. Floats become integers once, here, rounded conservatively (memory up, quality to the
+nearest 1e-4, time up to the millisecond), so CP-SAT and brute force see identical numbers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import catalog
+from .arch import layer_linears
+from .errors import ProblemError
+from .memory import count_params, estimate
+from .perf import expected_padded_len, micro_batch_seconds, ADAMW_BYTES_PER_PARAM
+from .problem import CustomGpu, Problem
+from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
+from .schema import Arch, GpuSpec, Plan
+
+__all__ = ["Instance", "MemCombo", "build_instance", "plan_for", "QUALITY_SCALE"]
+
+QUALITY_SCALE = 10_000
+TIME_UNIT_MS = 1000
+MEM_KNOBS = ("finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
+             "gradient_checkpointing", "flash_attn", "optim", "enable_liger_kernel")
+
+
+@dataclass(frozen=True)
+class MemCombo:
+    """One feasible setting of the memory-relevant knobs, with everything the objectives need from it."""
+
+    knobs: tuple  # values in MEM_KNOBS order
+    index: tuple[int, ...]  # positions in the instance's domains (tie-break key)
+    quality: int  # scaled target + rank + cutoff - quant terms
+    micro_ms: int  # one micro-batch, ms (ceil)
+    opt_ms: int  # one optimizer step, ms (ceil)
+
+
+
+@dataclass
+class Instance:
+    problem: Problem
+    arch: Arch
+    gpu: GpuSpec
+    budget_bytes: int
+    domains: dict[str, list]
+    combos: list[MemCombo]
+    samples_quality: dict[int | None, int]  # scaled samples term per max_samples value
+    samples_used: dict[int | None, int]
+    batch_penalty: dict[tuple[int, int], int]  # (batch, accumulation) -> scaled penalty
+    evaluated: int = 0
+    min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
+    notes: list[str] = field(default_factory=list)
+
+    def micro_batches(self, n: int, batch: int) -> int:
+        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(n / batch))
+
+    def optimizer_steps(self, n: int, batch: int, accum: int) -> int:
+        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(math.ceil(n / batch) / accum))
+
+    def time_units(self, n: int, batch: int, accum: int, c: "MemCombo") -> int:
+        """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie
+        and the tie-break decides."""
+        ms = self.micro_batches(n, batch) * c.micro_ms + self.optimizer_steps(n, batch, accum) * c.opt_ms
+        return -(-ms // TIME_UNIT_MS)
+
+
+def resolve_gpu(problem: Problem) -> GpuSpec:
+    g = problem.gpu
+    if isinstance(g, CustomGpu):
+        return GpuSpec(id="custom", name=g.name, memory_mib=g.memory_mib, bandwidth_gbps=g.bandwidth_gbps,
+                       bf16_tflops=g.bf16_tflops if g.bf16 else None, fp16_tflops=g.bf16_tflops,
+                       compute_capability=g.compute_capability, architecture="custom", bf16=g.bf16,
+                       flash_attn2=g.flash_attn2, source="problem file")
+    return catalog.get_gpu(g)
+
+
+def resolve_model(problem: Problem, base: Path | None) -> Arch:
+    name = problem.model
+    if base is not None and name not in catalog.model_configs():
+        cand = base / name
+        if cand.exists():
+            name = str(cand)
+    return catalog.resolve_arch(name)
+
+
+def _target_names(arch: Arch, target: str) -> str:
+    if target == "all":
+        return "all"
+    return ",".join(m.name for m in layer_linears(arch) if m.group == ("attn" if target == "attention" else "mlp"))
+
+
+def plan_for(arch: Arch, gpu: GpuSpec, knobs: dict) -> Plan:
+    """The LLaMA-Factory plan of one point of the search space."""
+    ft = knobs["finetuning_type"]
+    full = ft == "full"
+    return Plan(
+        finetuning_type="full" if full else "lora",
+        quantization_bit={"qlora4": 4, "qlora8": 8}.get(ft),
+        lora_rank=knobs.get("lora_rank") or 8,
+        lora_target="all" if full else _target_names(arch, knobs["lora_target"]),
+        cutoff_len=knobs["cutoff_len"],
+        per_device_train_batch_size=knobs["per_device_train_batch_size"],
+        gradient_accumulation_steps=knobs.get("gradient_accumulation_steps", 1),
+        max_samples=knobs.get("max_samples"),
+        disable_gradient_checkpointing=not knobs["gradient_checkpointing"],
+        flash_attn=knobs["flash_attn"],
+        optim=knobs["optim"],
+        bf16=gpu.bf16,
+        fp16=not gpu.bf16,
+        enable_liger_kernel=knobs["enable_liger_kernel"],
+    )
+
+
+def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list], list[str]]:
+    s = problem.search
+    notes = []
+    attn = [a for a in s.flash_attn if a != "fa2" or gpu.flash_attn2 == "yes"]
+    if len(attn) < len(s.flash_attn):
+        notes.append(f"fa2 dropped: {gpu.name} has FlashAttention-2 support '{gpu.flash_attn2}'")
+    if not attn:
+        raise ProblemError(f"search.flash_attn allows only fa2, which {gpu.name} lacks. Add auto or sdpa.")
+    liger = list(s.enable_liger_kernel)
+    if arch.model_type not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"):
+        liger = [False]
+    # Domains keep the problem file's order (duplicates dropped): ties between plans with equal quality and
+    # time go to the values listed first, dimension by dimension in MEM_KNOBS order, then accumulation and
+    # max_samples.
+    domains = {
+        "finetuning_type": _unique(s.finetuning_type),
+        "lora_rank": _unique(s.lora_rank),
+        "lora_target": _unique(s.lora_target),
+        "cutoff_len": _unique(s.cutoff_len),
+        "per_device_train_batch_size": _unique(s.per_device_train_batch_size),
+        "gradient_checkpointing": _unique(s.gradient_checkpointing),
+        "flash_attn": _unique(attn),
+        "optim": _unique(s.optim),
+        "enable_liger_kernel": _unique(liger),
+        "gradient_accumulation_steps": _unique(s.gradient_accumulation_steps),
+        "max_samples": _unique(s.max_samples),
+    }
+    return domains, notes
+
+
+def _unique(values: list) -> list:
+    return list(dict.fromkeys(values))
+
+
+def build_instance(problem: Problem, base: Path | None = None) -> Instance:
+    arch = resolve_model(problem, base)
+    gpu = resolve_gpu(problem)
+    domains, notes = _domains(problem, arch, gpu)
+    budget = math.floor(gpu.memory_bytes * (1 - problem.margin))
+    ds = problem.dataset.summary
+    w = problem.objective.quality_weights
+    inst = Instance(problem, arch, gpu, budget, domains, [], {}, {}, {}, notes=notes)
+    cov = {c: coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
+    for n in domains["max_samples"]:
+        used = ds.num_samples if n is None else min(n, ds.num_samples)
+        inst.samples_used[n] = used
+        inst.samples_quality[n] = round(QUALITY_SCALE * w.samples * math.log1p(used) / math.log1p(ds.num_samples))
+    for b, a in itertools.product(domains["per_device_train_batch_size"], domains["gradient_accumulation_steps"]):
+        ebs = b * a
+        pen = 0.0 if ebs <= 32 else min(1.0, math.log2(ebs / 32) / 2)
+        inst.batch_penalty[(b, a)] = round(QUALITY_SCALE * w.batch * pen)
+    cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
+    outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
+             "enable_liger_kernel"]
+    seen_full = set()
+    for vals in itertools.product(*(domains[k] for k in outer)):
+        knobs = dict(zip(outer, vals))
+        if knobs["finetuning_type"] == "full":
+            # rank and target do not apply: one representative (the first values) stands for them
+            key = tuple(v for k, v in knobs.items() if k not in ("lora_rank", "lora_target"))
+            if key in seen_full:
+                continue
+            seen_full.add(key)
+            knobs["lora_rank"] = None
+            knobs["lora_target"] = None
+        _staircase(inst, knobs, cutoffs, batches, cov)
+    inst.combos.sort(key=lambda c: c.index)
+    return inst
+
+
+def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int], cov: dict[int, float]) -> None:
+    """Feasible (cutoff, batch) pairs for fixed other knobs. The peak is monotone in both (property-tested in
+    tests/test_memory.py), so the feasible set is a staircase: walk it with |C| + |B| estimates."""
+    j = len(batches) - 1
+    for i in range(len(cutoffs)):
+        while j >= 0:
+            est = _evaluate(inst, knobs, cutoffs[i], batches[j])
+            if est.device_peak_bytes <= inst.budget_bytes:
+                break
+            j -= 1
+        if j < 0:
+            break
+        for jj in range(j + 1):
+            _add_combo(inst, knobs, cutoffs[i], batches[jj], cov)
+
+
+def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
+    plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch})
+    est = estimate(inst.arch, plan)
+    inst.evaluated += 1
+    if inst.min_peak is None or est.device_peak_bytes < inst.min_peak[0]:
+        inst.min_peak = (est.device_peak_bytes, tuple(sorted({**knobs, "cutoff_len": cutoff,
+                                                               "per_device_train_batch_size": batch}.items())))
+    return est
+
+
+def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[int, float]) -> None:
+    full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
+    plan = plan_for(inst.arch, inst.gpu, full)
+    ds = inst.problem.dataset.summary
+    w = inst.problem.objective.quality_weights
+    ft = knobs["finetuning_type"]
+    is_full = ft == "full"
+    t = 1.0 if is_full else TARGET_SCORE[knobs["lora_target"]]
+    r = 1.0 if is_full else min(1.0, math.log2(knobs["lora_rank"]) / math.log2(RANK_MAX))
+    q = round(QUALITY_SCALE * (w.target * t + w.rank * r + w.cutoff * cov[cutoff] - w.quant * QUANT_PENALTY[ft]))
+    trainable, _ = count_params(inst.arch, plan)
+    seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
+    micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=knobs["gradient_checkpointing"],
+                                  batch=batch, seq_len=seq, lora_params=0 if is_full else trainable)
+    opt_s = ADAMW_BYTES_PER_PARAM * trainable / (inst.gpu.bandwidth_gbps * 1e9)
+    index = tuple(
+        0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
+    )
+    inst.combos.append(MemCombo(
+        knobs=tuple(full[k] for k in MEM_KNOBS), index=index, quality=q, micro_ms=math.ceil(micro_s * 1000),
+        opt_ms=math.ceil(opt_s * 1000),
+    ))
