@@ -1,0 +1,129 @@
+"""The solver: CP-SAT front equals brute force; solutions re-validate; determinism; infeasibility."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from optimizer.brute import solve_brute
+from optimizer.errors import InfeasibleError, ProblemError
+from optimizer.memory import estimate
+from optimizer.pareto import non_dominated
+from optimizer.problem import CustomGpu, DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
+from optimizer.search import solve_problem
+from optimizer.solver import solve_cpsat
+from optimizer.space import build_instance
+
+DATA = DatasetSpec(summary=DatasetSummary(num_samples=500, token_length_percentiles={50: 300, 90: 900, 100: 2000}))
+
+
+def _problem(model="Qwen/Qwen2.5-0.5B-Instruct", gpu: str | CustomGpu = "rtx-3060-12gb", **space) -> Problem:
+    return Problem(name="t", model=model, gpu=gpu, dataset=DATA, search=SearchSpace(**space))
+
+
+SMALL = st.fixed_dictionaries({
+    "model": st.sampled_from(["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-0.6B"]),
+    "memory_mib": st.sampled_from([3000, 4000, 6000, 12288]),
+    "finetuning_type": st.lists(st.sampled_from(["lora", "qlora4", "qlora8", "full"]), min_size=1, max_size=3, unique=True),
+    "lora_rank": st.lists(st.sampled_from([4, 8, 16, 64]), min_size=1, max_size=2, unique=True),
+    "lora_target": st.lists(st.sampled_from(["attention", "mlp", "all"]), min_size=1, max_size=3, unique=True),
+    "cutoff_len": st.lists(st.sampled_from([128, 512, 1024, 2048]), min_size=1, max_size=3, unique=True),
+    "per_device_train_batch_size": st.lists(st.sampled_from([1, 2, 4]), min_size=1, max_size=2, unique=True),
+    "gradient_accumulation_steps": st.lists(st.sampled_from([1, 4, 16, 64]), min_size=1, max_size=2, unique=True),
+    "max_samples": st.lists(st.sampled_from([None, 50, 200]), min_size=1, max_size=2, unique=True),
+    "gradient_checkpointing": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
+    "optim": st.lists(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_8bit"]), min_size=1, max_size=2, unique=True),
+    "enable_liger_kernel": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
+})
+
+
+def _from(d: dict) -> Problem:
+    d = dict(d)
+    gpu = CustomGpu(name="card", memory_mib=d.pop("memory_mib"), bf16_tflops=60, bandwidth_gbps=500)
+    return _problem(model=d.pop("model"), gpu=gpu, **d)
+
+
+@settings(max_examples=25, deadline=None)
+@given(SMALL)
+def test_cpsat_front_equals_brute_force(d):
+    inst = build_instance(_from(d))
+    brute = solve_brute(inst)
+    cp = solve_cpsat(inst)
+    # objective vectors and the tie-broken plan of each front point
+    assert [(q, t, k) for q, t, k, _ in cp] == [(q, t, k) for q, t, k, _ in brute]
+
+
+@settings(max_examples=10, deadline=None)
+@given(SMALL)
+def test_every_solution_revalidates_against_the_memory_model(d):
+    problem = _from(d)
+    try:
+        res = solve_problem(problem)
+    except InfeasibleError:
+        return
+    for s in res.front:
+        est = estimate(build_instance(problem).arch, s.plan)
+        assert est.device_peak_bytes == s.device_peak_bytes <= res.budget_bytes
+    assert [s.time_s for s in res.front] == sorted((s.time_s for s in res.front), reverse=True)
+    assert [s.quality for s in res.front] == sorted((s.quality for s in res.front), reverse=True)
+
+
+def test_front_is_not_dominated_and_order_invariant():
+    pts = [(5, 10, (1,), "a"), (5, 9, (2,), "b"), (4, 9, (0,), "c"), (6, 20, (0,), "d"), (6, 20, (3,), "e"), (1, 1, (9,), "f")]
+    front = non_dominated(pts)
+    assert [p[3] for p in front] == ["d", "b", "f"]
+    assert non_dominated(reversed(pts)) == front
+    assert non_dominated(front) == front
+
+
+def test_smaller_gpu_never_improves_the_front():
+    big = solve_problem(_problem(gpu=CustomGpu(name="a", memory_mib=8000, bf16_tflops=60, bandwidth_gbps=500)))
+    small = solve_problem(_problem(gpu=CustomGpu(name="b", memory_mib=3000, bf16_tflops=60, bandwidth_gbps=500)))
+    assert small.front[0].quality <= big.front[0].quality
+    assert small.front[-1].time_s >= big.front[-1].time_s
+
+
+def test_larger_margin_never_improves_the_front():
+    lo = solve_problem(_problem().model_copy(update={"margin": 0.05}))
+    hi = solve_problem(_problem().model_copy(update={"margin": 0.5}))
+    assert hi.front[0].quality <= lo.front[0].quality
+    assert all(s.device_peak_bytes <= hi.budget_bytes for s in hi.front)
+
+
+def test_output_is_deterministic():
+    a = solve_problem(_problem()).model_dump_json(exclude={"solve_s"})
+    b = solve_problem(_problem()).model_dump_json(exclude={"solve_s"})
+    assert a == b
+
+
+def test_infeasible_problem_says_the_smallest_peak_and_what_to_relax():
+    p = _problem(model="Qwen/Qwen2.5-7B-Instruct", gpu=CustomGpu(name="tiny", memory_mib=2048, bf16_tflops=10, bandwidth_gbps=100))
+    with pytest.raises(InfeasibleError) as err:
+        solve_problem(p)
+    msg = str(err.value)
+    assert msg.startswith("no plan of the search space fits tiny: the smallest device peak is ")
+    assert "Relax:" in msg
+
+
+def test_shipped_problems_load_and_validate():
+    files = sorted(Path("problems").glob("*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        problem, base = load_problem(f)
+        assert problem.name == f.stem
+        assert f.read_text().startswith("#")
+
+
+def test_problem_errors_are_collected(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: x\nmodel: Qwen/Qwen2.5-3B-Instruct\ngpu: rtx-4090\nmargn: 0.1\n"
+                 "dataset: {summary: {num_samples: 0, token_length_percentiles: {50: 10, 100: 20}}}\n")
+    with pytest.raises(ProblemError) as err:
+        load_problem(f)
+    msg = str(err.value)
+    assert "margn: Extra inputs are not permitted" in msg
+    assert "dataset.summary.num_samples" in msg
+    assert msg.endswith("Fix the problem file.")
