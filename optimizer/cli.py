@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from enum import Enum
 from typing import Any, Optional
@@ -158,6 +159,87 @@ def models(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         typer.echo(json.dumps([{**a.model_dump(), "params": counts[a.name]} for a in archs], indent=2))
     else:
         typer.echo(models_table(archs, counts))
+
+
+class Solver(str, Enum):
+    cpsat = "cpsat"
+    brute = "brute"
+
+
+class Pick(str, Enum):
+    all = "all"
+    best_quality = "best-quality"
+    fastest = "fastest"
+    balanced = "balanced"
+
+
+@app.command()
+def solve(
+    problems: list[str] = typer.Argument(..., help="Problem YAML file(s) (see problems/)."),
+    models: Optional[str] = typer.Option(None, "--models", help="Comma list of models: solve each problem for each."),
+    gpus_: Optional[str] = typer.Option(None, "--gpus", help="Comma list of GPU ids: solve each problem on each."),
+    solver: Solver = typer.Option(Solver.cpsat, "--solver", help="cpsat, or brute (enumeration, small spaces)."),
+    pick: Optional[Pick] = typer.Option(None, "--pick", help="Configs to write: all front points (default for one "
+                                        "problem) or one labelled point (default balanced for several)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Folder for the configs (default configs/<problem>/)."),
+    write: bool = typer.Option(True, "--write/--no-write", help="Write the LLaMA-Factory configs."),
+    force: bool = typer.Option(False, "--force", help="Overwrite configs that exist with other content."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+    jobs: int = typer.Option(0, "--jobs", help="Parallel solves for several problems (0 = one per CPU)."),
+) -> None:
+    """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
+    from .batch import expand, run_batch, summary_matrix
+    from .configs import config_files, write_configs
+    from .problem import load_problem
+    from .report import front_table
+
+    try:
+        loaded = [(path, *load_problem(path)) for path in problems]
+        items = expand(loaded, [m for m in (models or "").split(",") if m], [g for g in (gpus_ or "").split(",") if g])
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    single = len(items) == 1
+    chosen = (pick or (Pick.all if single else Pick.balanced)).value
+    if single:
+        path, problem, base = items[0]
+        from .search import solve_problem
+
+        try:
+            result = solve_problem(problem, base, solver.value)
+        except TrainfitError as exc:
+            _fail(exc)
+            return
+        results = [(path, problem, base, result, None)]
+    else:
+        results = run_batch(items, solver.value, jobs)
+    if write:
+        try:
+            for path, problem, base, result, err in results:
+                if result is None:
+                    continue
+                out_dir = out if (out and single) else (f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}")
+                data = str(base / problem.dataset.file) if problem.dataset.file else None
+                if data:
+                    data = os.path.relpath(data)
+                files = config_files(result, problem, path, out_dir, chosen, data)
+                written, same = write_configs(files, out_dir, force=force)
+                if not json_out:
+                    typer.echo(f"{problem.name}: {written} file(s) written to {out_dir}/, {same} unchanged", err=True)
+        except TrainfitError as exc:
+            _fail(exc)
+            return
+    if json_out:
+        import json
+
+        payload = [r.model_dump(mode="json") if r else {"problem": pr.name, "error": e} for _, pr, _, r, e in results]
+        typer.echo(json.dumps(payload[0] if single else payload, indent=2))
+    elif single:
+        typer.echo(front_table(results[0][3]))
+    else:
+        typer.echo(summary_matrix(results))
+    if any(r is None for *_, r, _e in results):
+        raise typer.Exit(3)
 
 
 def main() -> None:

@@ -1,0 +1,108 @@
+"""Write a solve result as ready-to-run LLaMA-Factory configs (+ dataset_info.json). I/O at the edge."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import __version__
+from .emit import dataset_info_entry, render_config, template_for, warmup_steps_for, write_text_atomic
+from .errors import TrainfitError
+from .problem import Problem
+from .search import Solution, SolveResult
+from .units import GIB
+
+__all__ = ["config_files", "write_configs", "picked"]
+
+
+def picked(result: SolveResult, pick: str) -> list[int]:
+    """Indices of the front points to write: all, or the one labelled best-quality / fastest / balanced."""
+    if pick == "all":
+        return list(range(len(result.front)))
+    return [i for i, s in enumerate(result.front) if pick in s.labels][:1]
+
+
+def _stem(i: int, s: Solution) -> str:
+    parts = [f"p{i + 1:02d}", s.finetuning_type]
+    if s.finetuning_type != "full":
+        parts += [f"r{s.lora_rank}", s.lora_target or "all"]
+    parts += [f"c{s.cutoff_len}", f"b{s.per_device_train_batch_size}x{s.gradient_accumulation_steps}"]
+    return "_".join(parts)
+
+
+def _dur(seconds: float) -> str:
+    m = round(seconds / 60)
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m} min"
+
+
+def config_files(result: SolveResult, problem: Problem, problem_path: str, out_dir: str, pick: str,
+                 data_file: str | None) -> dict[str, str]:
+    """{relative file name: text}: one YAML per picked front point and the dataset_info.json.
+
+    `out_dir` is written into the configs as `dataset_dir` exactly as given (relative paths resolve against the
+    folder `llamafactory-cli train` runs in, as in LLaMA-Factory), and `data_file` is referenced relative to it."""
+    ds = problem.dataset
+    files: dict[str, str] = {}
+    if data_file:
+        file_name = os.path.relpath(data_file, out_dir) if not os.path.isabs(data_file) else data_file
+    else:
+        file_name = f"{ds.name}.json"
+    info = {ds.name: dataset_info_entry(file_name, ds.formatting)}
+    files["dataset_info.json"] = json.dumps(info, indent=2, sort_keys=True) + "\n"
+    template = template_for(result.model, _model_type(result))
+    epochs = problem.objective.num_train_epochs
+    for i in picked(result, pick):
+        s = result.front[i]
+        stem = _stem(i, s)
+        path = f"{out_dir.rstrip('/')}/{stem}.yaml"
+        header = [
+            f"trainfit {__version__}: front point {i + 1} of {len(result.front)} for problem {result.problem!r}"
+            + (f" ({', '.join(s.labels)})" if s.labels else ""),
+            f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): device {s.device_peak_bytes / GIB:.2f} GiB "
+            f"(allocated {s.peak_allocated_bytes / GIB:.2f} GiB), headroom {s.headroom_bytes / GIB:.2f} GiB "
+            f"({100 * s.headroom_bytes / result.gpu_total_bytes:.0f}%)",
+            f"estimated training time: {_dur(s.time_s)} for {epochs:g} epochs (+-30%); quality score {s.quality:.4f}",
+            f"run (from the folder holding {out_dir.rstrip('/')}): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
+            f"regenerate: trainfit solve {problem_path}",
+        ]
+        if not data_file:
+            header.append(f"data: put your {ds.formatting} file at {out_dir.rstrip('/')}/{file_name}")
+        n = min(ds.summary.num_samples, s.max_samples or ds.summary.num_samples)
+        extra = {"warmup_steps": warmup_steps_for(n, s.plan, epochs)}
+        files[f"{stem}.yaml"] = render_config(
+            s.plan, model_name_or_path=result.model, template=template, dataset=ds.name, dataset_dir=out_dir.rstrip("/"),
+            output_dir=f"saves/{result.problem}/{stem}", header=header, num_train_epochs=epochs, extra=extra,
+        )
+    return files
+
+
+def _model_type(result: SolveResult) -> str:
+    from .catalog import resolve_arch
+
+    return resolve_arch(result.model).model_type
+
+
+def write_configs(files: dict[str, str], out_dir: str, *, force: bool, root: Path | None = None) -> tuple[int, int]:
+    """Write the files under root/out_dir. A file with identical content is left alone (no overwrite); a file
+    with other content needs `force`. All conflicts are checked before anything is written. (written, unchanged)"""
+    base = (root or Path.cwd()) / out_dir
+    conflicts = []
+    todo = {}
+    for name, text in files.items():
+        p = base / name
+        if p.is_file():
+            if p.read_text(encoding="utf-8") == text:
+                continue
+            if not force:
+                conflicts.append(str(Path(out_dir) / name))
+                continue
+        todo[p] = text
+    if conflicts:
+        raise TrainfitError(
+            f"{len(conflicts)} file(s) under {out_dir} exist with other content ({', '.join(conflicts[:3])}"
+            f"{', ...' if len(conflicts) > 3 else ''}). Pass --force to overwrite them or --out DIR to write elsewhere."
+        )
+    for p, text in todo.items():
+        write_text_atomic(p, text, force=force)
+    return len(todo), len(files) - len(todo)
