@@ -70,6 +70,13 @@ def _resolve(config: Optional[str], model: Optional[str], overrides: dict[str, A
     return catalog.resolve_arch(name), plan
 
 
+def _yaml_model(config: Optional[str]) -> str:
+    data = read_yaml(config) if config else {}
+    if not data.get("model_name_or_path"):
+        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
+    return str(data["model_name_or_path"])
+
+
 def _plan_options(
     finetuning_type: Optional[FinetuningType], quantization_bit: Optional[int], quantization_type: Optional[str],
     double_quantization: Optional[bool], lora_rank: Optional[int], lora_alpha: Optional[int],
@@ -137,6 +144,73 @@ def estimate(
 
 
 @app.command()
+def trace(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
+    layers: Optional[int] = typer.Option(None, "--layers", help="Run a shortened model of N decoder layers."),
+    extrapolate: bool = typer.Option(False, "--extrapolate", help="Run 1 and 2 layers and extrapolate linearly to the full depth."),
+    device: str = typer.Option("cpu", "--device", help="cpu (fake tensors, no GPU needed) or cuda (a real step on the GPU)."),
+    top: int = typer.Option(10, "--top", help="Largest live tensors to list at the peak."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
+    quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
+    quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
+    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization", help=_FLAG_HELP),
+    lora_rank: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    lora_alpha: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    lora_dropout: Optional[float] = typer.Option(None, help=_FLAG_HELP),
+    lora_target: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (all, or q_proj,v_proj,...)"),
+    additional_target: Optional[str] = typer.Option(None, help=_FLAG_HELP),
+    cutoff_len: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    per_device_train_batch_size: Optional[int] = typer.Option(None, help=_FLAG_HELP),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
+    use_reentrant_gc: Optional[bool] = typer.Option(None, "--use-reentrant-gc/--no-use-reentrant-gc", help=_FLAG_HELP),
+    flash_attn: Optional[FlashAttn] = typer.Option(None, help=_FLAG_HELP),
+    optim: Optional[Optim] = typer.Option(None, help=_FLAG_HELP),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help=_FLAG_HELP),
+    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help=_FLAG_HELP),
+    pure_bf16: Optional[bool] = typer.Option(None, "--pure-bf16/--no-pure-bf16", help=_FLAG_HELP),
+    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel", help=_FLAG_HELP),
+    upcast_layernorm: Optional[bool] = typer.Option(None, "--upcast-layernorm/--no-upcast-layernorm", help=_FLAG_HELP),
+    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output", help=_FLAG_HELP),
+    max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
+    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
+) -> None:
+    """Run two real training steps (fake tensors on the CPU, or --device cuda) and measure the peak: the oracle."""
+    overrides = _plan_options(
+        finetuning_type, quantization_bit, quantization_type, double_quantization, lora_rank, lora_alpha,
+        lora_dropout, lora_target, additional_target, cutoff_len, per_device_train_batch_size,
+        gradient_accumulation_steps, max_samples, num_train_epochs, disable_gradient_checkpointing,
+        use_reentrant_gc, flash_attn, optim, bf16, fp16, pure_bf16, enable_liger_kernel, upcast_layernorm,
+        upcast_lmhead_output, max_grad_norm, kbit_prepare,
+    )
+    from .report import trace_table
+    from .trace import run_cuda, run_trace, run_trace_extrapolated
+
+    try:
+        arch, plan = _resolve(config, model, overrides)
+        cfg = catalog.resolve_config(model or _yaml_model(config))
+        if device == "cuda":
+            result = run_cuda(cfg, plan, layers=layers)
+        elif device != "cpu":
+            raise ConfigError(f"--device {device!r} is not cpu or cuda. Use --device cpu (fake tensors) or cuda.")
+        elif extrapolate:
+            result = run_trace_extrapolated(cfg, plan)
+        else:
+            result = run_trace(cfg, plan, layers=layers, top=top)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    except NotImplementedError as exc:
+        _fail(ConfigError(f"{exc}"))
+        return
+    typer.echo(result.model_dump_json(indent=2) if json_out else trace_table(result))
+
+
+@app.command()
 def gpus(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """List the GPU catalog."""
     table = list(catalog.gpus().values())
@@ -159,6 +233,49 @@ def models(json_out: bool = typer.Option(False, "--json", help="Print JSON.")) -
         typer.echo(json.dumps([{**a.model_dump(), "params": counts[a.name]} for a in archs], indent=2))
     else:
         typer.echo(models_table(archs, counts))
+
+
+@app.command()
+def check(
+    config: str = typer.Argument(..., help="A LLaMA-Factory training YAML."),
+    gpu: str = typer.Option(..., "--gpu", "-g", help="Catalog GPU id (see `trainfit gpus`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Overrides model_name_or_path."),
+    margin: float = typer.Option(DEFAULT_MARGIN, help="Share of GPU memory to keep free."),
+    optimize: bool = typer.Option(False, "--optimize", help="Propose the smallest fitting change even when it fits."),
+    write: Optional[str] = typer.Option(None, "--write", help="Write the config with the fix applied to this path."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --write file if it exists."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Does a LLaMA-Factory config fit the GPU, why not, and the smallest change that fits.
+    Exit codes: 0 fits, 3 does not fit, 1 bad input."""
+    from .check import check as run_check, patch_yaml
+    from .emit import write_text_atomic
+    from .report import check_text
+
+    try:
+        data = read_yaml(config)
+        plan, yaml_model = plan_from_dict(dict(data), config)
+        name = model or yaml_model
+        if not name:
+            raise ConfigError("no model given. Pass --model or set model_name_or_path.")
+        arch = catalog.resolve_arch(name)
+        spec = catalog.get_gpu(gpu)
+        rep = run_check(data, plan, arch, spec, margin=margin, config_path=config, optimize=optimize)
+        if write:
+            if rep.fix is None:
+                raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass --optimize.")
+            from pathlib import Path
+
+            text = Path(config).read_text(encoding="utf-8")
+            write_text_atomic(write, patch_yaml(text, rep.fix.changes), force=force)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    typer.echo(rep.model_dump_json(indent=2) if json_out else check_text(rep))
+    if write and not json_out:
+        typer.echo(f"wrote {write}", err=True)
+    if rep.verdict == "does_not_fit":
+        raise typer.Exit(3)
 
 
 class Solver(str, Enum):

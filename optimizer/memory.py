@@ -986,3 +986,58 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
     if not plan.bf16 and not plan.fp16 and not plan.pure_bf16:
         notes.append("no bf16/fp16: no autocast; LoRA runs in fp32 and the base in the checkpoint dtype")
     return notes
+
+
+# ---------------------------------------------------------------------------------------------------
+# The evaluation pass (HF Trainer.evaluate inside training): its own phase
+# ---------------------------------------------------------------------------------------------------
+
+# [S] LLaMA-Factory hparams/generating_args.py: GeneratingArguments.max_new_tokens default 1024.
+GENERATE_MAX_NEW_TOKENS = 1024
+
+
+def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: bool = False,
+                  predict_with_generate: bool = False, eval_accumulation_steps: int | None = None,
+                  eval_samples: int = 0, max_new_tokens: int = GENERATE_MAX_NEW_TOKENS) -> PhasePeak:
+    """Peak allocated bytes of one evaluation batch during training.
+
+    [S] transformers trainer.py::Trainer.prediction_step runs the model under torch.no_grad() (autocast
+    as in training); the optimizer states stay allocated, gradients are None (zero_grad(set_to_none=True)).
+    No activation is saved: the forward keeps one layer's working set at a time. The loss is computed as in
+    training (logits, fp32 upcast, log-softmax: 10 bytes per logit momentarily) and accelerate converts the
+    returned logits to fp32. Without compute_accuracy/predict_with_generate only the loss is kept
+    (`prediction_loss_only`). compute_accuracy [S] LLaMA-Factory train/sft/metric.py::eval_logit_processor:
+    argmax ids [b, s] int64 (+ the labels) accumulate on the GPU over the whole eval set unless
+    eval_accumulation_steps moves them to the CPU. predict_with_generate: a KV cache of
+    2 x L x b x (s + max_new_tokens) x kv_dim in the compute dtype [S] transformers cache_utils.DynamicCache.
+    """
+    ev = plan.model_copy(update={"per_device_train_batch_size": eval_batch})
+    st = setting_for(arch, ev)
+    N, V, L = st.tokens, arch.vocab_size, arch.num_hidden_layers
+    weights = sum(base_weight_bytes(arch, st).values())
+    adapters = adapter_bytes(arch, plan, st)
+    states = optimizer_state_bytes(arch, plan, st)
+    lay = layer_forward(arch, st, no_grad=True)
+    layer_peak = lay.peak_bytes + shared_forward_bytes(arch, st)
+    logit_b = st.c if st.amp else _promote(st.stream, st.embed_w)
+    loss = alloc_bytes(N * V * logit_b) + 2 * alloc_bytes(N * V * FP32)
+    kept = 0
+    detail = "loss only"
+    if compute_accuracy:
+        per_batch = 2 * alloc_bytes(N * 8)
+        batches = max(1, -(-eval_samples // eval_batch)) if eval_samples else 1
+        kept = per_batch * (min(batches, eval_accumulation_steps) if eval_accumulation_steps else batches)
+        detail = f"argmax ids + labels of {batches if not eval_accumulation_steps else min(batches, eval_accumulation_steps)} batch(es)"
+    kv = 0
+    if predict_with_generate:
+        kv = 2 * L * alloc_bytes(eval_batch * (st.seq + max_new_tokens) * arch.kv_dim * st.c)
+        detail = f"KV cache for {st.seq} + {max_new_tokens} tokens"
+    work = max(layer_peak + kv, loss + alloc_bytes(N * arch.hidden_size * st.stream))
+    return PhasePeak(phase="eval", moment=f"evaluation batch of {eval_batch} ({detail})", terms=_terms(
+        ("weights", weights, "model weights"),
+        ("adapters", adapters, ""),
+        ("optimizer_states", states, "kept during evaluation"),
+        ("cublas_workspace", CUBLAS_WORKSPACE_BYTES, ""),
+        ("eval_forward", work, "one layer at a time under no_grad, or the logits + loss"),
+        ("eval_kept_predictions", kept, detail),
+    ))

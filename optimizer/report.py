@@ -155,3 +155,68 @@ def front_table(result) -> str:
     for n in result.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def trace_table(r) -> str:
+    """A `trace.TraceResult` for people."""
+    how = "extrapolated from two short runs" if r.extrapolated else f"{r.layers} layers run"
+    lines = [
+        f"{r.arch}: traced on {r.device} ({how}); seq {r.seq_len} x batch {r.batch_size}; {r.wall_s:.1f} s",
+        f"trainable params: {r.trainable_params:,} || all params: {r.all_params:,}",
+        f"peak allocated   {_gib(r.peak_allocated_bytes)}   in phase '{r.peak_phase}'"
+        + (f" ({r.peak_sub_phase})" if r.peak_sub_phase else ""),
+    ]
+    if r.peak_reserved_bytes is not None:
+        lines.append(f"peak reserved    {_gib(r.peak_reserved_bytes)}")
+    if r.nvml_used_bytes is not None:
+        lines.append(f"device (NVML)    {_gib(r.nvml_used_bytes)}")
+    lines.append("phase peaks: " + ", ".join(f"{k} {v / GIB:.3f} GiB" for k, v in r.phase_peaks.items()))
+    if r.top_tensors:
+        lines.append("largest live tensors at the peak:")
+        for t in r.top_tensors:
+            lines.append(f"  {t.count:4d} x {t.bytes / MIB:10,.2f} MiB  {t.dtype:9s} {str(t.shape):24s} {t.op}  [{t.phase}]")
+    for n in r.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def check_text(rep) -> str:
+    """A `check.CheckReport` for people."""
+    word = {"fits": "FITS", "fits_below_margin": f"FITS, but with less than the {rep.margin:.0%} safety margin",
+            "does_not_fit": "DOES NOT FIT"}[rep.verdict]
+    est = rep.estimate
+    lines = [
+        f"{rep.config}: {rep.model} on {rep.gpu} ({rep.gpu_total_bytes / MIB:,.0f} MiB)",
+        f"verdict: {word}; device peak {rep.device_peak_bytes / GIB:.2f} GiB, headroom {rep.headroom_bytes / GIB:+.2f} GiB",
+        f"training: device peak {rep.train_device_peak_bytes / GIB:.2f} GiB (allocated {est.peak_allocated_bytes / GIB:.2f} GiB) "
+        f"in phase '{est.peak_phase}'",
+    ]
+    peak = next(p for p in est.phases if p.phase == est.peak_phase)
+    lines.append(f"  breakdown at the peak ({peak.moment}):")
+    for t in sorted(peak.terms, key=lambda t: -t.bytes):
+        lines.append(f"    {t.name:34s} {t.bytes / MIB:10,.1f} MiB  {t.detail}")
+    if rep.eval is not None:
+        lines.append(f"evaluation: device peak {rep.eval_device_peak_bytes / GIB:.2f} GiB ({rep.eval.moment})")
+        for t in sorted(rep.eval.terms, key=lambda t: -t.bytes):
+            lines.append(f"    {t.name:34s} {t.bytes / MIB:10,.1f} MiB  {t.detail}")
+    if rep.pitfalls:
+        lines.append("pitfalls:")
+        for p in rep.pitfalls:
+            lines.append(f"  - {p.key}: {p.problem}. Fix: {p.fix}.")
+    if rep.key_effects or rep.no_effect:
+        lines.append("what the memory-related keys of this file do:")
+        for e in rep.key_effects:
+            lines.append(f"  - {e.key}: {e.value!r} {e.explanation}")
+        for e in rep.no_effect:
+            lines.append(f"  - {e.key}: {e.value!r} {e.explanation}")
+    if rep.fix is not None:
+        lines.append(f"smallest change that fits with the margin (cost {rep.fix.cost}):")
+        for k, (old, new) in rep.fix.changes.items():
+            lines.append(f"  {k}: {old!r} -> {new!r}")
+        lines.append(f"  predicted device peak after: {rep.fix.device_peak_bytes / GIB:.2f} GiB "
+                     f"(headroom {rep.fix.headroom_bytes / GIB:.2f} GiB)")
+    elif rep.fix_note:
+        lines.append(f"no fix found: {rep.fix_note}")
+    for n in est.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)

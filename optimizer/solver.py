@@ -140,3 +140,20 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         if eps < 0:
             break
     return front
+
+
+def nearest_feasible(costs: list[int], tiebreak: list[int]) -> int:
+    """Index of the cheapest feasible option: minimize cost, then `tiebreak` (e.g. device peak in MiB), then
+    the index. Each option is one literal of an exactly-one constraint; lexicographic by three solves."""
+    m = cp_model.CpModel()
+    x = [m.new_bool_var(f"o{i}") for i in range(len(costs))]
+    m.add_exactly_one(x)
+    cost = sum(c * v for c, v in zip(costs, x))
+    tb = sum(t * v for t, v in zip(tiebreak, x))
+    idx = sum(i * v for i, v in enumerate(x))
+    stats = SolveStats()
+    for obj in (cost, tb, idx):
+        m.minimize(obj)
+        s, _ = _solve(m, stats)
+        m.add(obj == int(round(s.objective_value)))
+    return next(i for i, v in enumerate(x) if s.boolean_value(v))

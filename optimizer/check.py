@@ -1,0 +1,326 @@
+"""`trainfit check`: why a LLaMA-Factory config runs out of memory, and the smallest change that fits.
+
+Everything memory-related comes from `memory` (estimate, eval_estimate); the nearest feasible config is
+found by CP-SAT (`solver.nearest_feasible`) over knob changes whose feasibility the memory model decides.
+
+Cost of each change (policy, documented in the README; lower = less disruptive to the training result):
+- enable_liger_kernel: on                      1   (same math, fused loss)
+- gradient checkpointing back on               1   (same math, ~+33% compute)
+- optim -> adamw_8bit                          2   (8-bit states; near-identical results)
+- per_device_train_batch_size halved           2 per halving (gradient_accumulation_steps doubled: same
+                                                   effective batch)
+- quantization_bit 8 -> 4                      3;  none -> 4: 4 (QLoRA: NF4 is close to 16-bit)
+- lora_rank halved                             3 per halving
+- cutoff_len to 3/4, 1/2, 1/4                  4, 6, 8 (truncates supervised tokens)
+- lora_target all -> mlp                       6;  -> attention: 8 (fewer adapted layers)
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .catalog import get_gpu
+from .errors import ConfigError
+from .memory import estimate, eval_estimate, lora_targets
+from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
+from .units import GIB, MIB, round_up
+
+__all__ = ["CheckReport", "check", "patch_yaml", "NO_EFFECT_KEYS", "FIX_COSTS"]
+
+# Keys that never change the peak, and why (they act on how many steps run or on host memory).
+NO_EFFECT_KEYS = {
+    "max_samples": "limits how many samples are read from the dataset, not how many are on the GPU at once",
+    "gradient_accumulation_steps": "sums gradients over micro-batches; each micro-batch's activations are freed "
+                                   "before the next (only the small adapter gradients persist)",
+    "num_train_epochs": "repeats the same steps",
+    "dataloader_num_workers": "DataLoader workers are CPU processes",
+    "dataloader_pin_memory": "pinned host memory, not GPU memory",
+    "dataloader_prefetch_factor": "prefetched batches wait in host memory",
+    "preprocessing_num_workers": "tokenization runs on the CPU before training",
+    "save_steps": "checkpoints are written from host copies",
+    "save_total_limit": "a disk setting",
+    "logging_steps": "logging",
+    "warmup_steps": "the learning-rate schedule",
+    "learning_rate": "the learning-rate schedule",
+    "lr_scheduler_type": "the learning-rate schedule",
+    "weight_decay": "an in-place term of the optimizer update",
+    "adam_beta1": "an optimizer coefficient",
+    "adam_beta2": "an optimizer coefficient",
+    "lora_alpha": "a scaling factor of the adapter output",
+    "val_size": "which samples are held out (evaluation memory depends on per_device_eval_batch_size)",
+}
+
+FIX_COSTS = {"liger": 1, "gc": 1, "optim8": 2, "batch_halving": 2, "quant8to4": 3, "quant16to4": 4,
+             "rank_halving": 3, "cutoff": {0.75: 4, 0.5: 6, 0.25: 8}, "target_mlp": 6, "target_attention": 8}
+LIGER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3")
+
+
+class Pitfall(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: str = Field(description="The key (or keys) concerned.")
+    problem: str = Field(description="What is wrong.")
+    fix: str = Field(description="What to do.")
+
+
+class KeyEffect(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    key: str
+    value: Any
+    default: Any
+    saves_bytes: int = Field(description="Device peak saved by this value versus LLaMA-Factory's default (may be < 0).")
+    explanation: str
+
+
+class Fix(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    changes: dict[str, list[Any]] = Field(description="key -> [old value, new value].")
+    cost: int = Field(description="Sum of the documented per-change costs.")
+    device_peak_bytes: int = Field(description="Predicted device peak after the change.")
+    peak_allocated_bytes: int
+    headroom_bytes: int
+
+
+class CheckReport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    config: str
+    model: str
+    gpu: str
+    gpu_total_bytes: int
+    margin: float
+    verdict: str = Field(description="fits | fits_below_margin | does_not_fit")
+    estimate: Estimate
+    train_device_peak_bytes: int
+    eval: PhasePeak | None = Field(description="The evaluation pass, when the config evaluates.")
+    eval_device_peak_bytes: int | None
+    device_peak_bytes: int = Field(description="Max of training and evaluation device peaks.")
+    headroom_bytes: int
+    pitfalls: list[Pitfall]
+    key_effects: list[KeyEffect] = Field(description="Each memory-relevant key the file sets, with what it saves.")
+    no_effect: list[KeyEffect] = Field(description="Keys set in the file that do not change the peak.")
+    fix: Fix | None
+    fix_note: str = ""
+
+
+def _device(est_alloc: int, est: Estimate) -> int:
+    """Device peak for a phase total, with the same allocator + context overheads as the estimate."""
+    return est_alloc + (est.device_peak_bytes - est.peak_allocated_bytes)
+
+
+def _evaluates(data: dict[str, Any]) -> bool:
+    strat = str(data.get("eval_strategy", data.get("evaluation_strategy", "no"))).lower()
+    return bool(data.get("do_eval")) or strat in ("steps", "epoch") or bool(data.get("eval_dataset"))
+
+
+def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin: float, config_path: str,
+          optimize: bool = False) -> CheckReport:
+    est = estimate(arch, plan)
+    total = gpu.memory_bytes
+    budget = int(total * (1 - margin))
+    train_dev = est.device_peak_bytes
+    ev = None
+    ev_dev = None
+    if _evaluates(data):
+        ev = eval_estimate(
+            arch, plan, eval_batch=int(data.get("per_device_eval_batch_size", 8)),
+            compute_accuracy=bool(data.get("compute_accuracy", False)),
+            predict_with_generate=bool(data.get("predict_with_generate", False)),
+            eval_accumulation_steps=data.get("eval_accumulation_steps"),
+            eval_samples=_eval_samples(data, plan),
+            max_new_tokens=int(data.get("max_new_tokens", 1024)),
+        )
+        ev_dev = _device(ev.total_bytes, est)
+    dev = max(train_dev, ev_dev or 0)
+    headroom = total - dev
+    verdict = "does_not_fit" if headroom < 0 else ("fits_below_margin" if dev > budget else "fits")
+    effects, no_effect = _key_effects(data, plan, arch)
+    fix = None
+    note = ""
+    if verdict != "fits" or optimize:
+        fix, note = _nearest_fix(data, plan, arch, gpu, budget, ev is not None)
+    return CheckReport(
+        config=config_path, model=arch.name, gpu=gpu.id, gpu_total_bytes=total, margin=margin, verdict=verdict,
+        estimate=est, train_device_peak_bytes=train_dev, eval=ev, eval_device_peak_bytes=ev_dev,
+        device_peak_bytes=dev, headroom_bytes=headroom, pitfalls=_pitfalls(data, plan, arch, gpu),
+        key_effects=effects, no_effect=no_effect, fix=fix, fix_note=note,
+    )
+
+
+def _eval_samples(data: dict[str, Any], plan: Plan) -> int:
+    val = data.get("val_size", 0) or 0
+    n = plan.max_samples or 0
+    if isinstance(val, (int, float)) and val >= 1:
+        return int(val)
+    return int(n * float(val)) if n else 0
+
+
+def _key_effects(data: dict[str, Any], plan: Plan, arch: Arch) -> tuple[list[KeyEffect], list[KeyEffect]]:
+    default = Plan()
+    base = estimate(arch, plan).device_peak_bytes
+    effects, none = [], []
+    for key in sorted(data):
+        if key in NO_EFFECT_KEYS:
+            none.append(KeyEffect(key=key, value=data[key], default=None, saves_bytes=0,
+                                  explanation=f"does not change the peak: {NO_EFFECT_KEYS[key]}"))
+            continue
+        if key not in Plan.model_fields or key in ("bf16", "fp16"):
+            continue
+        cur, dflt = getattr(plan, key), getattr(default, key)
+        if cur == dflt:
+            continue
+        try:
+            other = estimate(arch, plan.model_copy(update={key: dflt})).device_peak_bytes
+        except ConfigError:
+            continue
+        saves = other - base
+        if saves == 0:
+            expl = "does not change the peak here"
+        elif saves > 0:
+            expl = f"saves {saves / MIB:,.0f} MiB versus the default {dflt!r}"
+        else:
+            expl = f"costs {-saves / MIB:,.0f} MiB versus the default {dflt!r}"
+        (effects if saves else none).append(KeyEffect(key=key, value=cur, default=dflt, saves_bytes=saves, explanation=expl))
+    return effects, none
+
+
+def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> list[Pitfall]:
+    out = []
+    if _evaluates(data) and "per_device_eval_batch_size" not in data:
+        out.append(Pitfall(key="per_device_eval_batch_size", problem="evaluation runs with HF's default batch of 8",
+                           fix=f"set per_device_eval_batch_size: {plan.per_device_train_batch_size}"))
+    if data.get("gradient_checkpointing") and not plan.disable_gradient_checkpointing:
+        out.append(Pitfall(key="gradient_checkpointing", problem="LLaMA-Factory already checkpoints every layer "
+                           "(disable_gradient_checkpointing: false); this key only makes HF Trainer re-enable it",
+                           fix="remove gradient_checkpointing (and gradient_checkpointing_kwargs); use use_reentrant_gc"))
+    if plan.fp16 and gpu.bf16:
+        out.append(Pitfall(key="fp16", problem=f"{gpu.name} supports bf16; fp16 needs loss scaling and over bf16 "
+                           "weights makes autocast cast every frozen weight", fix="set bf16: true and fp16: false"))
+    if plan.upcast_lmhead_output and arch.vocab_size >= 100_000:
+        out.append(Pitfall(key="upcast_lmhead_output", problem=f"an fp32 copy of the logits ({arch.vocab_size:,} "
+                           "per token) on top of the loss's own fp32 copy", fix="remove upcast_lmhead_output"))
+    if plan.quantization_bit and not plan.upcast_layernorm:
+        out.append(Pitfall(key="upcast_layernorm", problem="LLaMA-Factory recommends it for quantized training "
+                           "(it warns without it)", fix="set upcast_layernorm: true (small cost with checkpointing)"))
+    if gpu.compute_capability.startswith(("12.", "10.")):
+        need = "PyTorch >= 2.7 built for CUDA 12.8+" + (" and bitsandbytes >= 0.45.3" if plan.quantization_bit else "")
+        out.append(Pitfall(key="(environment)", problem=f"{gpu.name} is Blackwell (sm_{gpu.compute_capability.replace('.', '')})",
+                           fix=f"install {need}"))
+    if plan.flash_attn == "fa2" and gpu.flash_attn2 != "yes":
+        out.append(Pitfall(key="flash_attn", problem=f"fa2 on {gpu.name}: FlashAttention-2 support is "
+                           f"'{gpu.flash_attn2}'; LLaMA-Factory falls back with a warning when flash-attn is missing",
+                           fix="set flash_attn: sdpa (or auto)"))
+    out_dir = data.get("output_dir")
+    if out_dir and not data.get("overwrite_output_dir") and not data.get("resume_from_checkpoint"):
+        p = Path(str(out_dir))
+        if p.is_dir() and any(p.glob("checkpoint-*")):
+            out.append(Pitfall(key="output_dir", problem=f"{out_dir} holds checkpoints: LLaMA-Factory resumes that run",
+                               fix="use a fresh output_dir or set overwrite_output_dir: true"))
+    if data.get("compute_accuracy") and not data.get("eval_accumulation_steps"):
+        out.append(Pitfall(key="eval_accumulation_steps", problem="compute_accuracy keeps every eval batch's "
+                           "predictions on the GPU until evaluation ends", fix="set eval_accumulation_steps: 1"))
+    return out
+
+
+def _halvings(v: int) -> list[int]:
+    out = [v]
+    while out[-1] > 1:
+        out.append(max(1, out[-1] // 2))
+    return out
+
+
+def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, budget: int,
+                 evaluates: bool) -> tuple[Fix | None, str]:
+    """Options per knob with their costs; the memory model decides which combinations fit; CP-SAT picks the
+    cheapest (ties: the lower device peak, then the order of the options)."""
+    from .solver import nearest_feasible
+
+    opts: dict[str, list[tuple[Any, int]]] = {}
+    opts["enable_liger_kernel"] = [(plan.enable_liger_kernel, 0)] + (
+        [(True, FIX_COSTS["liger"])] if not plan.enable_liger_kernel and arch.model_type in LIGER_TYPES else [])
+    opts["disable_gradient_checkpointing"] = [(plan.disable_gradient_checkpointing, 0)] + (
+        [(False, FIX_COSTS["gc"])] if plan.disable_gradient_checkpointing else [])
+    opts["optim"] = [(plan.optim, 0)] + ([("adamw_8bit", FIX_COSTS["optim8"])] if plan.optim in ("adamw_torch", "adamw_torch_fused") else [])
+    opts["per_device_train_batch_size"] = [(b, FIX_COSTS["batch_halving"] * i) for i, b in enumerate(_halvings(plan.per_device_train_batch_size))]
+    if plan.finetuning_type == "lora":
+        q = [(plan.quantization_bit, 0)]
+        if plan.quantization_bit is None:
+            q.append((4, FIX_COSTS["quant16to4"]))
+        elif plan.quantization_bit == 8:
+            q.append((4, FIX_COSTS["quant8to4"]))
+        opts["quantization_bit"] = q
+        opts["lora_rank"] = [(r, FIX_COSTS["rank_halving"] * i) for i, r in enumerate(_halvings(plan.lora_rank)[:4])]
+        tg = [(plan.lora_target, 0)]
+        if plan.lora_target == "all":
+            names = lora_targets(arch, plan)
+            mlp = [n for n in names if n in ("gate_proj", "up_proj", "down_proj", "gate_up_proj")]
+            att = [n for n in names if n not in mlp]
+            tg += [(",".join(mlp), FIX_COSTS["target_mlp"]), (",".join(att), FIX_COSTS["target_attention"])]
+        opts["lora_target"] = tg
+    c = plan.cutoff_len
+    opts["cutoff_len"] = [(c, 0)] + [(max(8, round_up(int(c * f), 8)), cost) for f, cost in FIX_COSTS["cutoff"].items()
+                                     if round_up(int(c * f), 8) < c]
+    keys = list(opts)
+    rows, costs, peaks = [], [], []
+    for combo in itertools.product(*(range(len(opts[k])) for k in keys)):
+        upd = {k: opts[k][i][0] for k, i in zip(keys, combo)}
+        cost = sum(opts[k][i][1] for k, i in zip(keys, combo))
+        if "per_device_train_batch_size" in upd:
+            ratio = plan.per_device_train_batch_size // upd["per_device_train_batch_size"]
+            upd["gradient_accumulation_steps"] = plan.gradient_accumulation_steps * ratio
+        new = plan.model_copy(update=upd)
+        est = estimate(arch, new)
+        dev = est.device_peak_bytes
+        if evaluates:
+            eb = min(int(data.get("per_device_eval_batch_size", 8)), new.per_device_train_batch_size)
+            ev = eval_estimate(arch, new, eval_batch=eb)
+            dev = max(dev, ev.total_bytes + est.device_peak_bytes - est.peak_allocated_bytes)
+        if dev <= budget:
+            rows.append((combo, new, est, dev))
+            costs.append(cost)
+            peaks.append(dev)
+    if not rows:
+        return None, ("no combination of the cheap changes fits; use a bigger GPU or a smaller model "
+                      "(trainfit solve searches every option)")
+    best = nearest_feasible(costs, [p // MIB for p in peaks])
+    combo, new, est, dev = rows[best]
+    changes = {}
+    for k in keys + ["gradient_accumulation_steps"]:
+        old, nv = getattr(plan, k), getattr(new, k)
+        if old != nv:
+            changes[k] = [old, nv]
+    if evaluates and int(data.get("per_device_eval_batch_size", 8)) > new.per_device_train_batch_size:
+        changes["per_device_eval_batch_size"] = [data.get("per_device_eval_batch_size", 8), new.per_device_train_batch_size]
+    return Fix(changes=changes, cost=costs[best], device_peak_bytes=dev, peak_allocated_bytes=est.peak_allocated_bytes,
+               headroom_bytes=gpu.memory_bytes - dev), ""
+
+
+def patch_yaml(text: str, changes: dict[str, list[Any]]) -> str:
+    """Apply `changes` to a YAML text line by line, keeping comments and order; new keys go at the end."""
+    from .emit import format_float
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if v is None:
+            return "null"
+        if isinstance(v, float):
+            return format_float(v)
+        return str(v)
+
+    lines = text.splitlines()
+    done = set()
+    for i, line in enumerate(lines):
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:\s*([^#\n]*?)(\s*#.*)?$", line)
+        if m and m.group(1) in changes:
+            key = m.group(1)
+            comment = m.group(3) or ""
+            lines[i] = f"{key}: {fmt(changes[key][1])}{comment}"
+            done.add(key)
+    added = [f"{k}: {fmt(v[1])}" for k, v in changes.items() if k not in done]
+    if added:
+        lines += ["", "# changed by trainfit check"] + added
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,110 @@
+"""`trainfit check`: verdicts, the evaluation phase, pitfalls, no-effect keys, the minimal fix, exit codes."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from optimizer.cli import app
+
+runner = CliRunner()
+GPU = "rtx-5060-ti-16gb"
+BIG = """### model
+model_name_or_path: Qwen/Qwen2.5-7B-Instruct  # keep this comment
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_target: all
+dataset: my_data
+template: qwen
+cutoff_len: 4096
+per_device_train_batch_size: 4
+gradient_accumulation_steps: 4
+learning_rate: 1.0e-4
+bf16: true
+output_dir: saves/qwen7b
+"""
+
+
+def run(*args):
+    return runner.invoke(app, list(args))
+
+
+def _cfg(tmp_path, text, name="t.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_reference_configs_get_a_verdict_and_the_keys_that_did_nothing():
+    for v in ("ultra_lite", "balanced", "full_300"):
+        res = run("check", f"configs/reference-case/{v}.yaml", "--gpu", GPU, "--json")
+        assert res.exit_code == 0, res.output
+        rep = json.loads(res.output)
+        assert rep["verdict"] in ("fits", "fits_below_margin")
+        assert rep["estimate"]["peak_phase"] == "backward"
+        none = {e["key"] for e in rep["no_effect"]}
+        assert {"max_samples", "gradient_accumulation_steps", "dataloader_num_workers", "num_train_epochs"} <= none
+        assert rep["eval"] is not None  # eval_strategy: steps
+
+
+def test_default_eval_batch_is_a_pitfall_and_costs_memory():
+    bal = json.loads(run("check", "configs/reference-case/balanced.yaml", "--gpu", GPU, "--json").output)
+    assert any(p["key"] == "per_device_eval_batch_size" for p in bal["pitfalls"])
+    assert bal["eval_device_peak_bytes"] > bal["train_device_peak_bytes"]
+    ultra = json.loads(run("check", "configs/reference-case/ultra_lite.yaml", "--gpu", GPU, "--json").output)
+    assert not any(p["key"] == "per_device_eval_batch_size" for p in ultra["pitfalls"])
+
+
+def test_each_pitfall(tmp_path):
+    text = ("model_name_or_path: Qwen/Qwen2.5-3B-Instruct\nquantization_bit: 4\nfp16: true\ngradient_checkpointing: true\n"
+            "upcast_lmhead_output: true\nflash_attn: fa2\ncutoff_len: 256\nper_device_train_batch_size: 1\n"
+            "eval_strategy: steps\ncompute_accuracy: true\noutput_dir: {out}\n")
+    out = tmp_path / "old_run"
+    (out / "checkpoint-100").mkdir(parents=True)
+    rep = json.loads(run("check", _cfg(tmp_path, text.format(out=out)), "--gpu", GPU, "--json").output)
+    keys = {p["key"] for p in rep["pitfalls"]}
+    assert keys == {"per_device_eval_batch_size", "gradient_checkpointing", "fp16", "upcast_lmhead_output",
+                    "upcast_layernorm", "(environment)", "flash_attn", "output_dir", "eval_accumulation_steps"}
+
+
+def test_config_that_does_not_fit_gets_a_minimal_fix_that_fits(tmp_path):
+    cfg = _cfg(tmp_path, BIG)
+    fixed = tmp_path / "fixed.yaml"
+    res = run("check", cfg, "--gpu", GPU, "--write", str(fixed))
+    assert res.exit_code == 3, res.output
+    assert "DOES NOT FIT" in res.output and "smallest change that fits" in res.output
+    text = fixed.read_text()
+    assert "# keep this comment" in text
+    again = run("check", str(fixed), "--gpu", GPU, "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.output)["verdict"] == "fits"
+    # never overwrite without --force
+    res = run("check", cfg, "--gpu", GPU, "--write", str(fixed))
+    assert res.exit_code == 1
+    assert res.output.strip() == f"Error: {fixed} exists. Pass --force to overwrite it."
+    assert run("check", cfg, "--gpu", GPU, "--write", str(fixed), "--force").exit_code == 3
+
+
+def test_fix_is_the_cheapest_feasible_option(tmp_path):
+    from optimizer.check import FIX_COSTS
+
+    rep = json.loads(run("check", _cfg(tmp_path, BIG), "--gpu", GPU, "--json").output)
+    fix = rep["fix"]
+    # a 16-bit 7B model cannot fit 16 GB: quantization is required; nothing cheaper than the chosen set fits
+    assert fix["changes"]["quantization_bit"] == [None, 4]
+    assert fix["cost"] >= FIX_COSTS["quant16to4"]
+    assert fix["device_peak_bytes"] <= 0.9 * 16311 * 2**20
+
+
+def test_exit_code_for_bad_input(tmp_path):
+    res = run("check", _cfg(tmp_path, "model_name_or_path: Qwen/Qwen2.5-3B-Instruct\nbogus: 1\n"), "--gpu", GPU)
+    assert res.exit_code == 1
+    assert res.output.startswith("Error: ")
+    assert run("check", "missing.yaml", "--gpu", GPU).exit_code == 1
+
+
+def test_optimize_on_a_fitting_config_proposes_nothing_costly():
+    rep = json.loads(run("check", "configs/reference-case/ultra_lite.yaml", "--gpu", GPU, "--optimize", "--json").output)
+    assert rep["fix"]["cost"] == 0 and rep["fix"]["changes"] == {}
