@@ -62,6 +62,7 @@ class Setting:
     batch: int
     gemma_norm: bool
     mixed16: bool = False  # fp16 autocast over bf16 weights: same bytes, different dtype, so casts copy
+    fp16: bool = False  # the autocast dtype is float16
 
     def same_as_c(self, nbytes: int, from_weights: bool) -> bool:
         """Does a tensor of `nbytes` per element have the compute dtype? Tensors that come from the 16-bit
@@ -117,6 +118,10 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
     # [S] LLaMA-Factory >= 0.9.4 model/loader.py loads with torch_dtype="auto" (the checkpoint dtype), so
     # `fp16: true` on a bf16 checkpoint runs fp16 autocast over bf16 weights.
     mixed16 = amp and plan.fp16 and arch.torch_dtype == "bfloat16" and not full
+    if mixed16:
+        # [T] the first residual add sums the bf16 embedding stream and an fp16 autocast output, which type
+        # promotion makes float32: every later layer's input (and checkpoint) is fp32
+        stream = FP32
     return Setting(
         amp=amp, c=c, ckpt_w=ckpt_w, train_w=train_w, embed_w=embed_w, norm_w=norm_w, stream=stream,
         lora_w=2 if plan.pure_bf16 else FP32, full=full, quant=plan.quantization_bit,
@@ -124,7 +129,7 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         attn="eager" if plan.flash_attn == "disabled" else "sdpa",
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
         rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
-        gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16,
+        gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16, fp16=amp and plan.fp16,
     )
 
 
@@ -354,34 +359,120 @@ def optimizer_step_temp_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
 
 
 @dataclass
+class _Op:
+    out: str
+    ins: tuple[str, ...]  # inputs that require grad
+    saves: tuple[str, ...]  # tensors autograd keeps for this op's backward
+    params: int  # bytes of parameter gradients this op's backward produces (they persist)
+    alias: bool  # backward hands the output's gradient to the inputs as is (add, contiguous copy)
+    bwd_extra: int  # transient bytes inside this op's backward (e.g. a re-dequantized 4-bit weight)
+
+
+@dataclass
 class _Walk:
-    """Live tensors during a walk. `saved` marks what autograd keeps for backward."""
+    """An op-by-op walk of one decoder layer: live tensors, what autograd saves, and a tape for backward.
+
+    `op` allocates an output; if any input requires grad (or the op has trainable parameters) the output
+    requires grad and the op is taped with the tensors it saves. `drop` ends a Python reference: the tensor
+    dies unless an op still holds it as saved. `backward` replays the tape in reverse (the autograd engine
+    runs nodes in reverse creation order), allocating each input's gradient (same bytes as the input) and
+    freeing each node's saved tensors and output gradient once it ran."""
 
     live: dict[str, int] = field(default_factory=dict)
-    saved: set[str] = field(default_factory=set)
+    sizes: dict[str, int] = field(default_factory=dict)
+    rg: set[str] = field(default_factory=set)
+    savers: dict[str, int] = field(default_factory=dict)
+    tape: list[_Op] = field(default_factory=list)
     peak: int = 0
     n: int = 0
     total: int = 0
     no_grad: bool = False  # reentrant checkpointing runs the layer forward under torch.no_grad()
 
-    def alloc(self, stem: str, nbytes: int) -> str:
+    def _new(self, stem: str, nbytes: int) -> str:
         self.n += 1
         name = f"{stem}#{self.n}"
         size = alloc_bytes(nbytes)
         self.live[name] = size
+        self.sizes[name] = size
         self.total += size
         self.peak = max(self.peak, self.total)
         return name
 
-    def save(self, name: str) -> None:
-        if not self.no_grad:
-            self.saved.add(name)
+    def leaf(self, stem: str, nbytes: int, requires_grad: bool) -> str:
+        name = self._new(stem, nbytes)
+        if requires_grad:
+            self.rg.add(name)
+        return name
+
+    def tmp(self, nbytes: int) -> None:
+        """A transient inside one op (allocated and freed before the op returns)."""
+        self.peak = max(self.peak, self.total + alloc_bytes(nbytes))
+
+    def op(self, stem: str, nbytes: int, ins: tuple[str, ...] = (), saves: tuple[str, ...] = (),
+           params: int = 0, alias: bool = False, save_out: bool = False, bwd_extra: int = 0) -> str:
+        out = self._new(stem, nbytes)
+        g_ins = tuple(i for i in ins if i in self.rg)
+        if self.no_grad or not (g_ins or params):
+            return out
+        self.rg.add(out)
+        kept = tuple(saves) + ((out,) if save_out else ())
+        for s in kept:
+            self.savers[s] = self.savers.get(s, 0) + 1
+        self.tape.append(_Op(out, g_ins, kept, params, alias, bwd_extra))
+        return out
 
     def drop(self, *names: str) -> None:
-        """The Python reference goes away: the tensor dies unless autograd saved it."""
         for name in names:
-            if name in self.live and name not in self.saved:
+            if name in self.live and not self.savers.get(name):
                 self.total -= self.live.pop(name)
+
+    def saved_bytes(self) -> int:
+        return sum(v for k, v in self.live.items() if self.savers.get(k))
+
+    def backward(self, out: str, held: frozenset[str] = frozenset()) -> tuple[int, int]:
+        """(peak live bytes during the layer's backward, parameter-gradient bytes it leaves). At the start the
+        live set is the saved tensors plus `held` (tensors the caller keeps) plus the output's gradient."""
+        live = {k: v for k, v in self.live.items() if self.savers.get(k) or k in held}
+        savers = dict(self.savers)
+        total = sum(live.values())
+        storage: dict[int, int] = {0: self.sizes[out]}
+        refs = {0: 1}
+        grad_of = {out: 0}
+        sid = 1
+        param_grads = 0
+        peak = total + storage[0]
+        for op in reversed(self.tape):
+            if op.out not in grad_of:
+                continue
+            g = grad_of[op.out]
+            transient = op.bwd_extra
+            for i in op.ins:
+                if op.alias:
+                    if i not in grad_of:
+                        grad_of[i] = g
+                        refs[g] += 1
+                elif i in grad_of:
+                    transient += self.sizes[i]  # computed, then added into the existing gradient
+                else:
+                    storage[sid] = self.sizes[i]
+                    refs[sid] = 1
+                    grad_of[i] = sid
+                    sid += 1
+            param_grads += op.params
+            peak = max(peak, total + sum(storage.values()) + transient + param_grads)
+            refs[g] -= 1
+            del grad_of[op.out]
+            if refs[g] == 0:
+                del storage[g]
+            for s in op.saves:
+                savers[s] -= 1
+                if savers[s] == 0 and s in live and s not in held:
+                    total -= live.pop(s)
+        return peak, param_grads
+
+
+def plan_fp16(st: Setting) -> bool:
+    return st.fp16
 
 
 def _promote(a: int, b: int) -> int:
@@ -398,34 +489,33 @@ def _norm(w: _Walk, st: Setting, x: str, x_b: int, n_el: int, rows: int, trainab
     the other input's gradient). Gemma: `output * (1.0 + weight.float())` then `.type_as(x)` [S]
     models/gemma2/modeling_gemma2.py::Gemma2RMSNorm: saves the fp32 normalized h when trainable.
     """
-    h = x if x_b == FP32 else w.alloc("norm_f32", n_el * FP32)
-    w.save(h)
-    p = w.alloc("pow", n_el * FP32)
-    var = w.alloc("var", rows * FP32)
+    wgrad = alloc_bytes(n_el // rows * st.train_w) if trainable else 0
+    h = x if x_b == FP32 else w.op("norm_f32", n_el * FP32, ins=(x,))
+    p = w.op("pow", n_el * FP32, ins=(h,), saves=(h,))
+    var = w.op("var", rows * FP32, ins=(p,))
     w.drop(p)
-    tmp = w.alloc("var_eps", rows * FP32)
-    rs = w.alloc("rsqrt", rows * FP32)
-    w.save(rs)
-    w.drop(var, tmp)
-    hn = w.alloc("normed", n_el * FP32)
+    tmp = w.op("var_eps", rows * FP32, ins=(var,))
+    w.drop(var)
+    rs = w.op("rsqrt", rows * FP32, ins=(tmp,), save_out=True)
+    w.drop(tmp)
+    hn = w.op("normed", n_el * FP32, ins=(h, rs), saves=(h, rs))
+    w.drop(rs)
+    if h != x:
+        w.drop(h)
     if st.gemma_norm:
-        if trainable:
-            w.save(hn)
-        o32 = w.alloc("norm_out32", n_el * FP32)
+        o32 = w.op("norm_out32", n_el * FP32, ins=(hn,), saves=(hn,) if trainable else (), params=wgrad)
         w.drop(hn)
         if x_b == FP32:
             return o32, FP32
-        out = w.alloc("norm_out", n_el * x_b)
+        out = w.op("norm_out", n_el * x_b, ins=(o32,))
         w.drop(o32)
         return out, x_b
     hc = hn
     if x_b != FP32:
-        hc = w.alloc("normed_cast", n_el * x_b)
+        hc = w.op("normed_cast", n_el * x_b, ins=(hn,))
         w.drop(hn)
     out_b = _promote(st.norm_w, x_b)
-    if trainable:
-        w.save(hc)
-    out = w.alloc("norm_out", n_el * out_b)
+    out = w.op("norm_out", n_el * out_b, ins=(hc,), saves=(hc,) if trainable else (), params=wgrad)
     w.drop(hc)
     return out, out_b
 
@@ -440,67 +530,70 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from
     if st.full:
         # Trainable weight: autograd saves the input (for grad_W) and the weight it multiplied.
         # [S] torch autocast `cached_cast`: a leaf that requires grad is cast once per autocast region and
-        # cached; the bf16 copy is saved for backward.
+        # cached; the bf16 copy is saved; its backward turns the bf16 weight gradient into the fp32 one.
+        wgrad = alloc_bytes(m.weight_numel * st.train_w)
         xi = x
         if st.amp and x_b != c:
-            xi = w.alloc("cast_in", N * m.in_features * c)
-        w.save(xi)
+            xi = w.op("cast_in", N * m.in_features * c, ins=(x,))
+        out_b = c if st.amp else _promote(x_b, st.train_w)
         if st.amp and st.train_w != c:
-            w.save(w.alloc("w_cast", m.weight_numel * c))
-        out = w.alloc("lin_out", N * m.out_features * (c if st.amp else _promote(x_b, st.train_w)))
-        w.drop(xi)
-        return out, (c if st.amp else _promote(x_b, st.train_w))
+            wc = w.op("w_cast", m.weight_numel * c, params=wgrad)
+            out = w.op("lin_out", N * m.out_features * out_b, ins=(xi, wc), saves=(xi, wc))
+            w.drop(wc)
+        else:
+            out = w.op("lin_out", N * m.out_features * out_b, ins=(xi,), saves=(xi,), params=wgrad)
+        if xi != x:
+            w.drop(xi)
+        return out, out_b
     if st.quant == 4:
         # [S] bitsandbytes nn/modules.py::Linear4bit.forward casts x to the compute dtype;
-        # autograd/_functions.py::MatMul4Bit keeps only the packed weight (ctx.tensors = (None, B)).
-        # On CUDA the 4-bit GEMM dequantizes the weight to a transient 16-bit copy for > 1536 tokens and on
-        # sm90+ ([S] trace-recipe note on bnb 0.50 `gemm_4bit` fallback).
+        # autograd/_functions.py::MatMul4Bit keeps only the packed weight (ctx.tensors = (None, B)) and
+        # dequantizes it again in backward. On CUDA the 4-bit GEMM dequantizes the weight to a transient
+        # 16-bit copy for > 1536 tokens and on sm90+ (bnb 0.50 `gemm_4bit` fallback).
         xi = x
         if not native:
-            xi = w.alloc("cast_in", N * m.in_features * c)
-        deq = w.alloc("dequant_w", m.weight_numel * c)
-        out = w.alloc("lin_out", N * m.out_features * c)
-        w.drop(deq)
+            xi = w.op("cast_in", N * m.in_features * c, ins=(x,))
+        deq = m.weight_numel * c
+        w.tmp(deq + N * m.out_features * c)
+        out = w.op("lin_out", N * m.out_features * c, ins=(xi,), bwd_extra=alloc_bytes(deq))
         if xi != x:
             w.drop(xi)
         out_b = c
         if not native:  # `.to(inp_dtype)` at the end of Linear4bit.forward
-            o2 = w.alloc("lin_out_cast", N * m.out_features * x_b)
+            o2 = w.op("lin_out_cast", N * m.out_features * x_b, ins=(out,))
             w.drop(out)
             out, out_b = o2, x_b
     elif st.quant == 8:
         # [S] bitsandbytes autograd/_functions.py::MatMul8bitLt: int8_vectorwise_quant(A.to(float16))
         # (transient fp16 copy + int8 CA + fp32 row scales), ctx.tensors = (CAt, subA, A): keeps A.
-        a16 = w.alloc("a_fp16", N * m.in_features * 2) if x_b != 2 or st.c != 2 else None
-        ca = w.alloc("a_int8", N * m.in_features)
-        sca = w.alloc("a_scale", N * FP32)
-        w.save(x)
-        out = w.alloc("lin_out", N * m.out_features * x_b)
-        w.drop(ca, sca)
-        if a16:
-            w.drop(a16)
+        w.tmp((N * m.in_features * 2 if x_b != 2 or st.c != 2 else 0) + N * m.in_features + N * FP32)
+        out = w.op("lin_out", N * m.out_features * x_b, ins=(x,), saves=(x,))
         out_b = x_b
     else:
         # Frozen 16-bit weight: F.linear saves only the weight (for grad_input), no copy when the
-        # weight already has the compute dtype. Under autocast a non-leaf-cached cast of a frozen weight is
-        # saved when dtypes differ (fp16 autocast on a bf16 checkpoint).
+        # weight already has the compute dtype. Under autocast the cast of a frozen weight is not cached
+        # (not a grad-requiring leaf) but is saved when dtypes differ (fp16 autocast on a bf16 checkpoint).
         xi = x
         if st.amp and not native:
-            xi = w.alloc("cast_in", N * m.in_features * c)
-        if st.amp and (st.ckpt_w != c or st.mixed16):
-            w.save(w.alloc("w_cast", m.weight_numel * c))
+            xi = w.op("cast_in", N * m.in_features * c, ins=(x,))
         out_b = c if st.amp else _promote(x_b, st.ckpt_w)
-        out = w.alloc("lin_out", N * m.out_features * out_b)
+        if st.amp and (st.ckpt_w != c or st.mixed16):
+            wc = w.op("w_cast", m.weight_numel * c)
+            out = w.op("lin_out", N * m.out_features * out_b, ins=(xi,), saves=(wc,))
+            w.drop(wc)
+        else:
+            out = w.op("lin_out", N * m.out_features * out_b, ins=(xi,))
         if xi != x:
             w.drop(xi)
     if not lora:
         return out, out_b
     # --- LoRA branch ---
     r = st.rank
+    ga, gb = alloc_bytes(r * m.in_features * st.lora_w), alloc_bytes(r * m.out_features * st.lora_w)
     if st.quant == 4:
         # [S] PEFT tuners/lora/bnb.py::Linear4bit.forward: `result = result.clone()`; the input is cast to
         # the adapter dtype only when autocast is off (`requires_conversion = not torch.is_autocast_enabled()`).
-        cl = w.alloc("clone", N * m.out_features * out_b)
+        cl = w.op("clone", N * m.out_features * out_b, ins=(out,), alias=True)
         w.drop(out)
         out = cl
         convert = not st.amp
@@ -509,55 +602,68 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from
         convert = True
     xl = x
     if convert and x_b != st.lora_w:
-        xl = w.alloc("lora_in_cast", N * m.in_features * st.lora_w)
+        xl = w.op("lora_in_cast", N * m.in_features * st.lora_w, ins=(x,))
     xl_b = st.lora_w if convert else x_b
     if st.lora_dropout:
-        mask = w.alloc("dropout_mask", N * m.in_features)
-        w.save(mask)
-        xd = w.alloc("dropout_out", N * m.in_features * xl_b)
+        mask = w.op("dropout_mask", N * m.in_features)
+        xd = w.op("dropout_out", N * m.in_features * xl_b, ins=(xl,), saves=(mask,))
+        w.drop(mask)
         if xl != x:
             w.drop(xl)
         xl = xd
-    # lora_A: saves its input (for grad of lora_A.weight) and the (cast) weight.
     if st.amp:
+        # lora_A/lora_B under autocast: the input is cast to the compute dtype (saved for the weight gradient)
+        # and the fp32 adapter weights are cast once and cached (their backward yields the fp32 gradients).
         xa = xl
         if not st.same_as_c(xl_b, from_norm and not convert):
-            xa = w.alloc("lora_a_in", N * m.in_features * c)
+            xa = w.op("lora_a_in", N * m.in_features * c, ins=(xl,))
             if xl != x:
                 w.drop(xl)
-        w.save(xa)
         if st.lora_w != c:
-            w.save(w.alloc("lora_a_wcast", r * m.in_features * c))
-            w.save(w.alloc("lora_b_wcast", r * m.out_features * c))
+            wa = w.op("lora_a_wcast", r * m.in_features * c, params=ga)
+            wb = w.op("lora_b_wcast", r * m.out_features * c, params=gb)
+            a = w.op("lora_a_out", N * r * c, ins=(xa, wa), saves=(xa, wa))
+            bo = w.op("lora_b_out", N * m.out_features * c, ins=(a, wb), saves=(a, wb))
+            w.drop(wa, wb)
+        else:
+            a = w.op("lora_a_out", N * r * c, ins=(xa,), saves=(xa,), params=ga)
+            bo = w.op("lora_b_out", N * m.out_features * c, ins=(a,), saves=(a,), params=gb)
         a_b = c
+        if xa != x:
+            w.drop(xa)
     else:
-        w.save(xl)
+        a = w.op("lora_a_out", N * r * xl_b, ins=(xl,), saves=(xl,), params=ga)
+        bo = w.op("lora_b_out", N * m.out_features * xl_b, ins=(a,), saves=(a,), params=gb)
         a_b = xl_b
-    a = w.alloc("lora_a_out", N * r * a_b)
-    w.save(a)
-    bo = w.alloc("lora_b_out", N * m.out_features * a_b)
-    sc = w.alloc("lora_scaled", N * m.out_features * a_b)
+        if xl != x:
+            w.drop(xl)
+    w.drop(a)
+    sc = w.op("lora_scaled", N * m.out_features * a_b, ins=(bo,))
     w.drop(bo)
     if a_b != out_b and not st.amp:
-        cast = w.alloc("lora_out_cast", N * m.out_features * out_b)
+        cast = w.op("lora_out_cast", N * m.out_features * out_b, ins=(sc,))
         w.drop(sc)
         sc = cast
-    res = w.alloc("lora_sum", N * m.out_features * _promote(out_b, a_b if st.amp else out_b))
+    res_b = _promote(out_b, a_b if st.amp else out_b)
+    res = w.op("lora_sum", N * m.out_features * res_b, ins=(out, sc), alias=True)
     w.drop(sc, out)
-    return res, _promote(out_b, a_b if st.amp else out_b)
+    return res, res_b
 
 
 @dataclass(frozen=True)
 class LayerActivations:
     saved_bytes: int  # what one layer keeps for backward (its input included when saved)
-    peak_bytes: int  # peak live bytes of the walk, the input included
+    peak_bytes: int  # peak live bytes of the forward walk, the input included
     output_bytes: int
     input_bytes: int
+    backward_peak_bytes: int  # peak of the layer's backward over its saved tensors + output gradient
+    param_grad_bytes: int  # parameter gradients the layer's backward leaves
 
 
 @lru_cache(maxsize=8192)
 def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActivations:
-    """Walk one decoder layer's forward. The layer input `x` is live at start and held by the caller."""
+    """Walk one decoder layer's forward (and, with grad, replay its backward). The layer input `x` is live at
+    start and held by the caller."""
     b, s = st.batch, st.seq
     N = b * s
     H, I = arch.hidden_size, arch.intermediate_size
@@ -565,10 +671,10 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
     c = st.c
     trainable = st.full
     w = _Walk(no_grad=no_grad)
-    x = w.alloc("x", N * H * st.stream)
+    x = w.leaf("x", N * H * st.stream, requires_grad=True)
     lin = {m.name: m for m in layer_linears(arch)}
     h, h_b = _norm(w, st, x, st.stream, N * H, N, trainable)
-    # q, k, v
+    qd, kvd = arch.q_dim, arch.kv_dim
     if arch.fused_qkv:
         qkv, qkv_b = _linear(w, st, lin["qkv_proj"], h, h_b, N, from_norm=True)
         # Phi-3 slices q/k/v as views of the fused output: the fused tensor stays alive while any is used.
@@ -579,7 +685,6 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         k, k_b = _linear(w, st, lin["k_proj"], h, h_b, N, from_norm=True)
         v, v_b = _linear(w, st, lin["v_proj"], h, h_b, N, from_norm=True)
     w.drop(h)
-    qd, kvd = arch.q_dim, arch.kv_dim
     if arch.qk_norm:
         q2, q_b = _norm(w, st, q, q_b, N * qd, N * nh, trainable)
         k2, k_b = _norm(w, st, k, k_b, N * kvd, N * arch.num_key_value_heads, trainable)
@@ -587,17 +692,17 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
             w.drop(q, k)
         q, k = q2, k2
     # RoPE [S] transformers llama `apply_rotary_pos_emb`: q*cos + rotate_half(q)*sin, cos/sin in the stream
-    # dtype (shared by all layers, see `rope_bytes`); mul saves only cos/sin (no grad).
+    # dtype (shared by all layers, see `shared_forward_bytes`); the muls save only cos/sin (no grad).
     rope_b = _promote(q_b, st.stream)
 
     def rope(t: str, dim: int) -> str:
-        a = w.alloc("rope_cos", N * dim * rope_b)
-        neg = w.alloc("rope_neg", N * dim // 2 * q_b)
-        cat = w.alloc("rope_cat", N * dim * q_b)
+        a = w.op("rope_cos", N * dim * rope_b, ins=(t,))
+        neg = w.op("rope_neg", N * dim // 2 * q_b, ins=(t,))
+        cat = w.op("rope_cat", N * dim * q_b, ins=(neg,))
         w.drop(neg)
-        bsin = w.alloc("rope_sin", N * dim * rope_b)
+        bsin = w.op("rope_sin", N * dim * rope_b, ins=(cat,))
         w.drop(cat)
-        out = w.alloc("rope_out", N * dim * rope_b)
+        out = w.op("rope_out", N * dim * rope_b, ins=(a, bsin), alias=True)
         w.drop(a, bsin)
         return out
 
@@ -615,15 +720,13 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         ins = []
         for t, dim, tb in ((qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b)):
             if st.amp and tb != c:
-                t2 = w.alloc("sdpa_in_cast", N * dim * c)
+                t2 = w.op("sdpa_in_cast", N * dim * c, ins=(t,))
                 w.drop(t)
                 t = t2
-            w.save(t)
             ins.append(t)
-        out = w.alloc("sdpa_out", N * qd * a_b)
-        w.save(out)
-        w.save(w.alloc("sdpa_lse", b * nh * s * FP32))
-        attn_out = out
+        lse = w.op("sdpa_lse", b * nh * s * FP32)
+        attn_out = w.op("sdpa_out", N * qd * a_b, ins=tuple(ins), saves=tuple(ins) + (lse,), save_out=True)
+        w.drop(lse, *ins)
     else:
         # [S] transformers models/llama/modeling_llama.py::eager_attention_forward: repeat_kv copies K and V
         # to nh heads (when GQA), scores = q @ k^T * scaling (+ the shared causal mask), softmax in fp32
@@ -631,32 +734,34 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         rep = nh // arch.num_key_value_heads
         kr, vr = ke, v
         if rep > 1:
-            kr = w.alloc("repeat_k", N * qd * rope_b)
-            vr = w.alloc("repeat_v", N * qd * v_b)
+            kr = w.op("repeat_k", N * qd * rope_b, ins=(ke,))
+            vr = w.op("repeat_v", N * qd * v_b, ins=(v,))
             w.drop(ke)
             if not arch.fused_qkv:
                 w.drop(v)
-        w.save(qe)
-        w.save(kr)
-        w.save(vr)
         sc = b * nh * s * s
-        s1 = w.alloc("scores", sc * a_b)
-        s2 = w.alloc("scores_scaled", sc * a_b)
+        s1 = w.op("scores", sc * a_b, ins=(qe, kr), saves=(qe, kr))
+        w.drop(qe, kr)
+        s2 = w.op("scores_scaled", sc * a_b, ins=(s1,))
         w.drop(s1)
-        s3 = w.alloc("scores_masked", sc * a_b)
+        s3 = w.op("scores_masked", sc * a_b, ins=(s2,), alias=True)
         w.drop(s2)
-        p32 = w.alloc("probs_f32", sc * FP32)
-        w.save(p32)
+        # softmax(..., dtype=float32) converts its input first ([S] aten/src/ATen/native/SoftMax.cpp::softmax:
+        # only fp16 input on CUDA takes the half_to_float path without a copy)
+        if a_b != FP32 and not (st.amp and plan_fp16(st)):
+            s4 = w.op("softmax_in_f32", sc * FP32, ins=(s3,))
+            w.drop(s3)
+            s3 = s4
+        p32 = w.op("probs_f32", sc * FP32, ins=(s3,), save_out=True)
         w.drop(s3)
-        p16 = w.alloc("probs", sc * a_b)
-        w.save(p16)
-        o = w.alloc("attn_matmul_out", N * qd * a_b)
-        attn_out = w.alloc("attn_out", N * qd * a_b)
+        p16 = w.op("probs", sc * a_b, ins=(p32,))
+        w.drop(p32)
+        o = w.op("attn_matmul_out", N * qd * a_b, ins=(p16, vr), saves=(p16, vr))
+        w.drop(p16, vr)
+        attn_out = w.op("attn_out", N * qd * a_b, ins=(o,), alias=True)
         w.drop(o)
     if arch.fused_qkv:
         w.drop(qkv)
-    if st.attn == "sdpa":
-        pass
     o_out, o_b = _linear(w, st, lin["o_proj"], attn_out, a_b, N)
     w.drop(attn_out)
     res_b = _promote(st.stream, o_b)
@@ -664,39 +769,46 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         o2, o_b = _norm(w, st, o_out, o_b, N * H, N, trainable)
         w.drop(o_out)
         o_out = o2
-    h1 = w.alloc("resid1", N * H * res_b)
+    h1 = w.op("resid1", N * H * res_b, ins=(x, o_out), alias=True)
     w.drop(o_out)
     h2, h2_b = _norm(w, st, h1, res_b, N * H, N, trainable)
     # MLP [S] transformers llama `LlamaMLP.forward`: down(act(gate(x)) * up(x)); act saves its input,
     # the product saves both factors.
     if arch.fused_gate_up:
         gu, gu_b = _linear(w, st, lin["gate_up_proj"], h2, h2_b, N, from_norm=True)
-        w.save(gu)  # act(gate view) and `up * act` keep the fused output alive
-        g, g_b, u = gu, gu_b, gu
+        w.drop(h2)
+        # act(gate view) and `up * act` keep the fused output alive
+        act = w.op("act", N * I * gu_b, ins=(gu,), saves=(gu,))
+        prod = w.op("act_mul_up", N * I * gu_b, ins=(act, gu), saves=(act, gu))
+        w.drop(gu, act)
+        g_b = gu_b
     else:
         g, g_b = _linear(w, st, lin["gate_proj"], h2, h2_b, N, from_norm=True)
         u, _ = _linear(w, st, lin["up_proj"], h2, h2_b, N, from_norm=True)
-        w.save(g)
-        w.save(u)
-    w.drop(h2)
-    act = w.alloc("act", N * I * g_b)
-    w.save(act)
-    prod = w.alloc("act_mul_up", N * I * g_b)
+        w.drop(h2)
+        act = w.op("act", N * I * g_b, ins=(g,), saves=(g,))
+        w.drop(g)
+        prod = w.op("act_mul_up", N * I * g_b, ins=(act, u), saves=(act, u))
+        w.drop(act, u)
     d_out, d_b = _linear(w, st, lin["down_proj"], prod, g_b, N)
     w.drop(prod)
     if arch.norms_per_layer == 4:  # Gemma: post_feedforward_layernorm
         d2, d_b = _norm(w, st, d_out, d_b, N * H, N, trainable)
         w.drop(d_out)
         d_out = d2
-    out = w.alloc("resid2", N * H * _promote(res_b, d_b))
+    out = w.op("resid2", N * H * _promote(res_b, d_b), ins=(h1, d_out), alias=True)
     w.drop(d_out, h1)
     # After the layer returns, the caller drops its input: what stays is what autograd saved (the input
     # too when a norm saved it as its own fp32 view) and the output.
+    saved = w.saved_bytes()
+    bwd_peak, pgrads = (0, 0) if no_grad else w.backward(out)
     return LayerActivations(
-        saved_bytes=sum(v for k, v in w.live.items() if k in w.saved),
+        saved_bytes=saved,
         peak_bytes=w.peak,
         output_bytes=w.live[out],
         input_bytes=alloc_bytes(N * H * st.stream),
+        backward_peak_bytes=bwd_peak,
+        param_grad_bytes=pgrads,
     )
 
 
@@ -720,9 +832,9 @@ def shared_forward_bytes(arch: Arch, st: Setting) -> int:
 
 @dataclass(frozen=True)
 class HeadActivations:
-    final_norm_saved: int  # final norm's saved tensors + the lm_head input kept by the outputs object
-    forward_end_extra: int  # the logits while the lm_head has just run
-    loss_peak_extra: int  # peak of the loss computation (logits, fp32 upcast, log-softmax)
+    final_norm_saved: int  # final norm's saved tensors (+ the lm_head weight cast under fp16-over-bf16)
+    forward_end_extra: int  # the logits while the lm_head has just run (+ its input, held by the outputs)
+    loss_peak_extra: int  # peak of the loss computation (logits, fp32 upcast, log-softmax, lm_head input)
     loss_saved: int  # what the loss keeps for backward
     ce_backward_extra: int  # peak of the cross-entropy backward, on top of loss_saved
     lm_head_backward_extra: int  # after CE backward: grad of logits + grad of the hidden states
@@ -742,14 +854,16 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     """
     N, H, V = st.tokens, arch.hidden_size, arch.vocab_size
     w = _Walk()
-    x = w.alloc("last_hidden", N * H * st.stream)
+    x = w.leaf("last_hidden", N * H * st.stream, requires_grad=True)
     h, h_b = _norm(w, st, x, st.stream, N * H, N, st.full)
     w.drop(x)
-    # the lm_head input stays referenced by the model outputs until forward returns
-    final_saved = sum(v for k, v in w.live.items() if k in w.saved or k == h)
+    # saved for backward; the lm_head input itself is only referenced until forward returns (loss phase)
+    final_saved = sum(v for k, v in w.live.items() if w.savers.get(k))
+    held_out = 0 if w.savers.get(h) else w.live[h]
     if plan.enable_liger_kernel:
         chunk = _liger_chunk_bytes(arch, st)
-        return HeadActivations(final_saved, chunk, chunk, alloc_bytes(N * H * st.c), chunk, alloc_bytes(N * H * st.c))
+        return HeadActivations(final_saved, chunk + held_out, chunk + held_out, alloc_bytes(N * H * st.c), chunk,
+                               alloc_bytes(N * H * st.c))
     lw = st.embed_w if not st.full else st.train_w
     logit_b = st.c if st.amp else _promote(h_b, lw)
     logits_nv = N * V
@@ -780,7 +894,7 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     ce_bwd = 2 * alloc_bytes(logits_nv * FP32)  # nll grad + log_softmax grad, on top of the saved lsm
     lm_bwd = alloc_bytes(logits_nv * FP32) + (alloc_bytes(logits_nv * logit_b) if logit_b != FP32 else 0)
     lm_bwd = max(lm_bwd, alloc_bytes(logits_nv * logit_b) + alloc_bytes(N * H * st.c))
-    return HeadActivations(final_saved, fwd_end, peak, saved, ce_bwd, lm_bwd)
+    return HeadActivations(final_saved, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd)
 
 
 def _liger_chunk_bytes(arch: Arch, st: Setting) -> int:
@@ -833,19 +947,6 @@ def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
 # The step, phase by phase
 # ---------------------------------------------------------------------------------------------------
 
-# [T] Layer-backward working set on top of the layer's saved tensors, in units of the layer's MLP
-# activation (N x I x c) and hidden state (N x H x stream): see tests/test_accuracy.py for the trace grid
-# this is checked against. The gradient of down_proj's input from the base weight and from the LoRA branch
-# (c, fp32 and c again through the adapter-dtype casts) coexist with the MLP's saved factors.
-BWD_MLP_FACTOR = 4
-BWD_HIDDEN_FACTOR = 3
-
-
-def _layer_backward_extra(arch: Arch, st: Setting) -> int:
-    N = st.tokens
-    return BWD_MLP_FACTOR * N * arch.intermediate_size * st.c + BWD_HIDDEN_FACTOR * N * arch.hidden_size * max(st.stream, st.c)
-
-
 def _terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
@@ -885,9 +986,17 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
     )
     static = _terms(*weight_terms)
+    # [S] torch autocast `cached_cast`: the compute-dtype copy of a grad-requiring leaf weight is cached until
+    # the outermost autocast region (the model forward) exits. Without checkpointing those copies are saved
+    # for backward anyway (counted in the layers' saved tensors); with checkpointing the recompute runs in its
+    # own region, so only the first forward holds every layer's copies, until the loss is computed.
+    cache = 0
+    if st.full and st.amp and st.gc and st.train_w != st.c:
+        cache = L * sum(alloc_bytes(m.weight_numel * st.c) for m in layer_linears(arch))
     forward = PhasePeak(phase="forward", moment="last decoder layer's forward", terms=static + _terms(
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
+        ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
     ))
     fwd_end = head.final_norm_saved + head.forward_end_extra
     loss = PhasePeak(phase="loss", moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + _terms(
@@ -895,6 +1004,7 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         ("activations_layers", acts_all, what),
         ("final_norm_and_lm_head_input", head.final_norm_saved, "final RMSNorm saved tensors + lm_head input"),
         ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
+        ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
     ))
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
     ce = PhasePeak(phase="backward", moment="cross-entropy backward", terms=static + _terms(
@@ -905,31 +1015,51 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
         ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
     ))
-    bwd_extra = _layer_backward_extra(arch, st)
+    # Decoder layers' backward, top layer first. The layer's own backward peak comes from replaying its
+    # tape (`_Walk.backward`); parameter gradients of the layers above persist (LoRA: small; full: large),
+    # so check the top layer (most activations) and the bottom one (most gradients).
+    V, H = arch.vocab_size, arch.hidden_size
+    vh_grad = alloc_bytes(V * H * st.train_w)
+    head_grads = 0
+    if st.full:
+        # tied: the lm_head's share of the shared weight's gradient waits in autograd's input buffer for the
+        # embedding's share; untied: lm_head.grad is already stored. Plus the final norm's weight gradient.
+        head_grads = vh_grad + alloc_bytes(H * st.train_w)
     if st.gc:
-        top = (L - 1) * ckpt + lay.peak_bytes + lay.saved_bytes * 0 + bwd_extra
-        layer_moment = "last layer's recompute + backward"
+        # reentrant checkpointing: recompute the layer (its input is the kept checkpoint), then backward
+        # through it while the recomputed output is still referenced
+        per = max(lay.peak_bytes - lay.input_bytes, lay.backward_peak_bytes + lay.output_bytes)
+        top = L * ckpt + per
+        bottom = ckpt + per + (L - 1) * lay.param_grad_bytes
+        layer_moment = "a decoder layer's recompute + backward"
     else:
-        top = L * lay.saved_bytes + bwd_extra
-        layer_moment = "last layer's backward"
-    layer_grads = 0 if not st.full else (weights["lm_head"] and grads * 0)
-    lb = PhasePeak(phase="backward", moment=layer_moment, terms=static + _terms(
-        bw_ws,
-        ("activations_shared", shared, ""),
-        ("activations_layers", top, "saved activations + layer backward working set"),
-        ("grads", layer_grads, ""),
-    ))
+        top = (L - 1) * lay.saved_bytes + lay.backward_peak_bytes
+        bottom = lay.backward_peak_bytes + (L - 1) * lay.param_grad_bytes
+        layer_moment = "a decoder layer's backward"
+    lb = max(
+        PhasePeak(phase="backward", moment=f"top {layer_moment}", terms=static + _terms(
+            bw_ws, ("activations_shared", shared, ""),
+            ("activations_layers", top, "saved activations + the layer's backward (gradients, freed inputs)"),
+            ("grads", head_grads, "gradients of the lm_head/final norm"),
+        )),
+        PhasePeak(phase="backward", moment=f"bottom {layer_moment}", terms=static + _terms(
+            bw_ws, ("activations_shared", shared, ""),
+            ("activations_layers", bottom, "the first layer's backward"),
+            ("grads", head_grads, "gradients of the lm_head/final norm"),
+        )),
+        key=lambda p: p.total_bytes,
+    )
     candidates = [ce, lb]
     if st.full:
-        # Full fine-tuning: gradients of every parameter accumulate while activations are released; the
-        # end of the backward (layer 0 + embedding gradient) holds all gradients.
-        emb_grad = alloc_bytes(arch.vocab_size * arch.hidden_size * st.stream)
-        end = PhasePeak(phase="backward", moment="first layer's backward + embedding gradient", terms=static + _terms(
+        # [T] the end of backward: the embedding's gradient (embedding_dense_backward, fp32 [V, H]) is added to
+        # the tied lm_head's share (a third [V, H] buffer) before AccumulateGrad stores it; untied, it is
+        # stored directly. All other gradients exist by then; the activations are gone.
+        emb = 3 * vh_grad if arch.tie_word_embeddings else 0
+        end = PhasePeak(phase="backward", moment="embedding gradient (end of backward)", terms=static + _terms(
             bw_ws,
-            ("activations_shared", shared, ""),
-            ("activations_layers", (ckpt if st.gc else 0) + lay.saved_bytes + bwd_extra, "layer 0 activations + working set"),
-            ("grads", grads, "all gradients"),
-            ("embedding_grad_transient", emb_grad, "embedding_dense_backward output"),
+            ("grads", grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
+            ("embedding_grad_transient", emb, "lm_head share + embedding share + their sum, fp32 [V, H]"),
+            ("hidden_grad", alloc_bytes(N * H * st.stream), "gradient of the embedding output"),
         ))
         candidates.append(end)
     backward = max(candidates, key=lambda p: p.total_bytes)

