@@ -278,6 +278,46 @@ def check(
         raise typer.Exit(3)
 
 
+@app.command()
+def data(
+    path: str = typer.Argument(..., help="A LLaMA-Factory data file (.json/.jsonl, alpaca/sharegpt/openai) or a dataset_info.json."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or config.json path: picks the chat template and tokenizer."),
+    template: Optional[str] = typer.Option(None, "--template", help="LLaMA-Factory template name (overrides the model's)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Path to a tokenizer.json (or its folder) for exact counts."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name inside a dataset_info.json."),
+    formatting: Optional[str] = typer.Option(None, "--formatting", help="alpaca, sharegpt or openai (default: detected)."),
+    cutoffs: str = typer.Option("256,384,512,768,1024,1536,2048,4096", "--cutoffs", help="cutoff_len values for the coverage table."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage."""
+    from .dataset import analyze_dataset
+    from .report import data_text
+
+    try:
+        try:
+            cuts = sorted({int(c) for c in cutoffs.split(",") if c.strip()})
+        except ValueError:
+            raise ConfigError(f"--cutoffs {cutoffs!r} is not a comma list of integers. Pass e.g. 256,512,1024.") from None
+        if not cuts or min(cuts) <= 0:
+            raise ConfigError("--cutoffs needs positive integers. Pass e.g. 256,512,1024.")
+        arch_type = catalog.resolve_arch(model).model_type if model else None
+        tokens = analyze_dataset(path, model=model, model_type=arch_type, template=template, tokenizer=tokenizer,
+                                 dataset=dataset, formatting=formatting)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    if json_out:
+        import json
+        from dataclasses import asdict
+
+        typer.echo(json.dumps({
+            "source": tokens.source, "template": tokens.template, "tokenizer": tokens.tokenizer, "exact": tokens.exact,
+            "summary": tokens.summary().model_dump(), "coverage": [asdict(c) for c in tokens.coverage_table(cuts)],
+        }, indent=2))
+    else:
+        typer.echo(data_text(tokens, cuts))
+
+
 class Solver(str, Enum):
     cpsat = "cpsat"
     brute = "brute"

@@ -48,7 +48,12 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         file_name = os.path.relpath(data_file, out_dir) if not os.path.isabs(data_file) else data_file
     else:
         file_name = f"{ds.name}.json"
-    info = {ds.name: dataset_info_entry(file_name, ds.formatting)}
+    present = None
+    if data_file and os.path.isfile(data_file):
+        from .dataset import record_keys
+
+        present = record_keys(data_file)
+    info = {ds.name: dataset_info_entry(file_name, ds.formatting, present)}
     files["dataset_info.json"] = json.dumps(info, indent=2, sort_keys=True) + "\n"
     template = template_for(result.model, _model_type(result))
     epochs = problem.objective.num_train_epochs
@@ -68,7 +73,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         ]
         if not data_file:
             header.append(f"data: put your {ds.formatting} file at {out_dir.rstrip('/')}/{file_name}")
-        n = min(ds.summary.num_samples, s.max_samples or ds.summary.num_samples)
+        n = min(result.num_samples, s.max_samples or result.num_samples)
         extra = {"warmup_steps": warmup_steps_for(n, s.plan, epochs)}
         files[f"{stem}.yaml"] = render_config(
             s.plan, model_name_or_path=result.model, template=template, dataset=ds.name, dataset_dir=out_dir.rstrip("/"),

@@ -29,7 +29,8 @@ from .arch import layer_linears
 from .schema import Arch, GpuSpec
 from .units import round_up
 
-__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "training_seconds"]
+__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples",
+           "training_seconds"]
 
 MFU_MAX = 0.51
 T_HALF_TOKENS = 250
@@ -101,6 +102,22 @@ def _expected_padded_len(pts: tuple[tuple[int, int], ...], cutoff_len: int, batc
     for i in range(steps):
         u = (i + 0.5) / steps
         total += min(cutoff_len, _quantile(dict(pts), u)) * batch * u ** (batch - 1) / steps
+    return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
+
+
+def expected_padded_len_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int) -> int:
+    """Expected padded length of a micro-batch drawn from the measured sample lengths (sorted ascending):
+    E[max of b draws] = sum_k L_(k) * ((k/n)^b - ((k-1)/n)^b), each length truncated to cutoff_len; rounded
+    up to a multiple of 8 like the collator."""
+    return _expected_from_samples(lengths, cutoff_len, batch)
+
+
+@lru_cache(maxsize=4096)
+def _expected_from_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int) -> int:
+    n = len(lengths)
+    total = 0.0
+    for k, length in enumerate(lengths, 1):
+        total += min(length, cutoff_len) * ((k / n) ** batch - ((k - 1) / n) ** batch)
     return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
 
 

@@ -50,7 +50,14 @@ class DatasetSpec(BaseModel):
     file: str | None = Field(default=None, description="The LLaMA-Factory data file the emitted config trains on "
                              "(alpaca or sharegpt JSON/JSONL), relative to the problem file.")
     formatting: Literal["alpaca", "sharegpt", "openai"] = Field(default="alpaca", description="The data file's format.")
-    summary: DatasetSummary = Field(description="Sample count and token-length distribution.")
+    summary: DatasetSummary | None = Field(
+        default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
+
+    @model_validator(mode="after")
+    def _file_or_summary(self) -> "DatasetSpec":
+        if self.file is None and self.summary is None:
+            raise ValueError("give the data `file` or its `summary` (num_samples, token_length_percentiles)")
+        return self
 
 
 class CustomGpu(BaseModel):

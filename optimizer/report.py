@@ -220,3 +220,30 @@ def check_text(rep) -> str:
     for n in est.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def data_text(tokens, cutoffs: list[int]) -> str:
+    """A `dataset.DatasetTokens` for people: histogram, percentiles, coverage per cutoff_len."""
+    totals = sorted(s.total for s in tokens.samples)
+    n = len(totals)
+    s = tokens.summary()
+    lines = [f"{tokens.source}: {n} samples, template {tokens.template}, tokenizer {tokens.tokenizer}"
+             + ("" if tokens.exact else " (approximate counts)")]
+    lines.append("percentiles (prompt + response tokens): " + ", ".join(
+        f"p{k} {v}" for k, v in sorted(s.token_length_percentiles.items())))
+    lines.append(f"response share of tokens: {s.response_token_share:.2f}")
+    bins = 12
+    hi = totals[-1] if totals else 1
+    width = max(1, -(-hi // bins))
+    counts = [0] * bins
+    for t in totals:
+        counts[min(bins - 1, (t - 1) // width if t else 0)] += 1
+    top = max(counts) or 1
+    lines.append("histogram:")
+    for i, c in enumerate(counts):
+        lines.append(f"  {i * width + 1:6d}-{(i + 1) * width:<6d} {'#' * round(40 * c / top):40s} {c}")
+    lines.append(f"{'cutoff_len':>10s} {'whole samples':>14s} {'response kept':>14s} {'tokens kept':>12s} {'truncated':>10s}")
+    for c in tokens.coverage_table(cutoffs):
+        lines.append(f"{c.cutoff_len:10d} {100 * c.whole_share:13.1f}% {100 * c.response_kept_share:13.1f}% "
+                     f"{100 * c.tokens_kept_share:11.1f}% {c.truncated:10d}")
+    return "\n".join(lines)

@@ -60,6 +60,7 @@ class SolveResult(BaseModel):
     recommended: int = Field(description="Index of the recommended (balanced) point in `front`.")
     why: str
     evaluated_plans: int
+    num_samples: int = Field(description="Training samples of the data (given or measured).")
     solve_s: float
     notes: list[str]
 
@@ -120,6 +121,6 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
     return SolveResult(
         problem=problem.name, model=inst.arch.name, gpu=inst.gpu.id, gpu_total_bytes=inst.gpu.memory_bytes,
         budget_bytes=inst.budget_bytes, margin=problem.margin, method=method, proven_optimal=stats.proven,
-        front=front, recommended=rec, why=why, evaluated_plans=inst.evaluated,
+        front=front, recommended=rec, why=why, evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
         solve_s=round(time.perf_counter() - t0, 3), notes=inst.notes,
     )

@@ -16,8 +16,8 @@ from . import catalog
 from .arch import layer_linears
 from .errors import ProblemError
 from .memory import count_params, estimate
-from .perf import expected_padded_len, micro_batch_seconds, ADAMW_BYTES_PER_PARAM
-from .problem import CustomGpu, Problem
+from .perf import ADAMW_BYTES_PER_PARAM, expected_padded_len, expected_padded_len_samples, micro_batch_seconds
+from .problem import CustomGpu, DatasetSummary, Problem
 from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
 from .schema import Arch, GpuSpec, Plan
 
@@ -52,6 +52,8 @@ class Instance:
     samples_quality: dict[int | None, int]  # scaled samples term per max_samples value
     samples_used: dict[int | None, int]
     batch_penalty: dict[tuple[int, int], int]  # (batch, accumulation) -> scaled penalty
+    summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
+    lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
     evaluated: int = 0
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
@@ -155,10 +157,27 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     gpu = resolve_gpu(problem)
     domains, notes = _domains(problem, arch, gpu)
     budget = math.floor(gpu.memory_bytes * (1 - problem.margin))
-    ds = problem.dataset.summary
     w = problem.objective.quality_weights
     inst = Instance(problem, arch, gpu, budget, domains, [], {}, {}, {}, notes=notes)
-    cov = {c: coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
+    measured = None
+    if problem.dataset.file:
+        from .dataset import analyze_dataset
+
+        data_path = (base / problem.dataset.file) if base is not None else Path(problem.dataset.file)
+        measured = analyze_dataset(data_path, model=arch.name if arch.name in catalog.model_configs() else None,
+                                   model_type=arch.model_type, formatting=problem.dataset.formatting)
+        inst.summary = measured.summary()
+        inst.lengths = tuple(sorted(sm.total for sm in measured.samples))
+        how = "exact tokenizer" if measured.exact else "approximate token counts"
+        notes.append(f"data: {len(inst.lengths)} samples measured from {problem.dataset.file} ({how}, "
+                     f"template {measured.template})")
+    else:
+        inst.summary = problem.dataset.summary
+    ds = inst.summary
+    if measured is not None:
+        cov = {c: measured.coverage(c).response_kept_share for c in domains["cutoff_len"]}
+    else:
+        cov = {c: coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
     for n in domains["max_samples"]:
         used = ds.num_samples if n is None else min(n, ds.num_samples)
         inst.samples_used[n] = used
@@ -215,7 +234,7 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
 def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[int, float]) -> None:
     full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
     plan = plan_for(inst.arch, inst.gpu, full)
-    ds = inst.problem.dataset.summary
+    ds = inst.summary
     w = inst.problem.objective.quality_weights
     ft = knobs["finetuning_type"]
     is_full = ft == "full"
@@ -223,7 +242,10 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[i
     r = 1.0 if is_full else min(1.0, math.log2(knobs["lora_rank"]) / math.log2(RANK_MAX))
     q = round(QUALITY_SCALE * (w.target * t + w.rank * r + w.cutoff * cov[cutoff] - w.quant * QUANT_PENALTY[ft]))
     trainable, _ = count_params(inst.arch, plan)
-    seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
+    if inst.lengths:
+        seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
+    else:
+        seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
     micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=knobs["gradient_checkpointing"],
                                   batch=batch, seq_len=seq, lora_params=0 if is_full else trainable)
     opt_s = ADAMW_BYTES_PER_PARAM * trainable / (inst.gpu.bandwidth_gbps * 1e9)

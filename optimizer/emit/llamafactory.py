@@ -462,7 +462,7 @@ def render_config(plan: Plan, *, model_name_or_path: str, template: str, dataset
 # --------------------------------------------------------------------------------------------------------------
 
 
-def dataset_info_entry(file_name: str, formatting: str) -> dict:
+def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None = None) -> dict:
     """One `dataset_info.json` value (the caller picks its key, the `dataset` name) for a data file in
     `dataset_dir` (or an absolute path).
 
@@ -472,11 +472,24 @@ def dataset_info_entry(file_name: str, formatting: str) -> dict:
     sharegpt with role/content tags: LLaMA-Factory 0.9.3 has no `openai` formatting."""
     if not isinstance(file_name, str) or not file_name.strip():
         raise ConfigError("dataset file name is empty. Pass the data file's name.")
+    # LLaMA-Factory reads an optional column only when `columns` names it, and fails when `columns` names a
+    # field no record has: with `present` (the data file's record keys) optional columns follow the data.
     if formatting == "alpaca":
-        return {"file_name": file_name, "formatting": "alpaca",
-                "columns": {"prompt": "instruction", "query": "input", "response": "output"}}
+        cols = {"prompt": "instruction", "query": "input", "response": "output"}
+        if present is not None:
+            if "input" not in present:
+                del cols["query"]
+            for role, key in (("system", "system"), ("history", "history")):
+                if key in present:
+                    cols[role] = key
+        return {"file_name": file_name, "formatting": "alpaca", "columns": cols}
     if formatting == "sharegpt":
-        return {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": "conversations"}}
+        cols = {"messages": "conversations"}
+        if present is not None:
+            for key in ("system", "tools"):
+                if key in present:
+                    cols[key] = key
+        return {"file_name": file_name, "formatting": "sharegpt", "columns": cols}
     if formatting == "openai":
         return {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": "messages"},
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",

@@ -1,0 +1,809 @@
+"""Know the user's data: read a LLaMA-Factory SFT dataset, count prompt and response tokens per sample the way
+LLaMA-Factory 0.9.5 builds them, and turn the counts into what the solver needs.
+
+Reading (nothing is ever written next to the data):
+
+- alpaca records ``{"instruction", "input", "output", "system", "history": [[q, a], ...]}``: the user turn is
+  ``instruction + "\\n" + input`` (either may be empty), earlier turns come from ``history``;
+- sharegpt records ``{"conversations": [{"from": "human"|"gpt"|"observation"|"function_call"|"system",
+  "value": ...}], "system": ...}``;
+- OpenAI-style records ``{"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": ...}]}`` (read
+  as sharegpt with role/content tags, which is how trainfit's ``dataset_info.json`` declares them);
+- as a ``.json`` list or ``.jsonl`` (one record a line), or through a ``dataset_info.json`` and a dataset name
+  (``file_name``, ``formatting``: alpaca | sharegpt | openai, ``columns``, ``tags``), with LLaMA-Factory's
+  column and tag defaults. Through ``dataset_info.json`` an alpaca ``system``/``history`` field counts only if
+  ``columns`` names it, as in LLaMA-Factory; a bare file's alpaca ``system`` and ``history`` always count.
+
+A row LLaMA-Factory would drop or choke on (no ``output`` string, roles out of order, an odd number of messages,
+a non-string content) is a :class:`DatasetError` that names the file, the row and the fix.
+
+Counting (see :mod:`optimizer.chat_templates` for the rendering): every assistant turn is supervised
+(``mask_history: false``, ``train_on_prompt: false``), each turn's prompt (source) and response (target) tokens
+are kept apart, because LLaMA-Factory truncates turn by turn with :func:`infer_seqlen`. Counts are cached under
+``$TRAINFIT_CACHE`` (default ``~/.cache/trainfit``), keyed by the data's content hash, the tokenizer id, the
+template and the reading format, and written atomically; a repeated call only hashes the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from .chat_templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
+from .errors import TrainfitError
+from .problem import DatasetSummary
+from .tokens import TokenCounter, count_with_specials, resolve_counter
+
+__all__ = [
+    "DatasetError",
+    "DatasetFormat",
+    "Conversation",
+    "SampleTokens",
+    "DatasetTokens",
+    "Coverage",
+    "SUMMARY_PERCENTILES",
+    "read_dataset",
+    "record_keys",
+    "count_tokens",
+    "analyze_dataset",
+    "infer_seqlen",
+    "truncate",
+    "coverage",
+    "coverage_table",
+    "summarize",
+    "token_pairs",
+    "cache_dir",
+]
+
+CACHE_VERSION = 1
+SUMMARY_PERCENTILES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
+
+
+class DatasetError(TrainfitError):
+    """A data file trainfit cannot read as LLaMA-Factory would (message: file, row, what is wrong, the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Format (LLaMA-Factory's DatasetAttr, the fields that matter for SFT text)
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """How records are read: LLaMA-Factory's ``formatting``, ``columns`` and ``tags``."""
+
+    formatting: str = "alpaca"  # alpaca | sharegpt | openai
+    prompt: str | None = "instruction"
+    query: str | None = "input"
+    response: str | None = "output"
+    history: str | None = None
+    messages: str | None = "conversations"
+    system: str | None = None
+    tools: str | None = None
+    role_tag: str | None = "from"
+    content_tag: str | None = "value"
+    user_tag: str | None = "human"
+    assistant_tag: str | None = "gpt"
+    observation_tag: str | None = "observation"
+    function_tag: str | None = "function_call"
+    system_tag: str | None = "system"
+
+    @classmethod
+    def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json") -> "DatasetFormat":
+        """LLaMA-Factory's ``DatasetAttr.join``: defaults, then ``columns`` and ``tags`` (a key left out of a given
+        ``columns`` is None, as in LLaMA-Factory)."""
+        formatting = entry.get("formatting", "alpaca")
+        if formatting not in ("alpaca", "sharegpt", "openai"):
+            raise DatasetError(f"{where}: formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")
+        if entry.get("ranking"):
+            raise DatasetError(f"{where}: a ranking (preference) dataset is not SFT data. Give an SFT dataset.")
+        kw: dict[str, Any] = {"formatting": formatting}
+        cols = entry.get("columns")
+        if cols is not None:
+            if not isinstance(cols, dict):
+                raise DatasetError(f"{where}: 'columns' must be an object. Map LLaMA-Factory names to your keys.")
+            for name in ("prompt", "query", "response", "history", "messages", "system", "tools"):
+                kw[name] = cols.get(name)
+        tags = entry.get("tags")
+        if tags is not None:
+            if not isinstance(tags, dict):
+                raise DatasetError(f"{where}: 'tags' must be an object. Map LLaMA-Factory tag names to your values.")
+            for name in ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag",
+                         "system_tag"):
+                kw[name] = tags.get(name)
+        return cls(**kw)
+
+    @classmethod
+    def for_file(cls, formatting: str) -> "DatasetFormat":
+        """The format of a bare data file: alpaca (with system and history), sharegpt (from/value, with system and
+        tools) or openai (messages with role/content, as sharegpt tags, the way trainfit's dataset_info.json
+        declares it)."""
+        if formatting == "alpaca":
+            return cls(history="history", system="system")
+        if formatting == "sharegpt":
+            return cls(formatting="sharegpt", system="system", tools="tools")
+        if formatting == "openai":
+            return cls(formatting="sharegpt", messages="messages", system="system", tools="tools", role_tag="role",
+                       content_tag="content", user_tag="user", assistant_tag="assistant", observation_tag="tool",
+                       system_tag="system")
+        raise DatasetError(f"dataset formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")
+
+    def key(self) -> str:
+        return json.dumps(self.__dict__, sort_keys=True)
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """One SFT sample after conversion: messages alternate (user|observation, assistant|function)."""
+
+    messages: tuple[tuple[str, str], ...]
+    system: str = ""
+    tools: str = ""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise DatasetError(f"{path} is a folder. Pass a .json or .jsonl data file.") from None
+    except OSError as exc:
+        raise DatasetError(f"cannot read {path} ({exc.strerror}). Check the path.") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}). Save it as UTF-8.") from None
+
+
+def _rows(path: Path) -> list[tuple[str, Any]]:
+    """[(label, record)]: label is "row N" (a JSON list, 1-based) or "line N" (JSON Lines)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".json", ".jsonl"):
+        raise DatasetError(
+            f"{path}: trainfit reads .json and .jsonl data files, not {suffix or 'files without an extension'}. "
+            "Convert it to JSON (a list of records) or JSON Lines."
+        )
+    text = _read_text(path)
+    if not text.strip():
+        raise DatasetError(f"{path} is empty. Put the training samples in it (a JSON list or one JSON record a line).")
+    if suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            lines = [ln for ln in text.splitlines() if ln.strip()]
+            if len(lines) > 1 and lines[0].lstrip().startswith("{"):
+                return _jsonl_rows(path, text)  # JSON Lines in a .json file: the datasets loader reads it too
+            raise DatasetError(
+                f"{path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}. Fix the syntax."
+            ) from None
+        if isinstance(data, dict):
+            raise DatasetError(
+                f"{path}: the top level is an object. LLaMA-Factory reads a list of records: [{{...}}, {{...}}]."
+            )
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: the top level is not a list. Write the samples as a JSON list of records.")
+        if not data:
+            raise DatasetError(f"{path} has no samples (an empty list). Put the training samples in it.")
+        return [(f"row {i + 1}", rec) for i, rec in enumerate(data)]
+    return _jsonl_rows(path, text)
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Any]]:
+    out = []
+    for n, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((f"line {n}", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(
+                f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno}). "
+                "Each line of a .jsonl file must be one complete JSON record."
+            ) from None
+    if not out:
+        raise DatasetError(f"{path} is empty. Put the training samples in it (a JSON list or one JSON record a line).")
+    return out
+
+
+def _detect_format(path: Path, rows: list[tuple[str, Any]]) -> DatasetFormat:
+    label, first = rows[0]
+    if not isinstance(first, dict):
+        raise DatasetError(f"{path}: {label} is {_kind(first)}, not a record. Each sample must be a JSON object.")
+    if "conversations" in first or "messages" in first:
+        key = "conversations" if "conversations" in first else "messages"
+        msgs = first.get(key)
+        role_content = isinstance(msgs, list) and msgs and isinstance(msgs[0], dict) and "role" in msgs[0]
+        if role_content:
+            fmt = DatasetFormat.for_file("openai")
+        else:
+            fmt = DatasetFormat.for_file("sharegpt")
+        return DatasetFormat(**{**fmt.__dict__, "messages": key})
+    if "instruction" in first or "output" in first or "input" in first:
+        return DatasetFormat.for_file("alpaca")
+    keys = ", ".join(sorted(map(str, first)))[:200]
+    raise DatasetError(
+        f"{path}: {label} has neither alpaca keys (instruction/input/output) nor sharegpt/OpenAI keys "
+        f"(conversations/messages); it has: {keys}. Use one of those formats, or a dataset_info.json with columns."
+    )
+
+
+def _kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(v), type(v).__name__)
+
+
+def _text(v: Any) -> str:
+    return "" if v is None else v
+
+
+def _convert_alpaca(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
+    msgs: list[tuple[str, str]] = []
+    if fmt.history:
+        hist = rec.get(fmt.history)
+        if hist is not None and not isinstance(hist, list):
+            raise DatasetError(f"{where}: '{fmt.history}' is {_kind(hist)}. Write it as a list of "
+                               "[instruction, response] pairs, or leave it out.")
+        for k, pair in enumerate(hist or []):
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2
+                    and all(isinstance(x, str) for x in pair)):
+                raise DatasetError(f"{where}: '{fmt.history}' item {k + 1} is not a pair of strings. Write each "
+                                   "item as [instruction, response].")
+            msgs += [("user", pair[0]), ("assistant", pair[1])]
+    parts = []
+    for col in (fmt.prompt, fmt.query):
+        if not col:
+            continue
+        v = rec.get(col)
+        if v in (None, ""):
+            continue
+        if not isinstance(v, str):
+            raise DatasetError(f"{where}: '{col}' is {_kind(v)}, not a string. Write it as text.")
+        parts.append(v)
+    response = rec.get(fmt.response) if fmt.response else None
+    if not isinstance(response, str):
+        what = "is missing" if response is None else f"is {_kind(response)}"
+        raise DatasetError(f"{where}: '{fmt.response or 'output'}' {what}; every SFT sample needs the response "
+                           "text as a string. Add it, or remove the row.")
+    msgs += [("user", "\n".join(parts)), ("assistant", response)]
+    return Conversation(tuple(msgs), _system(rec, fmt, where), _tools(rec, fmt, where))
+
+
+def _system(rec: dict, fmt: DatasetFormat, where: str) -> str:
+    if not fmt.system:
+        return ""
+    v = rec.get(fmt.system)
+    if v is not None and not isinstance(v, str):
+        raise DatasetError(f"{where}: '{fmt.system}' is {_kind(v)}, not a string. Write the system prompt as text.")
+    return _text(v)
+
+
+def _tools(rec: dict, fmt: DatasetFormat, where: str) -> str:
+    if not fmt.tools:
+        return ""
+    v = rec.get(fmt.tools)
+    if v is None or v == "":
+        return ""
+    if isinstance(v, (list, dict)):
+        return json.dumps(v, ensure_ascii=False)
+    if not isinstance(v, str):
+        raise DatasetError(f"{where}: '{fmt.tools}' is {_kind(v)}. Write the tools as a JSON string or list.")
+    return v
+
+
+def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
+    col = fmt.messages or "conversations"
+    msgs = rec.get(col)
+    if not isinstance(msgs, list):
+        what = "is missing" if msgs is None else f"is {_kind(msgs)}"
+        raise DatasetError(f"{where}: '{col}' {what}. Each sample needs a list of messages under '{col}'.")
+    rt, ct = fmt.role_tag or "from", fmt.content_tag or "value"
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or rt not in m:
+            raise DatasetError(f"{where}: message {k + 1} has no '{rt}'. Each message needs '{rt}' and '{ct}'.")
+    system = None
+    if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
+        system = msgs[0].get(ct)
+        if not isinstance(system, str):
+            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
+                               "Write it as text.")
+        msgs = msgs[1:]
+        offset = 2
+    else:
+        offset = 1
+    if system is None:
+        system = _system(rec, fmt, where)
+    if not msgs:
+        raise DatasetError(f"{where}: '{col}' has no user/assistant messages. Add at least one pair, or remove "
+                           "the row.")
+    odd = (fmt.user_tag, fmt.observation_tag)
+    even = (fmt.assistant_tag, fmt.function_tag)
+    role_of = {fmt.user_tag: "user", fmt.assistant_tag: "assistant", fmt.observation_tag: "observation",
+               fmt.function_tag: "function"}
+    out: list[tuple[str, str]] = []
+    for k, m in enumerate(msgs):
+        role = m.get(rt)
+        want = odd if k % 2 == 0 else even
+        if role not in want:
+            names = " or ".join(repr(t) for t in want if t)
+            raise DatasetError(
+                f"{where}: message {k + offset} has {rt} {role!r} where {names} must come. Messages must "
+                f"alternate {fmt.user_tag!r} and {fmt.assistant_tag!r}, starting with {fmt.user_tag!r} "
+                "(after an optional system message)."
+            )
+        content = m.get(ct)
+        if not isinstance(content, str):
+            raise DatasetError(f"{where}: message {k + offset} '{ct}' is {_kind(content)}, not a string. "
+                               "Write the message text as a string.")
+        out.append((role_of[role], content))
+    if len(out) % 2:
+        raise DatasetError(
+            f"{where}: '{col}' has an odd number of user/assistant messages ({len(out)}); the last one must be "
+            f"an {fmt.assistant_tag!r} message. Add the response, or remove the trailing message."
+        )
+    return Conversation(tuple(out), system, _tools(rec, fmt, where))
+
+
+def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
+    """LLaMA-Factory 0.9.5's ``formatting: openai`` (OpenAIDatasetConverter): tool results are merged into one
+    observation, assistant ``tool_calls`` become a function message, and the system prompt gets
+    "detailed thinking off" appended (or is that string when empty) unless tools are given."""
+    col = fmt.messages or "conversations"
+    msgs = rec.get(col)
+    if not isinstance(msgs, list):
+        what = "is missing" if msgs is None else f"is {_kind(msgs)}"
+        raise DatasetError(f"{where}: '{col}' {what}. Each sample needs a list of messages under '{col}'.")
+    rt, ct = fmt.role_tag or "from", fmt.content_tag or "value"
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or rt not in m:
+            raise DatasetError(f"{where}: message {k + 1} has no '{rt}'. Each message needs '{rt}' and '{ct}'.")
+    if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
+        system = msgs[0].get(ct)
+        if not isinstance(system, str):
+            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string.")
+        msgs = msgs[1:]
+    else:
+        system = _system(rec, fmt, where)
+    role_of = {fmt.user_tag: "user", fmt.assistant_tag: "assistant", fmt.observation_tag: "observation",
+               fmt.function_tag: "function"}
+    aligned: list[tuple[str, str]] = []
+    pending: list[str] = []
+    for k, m in enumerate(msgs):
+        role, content = m.get(rt), m.get(ct)
+        if role in (fmt.assistant_tag, fmt.function_tag) and m.get("tool_calls"):
+            content = json.dumps([tc.get("function") for tc in m["tool_calls"] if isinstance(tc, dict)],
+                                 ensure_ascii=False)
+            role = fmt.function_tag
+        if role not in role_of:
+            raise DatasetError(f"{where}: message {k + 1} has {rt} {role!r}. Use {fmt.user_tag!r}, "
+                               f"{fmt.assistant_tag!r}, {fmt.observation_tag!r} or {fmt.system_tag!r}.")
+        if not isinstance(content, str):
+            raise DatasetError(f"{where}: message {k + 1} '{ct}' is {_kind(content)}, not a string. "
+                               "Write the message text as a string.")
+        if role == fmt.observation_tag:
+            pending.append(content)
+            continue
+        if pending:
+            aligned.append(("observation", "\n</tool_response>\n<tool_response>\n".join(pending)))
+            pending = []
+        aligned.append((role_of[role], content))
+    for k, (role, _c) in enumerate(aligned):
+        want = ("user", "observation") if k % 2 == 0 else ("assistant", "function")
+        if role not in want:
+            raise DatasetError(f"{where}: messages do not alternate user/assistant (message {k + 1} is {role}). "
+                               "Fix the order.")
+    if not aligned or len(aligned) % 2:
+        raise DatasetError(f"{where}: '{col}' must end with an assistant message (it has {len(aligned)} "
+                           "user/assistant messages). Add the response, or remove the row.")
+    tools = _tools(rec, fmt, where)
+    if not system:
+        system = "" if tools else "detailed thinking off"
+    elif not tools:
+        if "detailed thinking on" not in system and "detailed thinking off" not in system:
+            system += "\ndetailed thinking off"
+    else:
+        system += "\n"
+    return Conversation(tuple(aligned), system, tools)
+
+
+def _resolve_source(
+    path: str | os.PathLike[str], dataset: str | None, formatting: str | None
+) -> tuple[list[Path], DatasetFormat | None, str]:
+    """(data files, format or None to detect, display name)."""
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "dataset_info.json").is_file() and dataset is not None:
+        p = p / "dataset_info.json"
+    if p.name == "dataset_info.json":
+        text = _read_text(p)
+        try:
+            info = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{p} is not valid JSON: {exc.msg} at line {exc.lineno}. Fix the syntax.") from None
+        if not isinstance(info, dict) or not info:
+            raise DatasetError(f"{p} has no dataset entries. Add one: {{\"name\": {{\"file_name\": \"data.json\"}}}}.")
+        if dataset is None:
+            if len(info) != 1:
+                raise DatasetError(f"{p} defines {len(info)} datasets ({', '.join(sorted(info))}). Name one.")
+            dataset = next(iter(info))
+        if dataset not in info:
+            raise DatasetError(f"Undefined dataset {dataset!r} in {p} (it has: {', '.join(sorted(info))}). "
+                               "Use one of those names.")
+        entry = info[dataset]
+        where = f"{p} entry {dataset!r}"
+        if not isinstance(entry, dict):
+            raise DatasetError(f"{where} is not an object. Write it as {{\"file_name\": ...}}.")
+        for remote in ("hf_hub_url", "ms_hub_url", "om_hub_url", "script_url", "cloud_file_name"):
+            if remote in entry:
+                raise DatasetError(f"{where} loads from {remote}; trainfit reads local files only. Download the "
+                                   "data and point file_name at the local file.")
+        if "file_name" not in entry:
+            raise DatasetError(f"{where} has no file_name. Add the data file's name.")
+        fmt = DatasetFormat.from_dataset_info(entry, where)
+        target = (p.parent / entry["file_name"]).resolve()
+        if target.is_dir():
+            files = sorted(f for f in target.iterdir() if f.suffix.lower() in (".json", ".jsonl"))
+            if not files:
+                raise DatasetError(f"{target} holds no .json or .jsonl files. Put the data files there.")
+        elif target.is_file():
+            files = [target]
+        else:
+            raise DatasetError(f"{where}: file_name {entry['file_name']!r} does not exist ({target}). Fix the "
+                               "path; it is relative to the folder of dataset_info.json.")
+        return files, fmt, f"{p}:{dataset}"
+    if not p.exists():
+        raise DatasetError(f"data file {str(path)!r} does not exist. Check the path.")
+    if p.is_dir():
+        raise DatasetError(f"{p} is a folder. Pass a .json or .jsonl data file, or its dataset_info.json with a "
+                           "dataset name.")
+    fmt = DatasetFormat.for_file(formatting) if formatting else None
+    return [p], fmt, str(p)
+
+
+def read_dataset(
+    path: str | os.PathLike[str], *, dataset: str | None = None, formatting: str | None = None
+) -> list[Conversation]:
+    """All samples of a data file (or of `dataset` in a dataset_info.json), converted as LLaMA-Factory does.
+
+    `formatting` (alpaca | sharegpt | openai) applies to a bare file; without it the format is detected from the
+    first record. Raises DatasetError for an unreadable file or the first malformed row."""
+    files, fmt, _name = _resolve_source(path, dataset, formatting)
+    return _read_files(files, fmt)
+
+
+def record_keys(path: str | os.PathLike[str]) -> set[str]:
+    """The top-level keys that occur in any record of a .json/.jsonl data file. For writing its
+    dataset_info.json: LLaMA-Factory fails on a `columns` entry (e.g. "system") that no record has, and ignores a
+    field (an alpaca "system" or "history") that `columns` does not name."""
+    keys: set[str] = set()
+    for _label, rec in _rows(Path(path).expanduser()):
+        if isinstance(rec, dict):
+            keys.update(map(str, rec))
+    return keys
+
+
+def _read_files(files: list[Path], fmt: DatasetFormat | None) -> list[Conversation]:
+    out: list[Conversation] = []
+    for f in files:
+        rows = _rows(f)
+        ffmt = fmt or _detect_format(f, rows)
+        conv = {"alpaca": _convert_alpaca, "sharegpt": _convert_sharegpt, "openai": _convert_openai}[ffmt.formatting]
+        for label, rec in rows:
+            where = f"{f}: {label}"
+            if not isinstance(rec, dict):
+                raise DatasetError(f"{where} is {_kind(rec)}, not a record. Each sample must be a JSON object.")
+            out.append(conv(rec, ffmt, where))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Token counts
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SampleTokens:
+    """One sample's token counts: per turn (prompt/source tokens, response/target tokens), plus `extra` tokens at
+    the end (the supervised EOS of an ``efficient_eos`` template)."""
+
+    turns: tuple[tuple[int, int], ...]
+    extra: int = 0
+
+    @property
+    def prompt(self) -> int:
+        return sum(s for s, _ in self.turns)
+
+    @property
+    def response(self) -> int:
+        return sum(t for _, t in self.turns) + self.extra
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.response
+
+
+def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int, int]:
+    """LLaMA-Factory's truncation of one turn to `cutoff_len` tokens (``processor_utils.infer_seqlen``): a short
+    response (under half the budget) is kept whole and the prompt cut; else a short prompt is kept and the response
+    cut; else both are cut in proportion (the response gets ``int(cutoff * target / (source + target))``).
+    Returns (kept source tokens, kept target tokens)."""
+    if target_len * 2 < cutoff_len:
+        max_target = cutoff_len
+    elif source_len * 2 < cutoff_len:
+        max_target = cutoff_len - source_len
+    else:
+        # the same float expression as LLaMA-Factory, so that rounding matches it exactly
+        max_target = int(cutoff_len * (target_len / (source_len + target_len)))
+    new_target = min(max_target, target_len)
+    new_source = min(max(cutoff_len - new_target, 0), source_len)
+    return new_source, new_target
+
+
+def truncate(sample: SampleTokens, cutoff_len: int) -> tuple[int, int]:
+    """(sequence length, supervised tokens) of a sample after LLaMA-Factory's SFT truncation at `cutoff_len`:
+    turn by turn, each turn's budget is what earlier turns left (``SupervisedDatasetProcessor``)."""
+    total = sample.extra  # efficient_eos reserves its EOS first
+    kept_response = 0
+    for s, t in sample.turns:
+        if total >= cutoff_len:
+            break
+        s2, t2 = infer_seqlen(s, t, cutoff_len - total)
+        total += s2 + t2
+        kept_response += t2
+    return total, kept_response + sample.extra
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """What cutoff_len keeps of a dataset."""
+
+    cutoff_len: int
+    whole_share: float  # samples kept whole
+    response_kept_share: float  # supervised (response) tokens kept
+    tokens_kept_share: float  # all tokens kept
+    mean_tokens: float  # mean sequence length after truncation
+    max_tokens: int  # longest sequence after truncation
+    truncated: int  # samples cut
+
+
+def coverage(samples: Sequence[SampleTokens], cutoff_len: int) -> Coverage:
+    """Exact LLaMA-Factory truncation of every sample at `cutoff_len`."""
+    if cutoff_len <= 0:
+        raise ValueError("cutoff_len must be positive")
+    if not samples:
+        raise ValueError("no samples")
+    whole = kept_tok = kept_resp = all_tok = all_resp = 0
+    longest = 0
+    for smp in samples:
+        length, resp = truncate(smp, cutoff_len)
+        total, response = smp.total, smp.response
+        whole += length == total and resp == response
+        kept_tok += length
+        kept_resp += resp
+        all_tok += total
+        all_resp += response
+        longest = max(longest, length)
+    n = len(samples)
+    return Coverage(
+        cutoff_len=cutoff_len,
+        whole_share=whole / n,
+        response_kept_share=kept_resp / all_resp if all_resp else 1.0,
+        tokens_kept_share=kept_tok / all_tok if all_tok else 1.0,
+        mean_tokens=kept_tok / n,
+        max_tokens=longest,
+        truncated=n - whole,
+    )
+
+
+def coverage_table(samples: Sequence[SampleTokens], cutoffs: Iterable[int]) -> list[Coverage]:
+    return [coverage(samples, c) for c in cutoffs]
+
+
+def _percentile(sorted_vals: Sequence[int], p: float) -> int:
+    """Nearest-rank percentile (p=0: the minimum)."""
+    n = len(sorted_vals)
+    if p <= 0:
+        return sorted_vals[0]
+    rank = math.ceil(p / 100 * n)
+    return sorted_vals[min(max(rank, 1), n) - 1]
+
+
+def summarize(samples: Sequence[SampleTokens], percentiles: Iterable[int] = SUMMARY_PERCENTILES) -> DatasetSummary:
+    """A DatasetSummary: sample count, total-length percentiles (nearest rank), response token share."""
+    if not samples:
+        raise DatasetError("the dataset has no samples. Put training samples in it.")
+    totals = sorted(max(1, s.total) for s in samples)
+    pct = {int(p): _percentile(totals, p) for p in percentiles}
+    pct.setdefault(50, _percentile(totals, 50))
+    pct[100] = totals[-1]
+    total = sum(s.total for s in samples)
+    resp = sum(s.response for s in samples)
+    share = resp / total if total else 1.0
+    return DatasetSummary(
+        num_samples=len(samples),
+        token_length_percentiles=dict(sorted(pct.items())),
+        response_token_share=min(1.0, max(share, 1e-6)),
+    )
+
+
+def token_pairs(samples: Sequence[SampleTokens]) -> list[tuple[int, int]]:
+    """Exact (prompt tokens, response tokens) per sample."""
+    return [(s.prompt, s.response) for s in samples]
+
+
+@dataclass(frozen=True)
+class DatasetTokens:
+    """Token counts of a whole dataset, with what produced them."""
+
+    source: str
+    template: str
+    tokenizer_id: str
+    tokenizer: str  # description
+    exact: bool  # True when the tokenizer is the real one (the template rendering is always LLaMA-Factory's)
+    samples: tuple[SampleTokens, ...] = field(repr=False)
+    from_cache: bool = False
+
+    def summary(self) -> DatasetSummary:
+        return summarize(self.samples)
+
+    def coverage(self, cutoff_len: int) -> Coverage:
+        return coverage(self.samples, cutoff_len)
+
+    def coverage_table(self, cutoffs: Iterable[int]) -> list[Coverage]:
+        return coverage_table(self.samples, cutoffs)
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return token_pairs(self.samples)
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("TRAINFIT_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "trainfit"
+
+
+def _files_digest(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _cache_key(digest: str, fmt_key: str, template: ChatTemplate, counter_id: str) -> str:
+    h = hashlib.sha256()
+    for part in (str(CACHE_VERSION), digest, fmt_key, repr(template), counter_id):
+        h.update(part.encode("utf-8") + b"\0")
+    return h.hexdigest()[:40]
+
+
+def _cache_load(path: Path) -> list[SampleTokens] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if data.get("version") != CACHE_VERSION:
+            return None
+        extra = int(data["extra"])
+        return [SampleTokens(tuple((row[i], row[i + 1]) for i in range(0, len(row), 2)), extra)
+                for row in data["samples"]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def _cache_store(path: Path, samples: list[SampleTokens], meta: dict[str, Any]) -> None:
+    """Atomic write (temp file in the same folder + rename); a cache that cannot be written is skipped."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "version": CACHE_VERSION,
+            **meta,
+            "extra": samples[0].extra if samples else 0,
+            "samples": [[x for turn in s.turns for x in turn] for s in samples],
+        }
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(payload, f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+    except OSError:
+        pass
+
+
+def _count_conversations(convs: Sequence[Conversation], template: ChatTemplate, counter: TokenCounter,
+                         where: str) -> list[SampleTokens]:
+    rendered = []
+    for i, c in enumerate(convs):
+        try:
+            rendered.append(render_turns(template, list(c.messages), c.system, c.tools))
+        except (ValueError, TypeError) as exc:
+            raise DatasetError(f"{where}: sample {i + 1} has a function-call message that is not a JSON tool call "
+                               f"({exc}). Write it as {{\"name\": ..., \"arguments\": {{...}}}}.") from None
+    unique: dict[str, int] = {}
+    for turns in rendered:
+        for src, tgt in turns:
+            for el in (*src, *tgt):
+                if el is not BOS and el is not EOS and el and el not in unique:
+                    unique[el] = len(unique)
+    texts = list(unique)
+    counts = count_with_specials(counter, texts, template.special) if texts else []
+    bos = 1 if getattr(counter, "has_bos", True) else 0
+
+    def n(elements: list[str]) -> int:
+        total = 0
+        for el in elements:
+            if el is BOS:
+                total += bos
+            elif el is EOS:
+                total += 1
+            elif el:
+                total += counts[unique[el]]
+        return total
+
+    extra = 1 if template.efficient_eos else 0
+    return [SampleTokens(tuple((n(src), n(tgt)) for src, tgt in turns), extra) for turns in rendered]
+
+
+def count_tokens(
+    path: str | os.PathLike[str],
+    *,
+    template: str | ChatTemplate,
+    counter: TokenCounter,
+    dataset: str | None = None,
+    formatting: str | None = None,
+    cache: bool = True,
+) -> DatasetTokens:
+    """Per-sample token counts of a dataset rendered with `template` and counted with `counter`.
+
+    `path`: a .json/.jsonl file, or a dataset_info.json (or its folder) with `dataset` naming the entry.
+    With `cache`, results are read from / written to :func:`cache_dir` (``tokens/<key>.json``)."""
+    tpl = get_template(template) if isinstance(template, str) else template
+    files, fmt, name = _resolve_source(path, dataset, formatting)
+    key = entry = None
+    if cache:
+        digest = _files_digest(files)
+        key = _cache_key(digest, fmt.key() if fmt else "detect", tpl, counter.id)
+        entry = cache_dir() / "tokens" / f"{key}.json"
+        hit = _cache_load(entry)
+        if hit is not None and hit:
+            return DatasetTokens(name, tpl.name, counter.id, counter.description, counter.exact, tuple(hit), True)
+    convs = _read_files(files, fmt)
+    samples = _count_conversations(convs, tpl, counter, name)
+    if cache and entry is not None:
+        _cache_store(entry, samples, {"source": name, "template": tpl.name, "tokenizer": counter.id})
+    return DatasetTokens(name, tpl.name, counter.id, counter.description, counter.exact, tuple(samples), False)
+
+
+def analyze_dataset(
+    path: str | os.PathLike[str],
+    *,
+    model: str | None = None,
+    model_type: str | None = None,
+    template: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    formatting: str | None = None,
+    cache: bool = True,
+) -> DatasetTokens:
+    """Count a dataset for a model: the template from `template` or the model (LLaMA-Factory's name), the best
+    offline tokenizer (:func:`optimizer.tokens.resolve_counter`)."""
+    tpl_name = template or (template_for_model(model, model_type) if model else "fallback")
+    counter = resolve_counter(model, model_type=model_type, tokenizer=tokenizer, template=tpl_name)
+    return count_tokens(path, template=tpl_name, counter=counter, dataset=dataset, formatting=formatting,
+                        cache=cache)
