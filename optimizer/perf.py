@@ -8,10 +8,10 @@ time    = epochs * ceil(samples / b) * t_micro + optimizer_steps * t_optimizer
   and P the LoRA parameters: LoRA forward 2N + A + 2P, backward (input gradients only) 2N + 2A + 4P,
   recompute under checkpointing 2N + A + 2P; full fine-tuning forward 2N + A, backward 4N + 2A,
   recompute 2N + A. So LoRA is 4N (6N with checkpointing) and full 6N (8N), plus attention.
-- mfu(t) = MFU_MAX * t / (t + T_HALF_TOKENS): utilization rises with tokens per micro-batch. Fitted to the
-  published Qwen-7B LoRA throughput on an A100-80G (Qwen README, FA2 + checkpointing, batch 1: 1,707 /
-  2,731 / 3,151 / 3,244 tokens/s at 256 / 512 / 2048 / 4096 tokens, i.e. 23 / 38 / 45 / 49 % of 312 TFLOPS).
-  Consumer cards use the same curve against their catalog TFLOPS (an assumption until measured).
+- mfu(t) = MFU_MAX[class] * t / (t + T_HALF_TOKENS): utilization rises with tokens per micro-batch. Fitted to
+  the published Qwen-7B LoRA throughput on an A100-80G (Qwen README, FA2 + checkpointing, batch 1: 1,707 /
+  2,731 / 3,151 / 3,244 tokens/s at 256 / 512 / 2048 / 4096 tokens, i.e. 23 / 38 / 45 / 49 % of 312 TFLOPS);
+  GeForce cards get their own maximum from the one consumer point (see benchmarks/throughput.py).
 - bitsandbytes 4-bit dequantizes every frozen weight in forward, recompute and backward, once per
   micro-batch whatever its tokens: DEQUANT_BYTES_PER_PARAM * quantized params / bandwidth. Fitted to the
   same README's Q-LoRA rows (0.1-0.23 s per micro-batch for 7B NF4 on an A100-80G, 2,039 GB/s).
@@ -32,9 +32,12 @@ from .units import round_up
 __all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples",
            "training_seconds"]
 
-MFU_MAX = 0.51
-T_HALF_TOKENS = 250
-DEQUANT_BYTES_PER_PARAM = 47.0
+# Fitted by benchmarks/throughput.py --fit (least squares of relative error): datacenter cards on the Qwen-7B
+# A100 rows; GeForce cards on the one published consumer point with a known setup (Qwen2.5-1.5B LoRA on an
+# RTX 4060, arXiv 2509.12229). torchtune's RTX 4090 figures (implying > 80% utilization) are shown, not fitted.
+MFU_MAX = {"datacenter": 0.57, "consumer": 0.30}
+T_HALF_TOKENS = 350
+DEQUANT_BYTES_PER_PARAM = 66.0
 INT8_THROUGHPUT = 0.45
 # fused AdamW reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq: 7 fp32 tensors
 ADAMW_BYTES_PER_PARAM = 28
@@ -55,8 +58,13 @@ def flops_per_token(arch: Arch, *, full: bool, gc: bool, seq_len: int, lora_para
     return fwd + bwd + (rec if gc else 0)
 
 
-def mfu(tokens: float) -> float:
-    return MFU_MAX * tokens / (tokens + T_HALF_TOKENS)
+def gpu_class(gpu: GpuSpec) -> str:
+    """GeForce cards (catalog ids rtx-*) reach a lower share of their peak than datacenter cards."""
+    return "consumer" if gpu.id.startswith("rtx-") or "GeForce" in gpu.name else "datacenter"
+
+
+def mfu(tokens: float, gpu_cls: str = "datacenter") -> float:
+    return MFU_MAX[gpu_cls] * tokens / (tokens + T_HALF_TOKENS)
 
 
 def peak_flops(gpu: GpuSpec) -> float:
@@ -68,7 +76,7 @@ def micro_batch_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: b
     tokens = batch * seq_len
     full = finetuning_type == "full"
     f = flops_per_token(arch, full=full, gc=gc, seq_len=seq_len, lora_params=lora_params)
-    t = f * tokens / (peak_flops(gpu) * mfu(tokens))
+    t = f * tokens / (peak_flops(gpu) * mfu(tokens, gpu_class(gpu)))
     if finetuning_type == "qlora4":
         quantized = arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch))
         t += DEQUANT_BYTES_PER_PARAM * quantized / (gpu.bandwidth_gbps * 1e9)
