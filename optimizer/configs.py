@@ -90,7 +90,8 @@ def _model_type(result: SolveResult) -> str:
 
 def write_configs(files: dict[str, str], out_dir: str, *, force: bool, root: Path | None = None) -> tuple[int, int]:
     """Write the files under root/out_dir. A file with identical content is left alone (no overwrite); a file
-    with other content needs `force`. All conflicts are checked before anything is written. (written, unchanged)"""
+    with other content, or a trainfit config of an earlier front that the new front lacks, needs `force` (which
+    replaces or removes it). All conflicts are checked before anything is written. (written, unchanged)"""
     base = (root or Path.cwd()) / out_dir
     conflicts = []
     todo = {}
@@ -103,6 +104,13 @@ def write_configs(files: dict[str, str], out_dir: str, *, force: bool, root: Pat
                 conflicts.append(str(Path(out_dir) / name))
                 continue
         todo[p] = text
+    stale = []
+    if base.is_dir():
+        for p in sorted(base.glob("p[0-9][0-9]_*.yaml")):
+            if p.name not in files and p.read_text(encoding="utf-8").startswith("# trainfit"):
+                stale.append(p)
+                if not force:
+                    conflicts.append(f"{Path(out_dir) / p.name} (from an earlier front)")
     if conflicts:
         raise TrainfitError(
             f"{len(conflicts)} file(s) under {out_dir} exist with other content ({', '.join(conflicts[:3])}"
@@ -110,4 +118,6 @@ def write_configs(files: dict[str, str], out_dir: str, *, force: bool, root: Pat
         )
     for p, text in todo.items():
         write_text_atomic(p, text, force=force)
+    for p in stale:  # with --force: configs of an earlier front that is no longer current
+        p.unlink()
     return len(todo), len(files) - len(todo)
