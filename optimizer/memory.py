@@ -104,8 +104,9 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
     amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
     full = plan.finetuning_type == "full"
     # [S] LLaMA-Factory model/adapter.py::init_adapter: trainable params are upcast to float32 unless
-    # pure_bf16; in full fine-tuning every parameter is trainable, so the whole model becomes fp32.
-    train_w = 2 if plan.pure_bf16 else FP32
+    # pure_bf16; in full fine-tuning every parameter is trainable, so the whole model becomes fp32 (with
+    # pure_bf16 it keeps the checkpoint dtype: an fp32 checkpoint stays fp32 [T]).
+    train_w = ckpt_w if plan.pure_bf16 else FP32
     # [S] PEFT utils/other.py::prepare_model_for_kbit_training casts every non-4/8-bit parameter to fp32.
     kbit_up = plan.kbit_prepare and plan.quantization_bit is not None
     embed_w = train_w if full else (FP32 if kbit_up else ckpt_w)
@@ -124,13 +125,28 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         stream = FP32
     return Setting(
         amp=amp, c=c, ckpt_w=ckpt_w, train_w=train_w, embed_w=embed_w, norm_w=norm_w, stream=stream,
-        lora_w=2 if plan.pure_bf16 else FP32, full=full, quant=plan.quantization_bit,
+        # [S] PEFT mapping.py::get_peft_model(autocast_adapter_dtype=True) creates adapters in fp32 over a
+        # 16-bit base; LLaMA-Factory's pure_bf16 only skips its own upcast, so adapters stay fp32 [T].
+        lora_w=FP32, full=full, quant=plan.quantization_bit,
         double_quant=plan.double_quantization, gc=plan.gradient_checkpointing,
-        attn="eager" if plan.flash_attn == "disabled" else "sdpa",
+        attn=_attention(arch, plan),
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
         rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
         gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16, fp16=amp and plan.fp16,
     )
+
+
+def _attention(arch: Arch, plan: Plan) -> str:
+    """The attention kernel's memory pattern: eager (s x s scores) or sdpa/fa2 (flash: no scores).
+
+    [S] LLaMA-Factory model/model_utils/attention.py::configure_attn_implementation: Gemma 2 needs soft-capped
+    attention, so `auto` becomes fa2 when flash-attn is installed and eager otherwise; transformers' Gemma 2
+    has no sdpa path. trainfit assumes flash-attn is not installed unless `flash_attn: fa2` is asked for."""
+    if plan.flash_attn == "disabled":
+        return "eager"
+    if arch.model_type == "gemma2" and plan.flash_attn != "fa2":
+        return "eager"
+    return "sdpa"
 
 
 def _additional(plan: Plan) -> list[str]:
@@ -1051,14 +1067,16 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
     )
     candidates = [ce, lb]
     if st.full:
-        # [T] the end of backward: the embedding's gradient (embedding_dense_backward, fp32 [V, H]) is added to
-        # the tied lm_head's share (a third [V, H] buffer) before AccumulateGrad stores it; untied, it is
-        # stored directly. All other gradients exist by then; the activations are gone.
-        emb = 3 * vh_grad if arch.tie_word_embeddings else 0
+        # [T] the end of backward: the embedding's gradient (embedding_dense_backward, [V, H]) is summed with
+        # the tied lm_head's share before AccumulateGrad stores it. Under autocast that share is the fp32
+        # output of the weight cast's backward, exclusively owned, so autograd's InputBuffer adds in place (2
+        # buffers); without autocast the sum is a new buffer (3). Untied, the gradient is stored directly.
+        # All other gradients exist by then; the activations are gone.
+        emb = (2 if st.amp else 3) * vh_grad if arch.tie_word_embeddings else 0
         end = PhasePeak(phase="backward", moment="embedding gradient (end of backward)", terms=static + _terms(
             bw_ws,
             ("grads", grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
-            ("embedding_grad_transient", emb, "lm_head share + embedding share + their sum, fp32 [V, H]"),
+            ("embedding_grad_transient", emb, "tied weight: lm_head share + embedding share (+ their sum)"),
             ("hidden_grad", alloc_bytes(N * H * st.stream), "gradient of the embedding output"),
         ))
         candidates.append(end)

@@ -1,0 +1,88 @@
+"""The accuracy grid: configs on which `trainfit estimate` is checked against `trainfit trace`.
+
+Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
+Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
+fused projections (Phi-3.5), qkv biases (Qwen2.5); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
+checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4.
+"""
+
+from __future__ import annotations
+
+from ..schema import Plan
+
+__all__ = ["GRID", "ERROR_BOUND"]
+
+# Acceptance: estimate within 2% of the trace on every grid config (peak allocated; the estimate's cuBLAS
+# workspaces, which the CPU trace cannot see, are left out of the comparison).
+ERROR_BOUND = 0.02
+
+_Q05 = "Qwen/Qwen2.5-0.5B-Instruct"
+_Q7 = "Qwen/Qwen2.5-7B-Instruct"
+_L1 = "meta-llama/Llama-3.2-1B-Instruct"
+_M7 = "mistralai/Mistral-7B-Instruct-v0.3"
+_Q3 = "Qwen/Qwen3-0.6B"
+_PHI = "microsoft/Phi-3.5-mini-instruct"
+_SMOL = "HuggingFaceTB/SmolLM2-1.7B-Instruct"
+
+
+def _p(**kw) -> Plan:
+    base = {"bf16": True, "per_device_train_batch_size": 1}
+    base.update(kw)
+    return Plan(**base)
+
+
+GRID: list[tuple[str, Plan]] = [
+    # Qwen2.5-0.5B: tied, 152k vocabulary, GQA, qkv bias
+    (_Q05, _p(cutoff_len=128)),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2)),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True, flash_attn="disabled")),
+    (_Q05, _p(cutoff_len=2048, flash_attn="disabled")),
+    (_Q05, _p(cutoff_len=1024, quantization_bit=4)),
+    (_Q05, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=512, quantization_bit=4, double_quantization=False, quantization_type="fp4")),
+    (_Q05, _p(cutoff_len=512, quantization_bit=8)),
+    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full")),
+    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full", disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=512, finetuning_type="full", pure_bf16=True, bf16=False)),
+    (_Q05, _p(cutoff_len=512, finetuning_type="full", optim="adamw_torch", per_device_train_batch_size=2)),
+    (_Q05, _p(cutoff_len=512, optim="adamw_8bit")),
+    (_Q05, _p(cutoff_len=512, fp16=True, bf16=False)),
+    (_Q05, _p(cutoff_len=512, bf16=False)),
+    (_Q05, _p(cutoff_len=512, quantization_bit=4, kbit_prepare=True)),
+    (_Q05, _p(cutoff_len=512, upcast_lmhead_output=True)),
+    (_Q05, _p(cutoff_len=512, upcast_layernorm=True, disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=512, additional_target="embed_tokens")),
+    (_Q05, _p(cutoff_len=512, use_reentrant_gc=False, lora_dropout=0.1)),
+    (_Q05, _p(cutoff_len=4096, per_device_train_batch_size=4)),
+    # Qwen2.5-7B: untied, 152k
+    (_Q7, _p(cutoff_len=1024, quantization_bit=4)),
+    (_Q7, _p(cutoff_len=2048, per_device_train_batch_size=2)),
+    (_Q7, _p(cutoff_len=512, disable_gradient_checkpointing=True, lora_rank=64)),
+    (_Q7, _p(cutoff_len=256, finetuning_type="full", pure_bf16=True, bf16=False)),
+    # Llama-3.2-1B: tied, 128k, GQA
+    (_L1, _p(cutoff_len=1024, per_device_train_batch_size=2, optim="adamw_torch")),
+    (_L1, _p(cutoff_len=1024, per_device_train_batch_size=2, lora_dropout=0.05, disable_gradient_checkpointing=True)),
+    (_L1, _p(cutoff_len=512, quantization_bit=8)),
+    (_L1, _p(cutoff_len=2048, flash_attn="disabled", lora_target="q_proj,v_proj")),
+    # Mistral-7B: untied, 32k vocabulary, GQA
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=2)),
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_M7, _p(cutoff_len=1024, per_device_train_batch_size=2, quantization_bit=4)),
+    (_M7, _p(cutoff_len=4096, per_device_train_batch_size=4)),
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=2, flash_attn="disabled")),
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=4, quantization_bit=4, lora_target="gate_proj,up_proj,down_proj")),
+    # Qwen3-0.6B: q/k norms, tied
+    (_Q3, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_Q3, _p(cutoff_len=1024, quantization_bit=4, per_device_train_batch_size=2)),
+    (_Q3, _p(cutoff_len=256, finetuning_type="full", per_device_train_batch_size=2)),
+    # Phi-3.5-mini: fused qkv/gate_up, MHA, 32k, untied
+    (_PHI, _p(cutoff_len=1024, disable_gradient_checkpointing=True)),
+    (_PHI, _p(cutoff_len=1024)),
+    (_PHI, _p(cutoff_len=4096, per_device_train_batch_size=4)),
+    (_PHI, _p(cutoff_len=1024, quantization_bit=4, lora_target="qkv_proj,o_proj")),
+    # SmolLM2-1.7B: tied, 49k, MHA
+    (_SMOL, _p(cutoff_len=2048, per_device_train_batch_size=2)),
+    (_SMOL, _p(cutoff_len=512, per_device_train_batch_size=4, disable_gradient_checkpointing=True, flash_attn="disabled")),
+    (_SMOL, _p(cutoff_len=1024, finetuning_type="full", per_device_train_batch_size=1)),
+]

@@ -1,0 +1,234 @@
+"""One HF Trainer (transformers v5) + accelerate training step, as it runs on one CUDA GPU.
+
+What is mirrored (transformers trainer.py, trainer_optimizer.py; accelerate accelerator.py):
+- the optimizer (`create_optimizer`): two param groups (decay / no decay), torch AdamW with fused=True
+  (adamw_torch_fused) or foreach=True (adamw_torch: the CUDA default), torch SGD, bitsandbytes 8-bit AdamW;
+- `accelerator.prepare(model)` under AMP: forward = convert_outputs_to_fp32(autocast(forward)), so the logits
+  come back as an fp32 copy (dropped with the outputs before backward, as `compute_loss` keeps only the loss);
+- `compute_loss`: labels and `num_items_in_batch` passed to the model (CE with reduction=sum, then divided);
+- fp16: GradScaler loss scaling, unscale before clipping, scale update;
+- `clip_grad_norm_(model.parameters(), max_grad_norm)` when max_grad_norm > 0, `optimizer.step()`,
+  `model.zero_grad()` (set_to_none=True).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from ..schema import Plan
+from .build import BuiltModel, padded_seq_len
+
+__all__ = ["Probe", "TrainerStep", "decay_parameter_names"]
+
+_NO_DECAY = [re.compile(p) for p in (r"bias", r"layernorm", r"rmsnorm", r"(?:^|\.)norm(?:$|\.)", r"_norm(?:$|\.)")]
+
+
+class Probe(Protocol):
+    def begin_step(self, step: int) -> None: ...
+    def set_sub_phase(self, name: str) -> None: ...
+    def end_step(self) -> Any: ...
+
+
+def decay_parameter_names(model: nn.Module) -> set[str]:
+    """HF Trainer.get_decay_parameter_names: no decay for LayerNorm modules, biases and *norm* names."""
+    out: set[str] = set()
+
+    def walk(module: nn.Module, prefix: str) -> None:
+        for name, child in module.named_children():
+            child_prefix = f"{prefix}.{name}" if prefix else name
+            if isinstance(child, nn.LayerNorm):
+                continue
+            walk(child, child_prefix)
+        for name, _ in module.named_parameters(recurse=False):
+            full = f"{prefix}.{name}" if prefix else name
+            if not any(p.search(full.lower()) for p in _NO_DECAY):
+                out.add(full)
+
+    walk(model, "")
+    return out
+
+
+def make_optimizer(model: nn.Module, plan: Plan) -> torch.optim.Optimizer:
+    decay = decay_parameter_names(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if n in decay], "weight_decay": 0.0},
+        {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0},
+    ]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ConfigError("no trainable parameters: nothing to optimize.")
+    lr, betas, eps = 5e-5, (0.9, 0.999), 1e-8  # HF TrainingArguments defaults (values do not change memory)
+    if plan.optim == "adamw_torch_fused":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    if plan.optim == "adamw_torch":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)
+    if plan.optim == "sgd":
+        return torch.optim.SGD(groups, lr=lr, foreach=True)
+    if plan.optim in ("adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit"):
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=0.0, optim_bits=8,
+                               is_paged=plan.optim.startswith("paged"))
+    raise ConfigError(f"optim {plan.optim!r} is not traced.")
+
+
+class _FakeGradScaler:
+    """torch.amp.GradScaler's device-side work, without its value reads (found_inf.item())."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.scale_t = torch.full((), 65536.0, dtype=torch.float32, device=device)
+        self.growth_tracker = torch.full((), 0, dtype=torch.int32, device=device)
+        self.found_inf: torch.Tensor | None = None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss * self.scale_t.to(device=loss.device, non_blocking=True)
+
+    def unscale_(self, params: list[torch.Tensor]) -> None:
+        inv_scale = self.scale_t.double().reciprocal().float()
+        found_inf = torch.full((), 0.0, dtype=torch.float32, device=self.scale_t.device)
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for p in params:
+            if p.grad is not None:
+                by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():
+            torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, inv_scale)
+        self.found_inf = found_inf
+
+    def update(self) -> None:
+        if self.found_inf is not None:
+            torch._amp_update_scale_(self.scale_t, self.growth_tracker, self.found_inf, 2.0, 0.5, 2000)
+        self.found_inf = None
+
+
+class TrainerStep:
+    """Drives training steps of a built, materialized model; reports sub-phase changes to a probe."""
+
+    def __init__(self, built: BuiltModel, plan: Plan, probe: Probe, device: torch.device, *, real_scaler: bool = False):
+        self.built = built
+        self.plan = plan
+        self.probe = probe
+        self.device = device
+        self.model = built.model
+        self.model.train()
+        self.seq = padded_seq_len(plan)
+        self.batch = plan.per_device_train_batch_size
+        self.vocab = int(built.config.vocab_size)
+        self.amp_dtype = torch.bfloat16 if plan.bf16 else (torch.float16 if plan.fp16 else None)
+        self.optimizer = make_optimizer(self.model, plan)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.scaler: Any = None
+        if plan.fp16:
+            if real_scaler:
+                self.scaler = torch.amp.GradScaler(device.type)
+            else:
+                self.scaler = _FakeGradScaler(device)
+        self.tr_loss = torch.zeros((), device=device)  # HF Trainer's running loss scalar
+        self._hooks = self._install_hooks()
+
+    # -- phase hooks -------------------------------------------------------------------------------------------
+    def _install_hooks(self) -> list[Any]:
+        probe = self.probe
+
+        def pre_head(module: nn.Module, args: Any) -> None:
+            probe.set_sub_phase("lm_head")
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                x.register_hook(lambda g: probe.set_sub_phase("bwd_layers"))
+
+        def post_head(module: nn.Module, args: Any, output: Any) -> None:
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                output.register_hook(lambda g: probe.set_sub_phase("bwd_lm_head"))
+            probe.set_sub_phase("loss_ce")
+
+        head = self.built.lm_head
+        return [head.register_forward_pre_hook(pre_head, prepend=True),
+                head.register_forward_hook(post_head, prepend=True)]
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+    # -- the step ------------------------------------------------------------------------------------------------
+    def _batch(self) -> dict[str, torch.Tensor]:
+        shape = (self.batch, self.seq)
+        input_ids = torch.randint(0, self.vocab, shape, device=self.device)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": torch.ones(shape, dtype=torch.long, device=self.device),
+            "labels": input_ids.clone(),
+        }
+
+    def _forward(self, inputs: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
+        kwargs = {"input_ids": inputs["input_ids"], "labels": inputs["labels"], "num_items_in_batch": num_items}
+        # The all-ones attention mask is dropped by transformers on a GPU (`torch.all(mask == 1)` -> None);
+        # fake tensors cannot answer that question, so it is not passed.
+        if self.amp_dtype is not None:
+            from accelerate.utils.operations import convert_to_fp32
+
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                outputs = self.model(**kwargs)
+            self.probe.set_sub_phase("out_fp32")
+            outputs = convert_to_fp32(outputs)
+        else:
+            outputs = self.model(**kwargs)
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
+        del outputs  # compute_loss returns only the loss: logits die here, before backward
+        return loss
+
+    def optimizer_phase(self) -> None:
+        plan = self.plan
+        if self.scaler is not None:
+            self.probe.set_sub_phase("opt_unscale")
+            if isinstance(self.scaler, _FakeGradScaler):
+                self.scaler.unscale_(self.trainable)
+            else:
+                self.scaler.unscale_(self.optimizer)
+        if plan.max_grad_norm > 0:
+            self.probe.set_sub_phase("opt_clip")
+            norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), plan.max_grad_norm, foreach=True)
+            del norm
+        self.probe.set_sub_phase("opt_step")
+        if self.scaler is not None and not isinstance(self.scaler, _FakeGradScaler):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+            if self.scaler is not None:
+                self.scaler.update()
+        self.probe.set_sub_phase("opt_zero_grad")
+        self.model.zero_grad(set_to_none=True)
+
+    def step(self, index: int) -> Any:
+        self.probe.begin_step(index)
+        inputs = self._batch()
+        num_items = inputs["labels"].ne(-100).sum()
+        loss = self._forward(inputs, num_items)
+        self.probe.set_sub_phase("bwd_loss")
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+        self.tr_loss = self.tr_loss + loss.detach()
+        del loss
+        self.optimizer_phase()
+        del inputs, num_items
+        return self.probe.end_step()
+
+    def prime_step(self, index: int) -> Any:
+        """Step 1 without forward/backward: gradients appear as backward would leave them, then the optimizer
+        phase runs for real (it creates the optimizer state)."""
+        self.probe.begin_step(index)
+        inputs = self._batch()
+        num_items = inputs["labels"].ne(-100).sum()
+        self.probe.set_sub_phase("bwd_layers")
+        for p in self.trainable:
+            p.grad = torch.zeros_like(p)
+        self.optimizer_phase()
+        del inputs, num_items
+        return self.probe.end_step()
