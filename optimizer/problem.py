@@ -50,6 +50,9 @@ class DatasetSpec(BaseModel):
     file: str | None = Field(default=None, description="The LLaMA-Factory data file the emitted config trains on "
                              "(alpaca or sharegpt JSON/JSONL), relative to the problem file.")
     formatting: Literal["alpaca", "sharegpt", "openai"] = Field(default="alpaca", description="The data file's format.")
+    tokenizer: str = Field(default="auto", description="How `file` is tokenized: `auto` (a local tokenizer.json if "
+                           "one is found, else the approximation), `approx` (the documented approximation: the same "
+                           "counts on every machine), or a path to a tokenizer.json (relative to the problem file).")
     summary: DatasetSummary | None = Field(
         default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
 

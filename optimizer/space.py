@@ -164,8 +164,19 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
         from .dataset import analyze_dataset
 
         data_path = (base / problem.dataset.file) if base is not None else Path(problem.dataset.file)
-        measured = analyze_dataset(data_path, model=arch.name if arch.name in catalog.model_configs() else None,
-                                   model_type=arch.model_type, formatting=problem.dataset.formatting)
+        model_id = arch.name if arch.name in catalog.model_configs() else None
+        tok = problem.dataset.tokenizer
+        if tok == "approx":
+            from .dataset import count_tokens, template_for_model
+            from .tokens import ApproxCounter, tokenizer_family
+
+            tpl = template_for_model(model_id, arch.model_type) if model_id else "fallback"
+            measured = count_tokens(data_path, template=tpl, counter=ApproxCounter(
+                tokenizer_family(model_id, arch.model_type, tpl)), formatting=problem.dataset.formatting)
+        else:
+            path = None if tok == "auto" else ((base / tok) if base is not None else Path(tok))
+            measured = analyze_dataset(data_path, model=model_id, model_type=arch.model_type, tokenizer=path,
+                                       formatting=problem.dataset.formatting)
         inst.summary = measured.summary()
         inst.lengths = tuple(sorted(sm.total for sm in measured.samples))
         how = "exact tokenizer" if measured.exact else "approximate token counts"
