@@ -67,8 +67,8 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
             f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): device {s.device_peak_bytes / GIB:.2f} GiB "
             f"(allocated {s.peak_allocated_bytes / GIB:.2f} GiB), headroom {s.headroom_bytes / GIB:.2f} GiB "
             f"({100 * s.headroom_bytes / result.gpu_total_bytes:.0f}%)",
-            f"estimated training time: {_dur(s.time_s)} for {epochs:g} epochs (+-30%); quality score {s.quality:.4f}",
-            f"run (from the folder holding {out_dir.rstrip('/')}): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
+            f"estimated training time: {_dur(s.time_s)} for {epochs:g} epochs ({_dur(s.epoch_s)} per epoch); quality score {s.quality:.4f}",
+            f"run (in the folder trainfit solve ran in): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
             f"regenerate: trainfit solve {problem_path}",
         ]
         if not data_file:

@@ -58,6 +58,15 @@ def flops_per_token(arch: Arch, *, full: bool, gc: bool, seq_len: int, lora_para
     return fwd + bwd + (rec if gc else 0)
 
 
+def time_band(gpu: GpuSpec) -> str:
+    """The error band the fit supports (benchmarks/throughput.py): datacenter cards median 5%, max 13% on the
+    fitted points; GeForce cards rest on one published point (and torchtune's RTX 4090 figures are ~70% above)."""
+    if gpu_class(gpu) == "datacenter":
+        return "times: +-15% (fit to published A100 throughput: median error 5%, max 13%)"
+    return ("times: +-50% (GeForce utilization fitted to one published point; other published consumer figures "
+            "differ by up to 70%)")
+
+
 def gpu_class(gpu: GpuSpec) -> str:
     """GeForce cards (catalog ids rtx-*) reach a lower share of their peak than datacenter cards."""
     return "consumer" if gpu.id.startswith("rtx-") or "GeForce" in gpu.name else "datacenter"

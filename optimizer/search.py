@@ -15,6 +15,7 @@ from .problem import Problem
 from .schema import Plan
 from .solver import SolveStats, solve_cpsat
 from .space import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, Instance, build_instance, plan_for
+from .perf import time_band
 from .units import GIB
 
 __all__ = ["Solution", "SolveResult", "solve_problem", "PICKS"]
@@ -43,6 +44,7 @@ class Solution(BaseModel):
     headroom_bytes: int = Field(description="GPU total minus the device peak.")
     quality: float = Field(description="The quality score (0-1, higher is better).")
     time_s: float = Field(description="Estimated training time for all epochs, seconds.")
+    epoch_s: float = Field(description="Estimated time of one epoch, seconds.")
     labels: list[str] = Field(default_factory=list, description="best-quality, fastest, balanced.")
 
 
@@ -109,6 +111,7 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
         front.append(Solution(
             **knobs, plan=plan, peak_allocated_bytes=est.peak_allocated_bytes, device_peak_bytes=est.device_peak_bytes,
             headroom_bytes=inst.gpu.memory_bytes - est.device_peak_bytes, quality=q / QUALITY_SCALE, time_s=t * TIME_UNIT_MS / 1000,
+            epoch_s=round(t * TIME_UNIT_MS / 1000 / problem.objective.num_train_epochs, 1),
         ))
     rec = _balanced([(q, t) for q, t, _, _ in raw])
     labels = {0: ["best-quality"], len(front) - 1: ["fastest"]}
@@ -122,5 +125,5 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
         problem=problem.name, model=inst.arch.name, gpu=inst.gpu.id, gpu_total_bytes=inst.gpu.memory_bytes,
         budget_bytes=inst.budget_bytes, margin=problem.margin, method=method, proven_optimal=stats.proven,
         front=front, recommended=rec, why=why, evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
-        solve_s=round(time.perf_counter() - t0, 3), notes=inst.notes,
+        solve_s=round(time.perf_counter() - t0, 3), notes=inst.notes + [time_band(inst.gpu)],
     )
