@@ -26,7 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .catalog import get_gpu
 from .errors import ConfigError
-from .memory import estimate, eval_estimate, lora_targets
+from .lfconfig import EvalSettings, eval_settings
+from .memory import device_peak_for, estimate, eval_estimate, large_blocks_at, lora_targets
 from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
 from .units import GIB, MIB, round_up
 
@@ -106,11 +107,6 @@ class CheckReport(BaseModel):
     fix_note: str = ""
 
 
-def _device(est_alloc: int, est: Estimate) -> int:
-    """Device peak for a phase total, with the same allocator + context overheads as the estimate."""
-    return est_alloc + (est.device_peak_bytes - est.peak_allocated_bytes)
-
-
 def _evaluates(data: dict[str, Any]) -> bool:
     strat = str(data.get("eval_strategy", data.get("evaluation_strategy", "no"))).lower()
     return bool(data.get("do_eval")) or strat in ("steps", "epoch") or bool(data.get("eval_dataset"))
@@ -124,16 +120,14 @@ def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin:
     train_dev = est.device_peak_bytes
     ev = None
     ev_dev = None
+    es = eval_settings(data, config_path)
     if _evaluates(data):
         ev = eval_estimate(
-            arch, plan, eval_batch=int(data.get("per_device_eval_batch_size", 8)),
-            compute_accuracy=bool(data.get("compute_accuracy", False)),
-            predict_with_generate=bool(data.get("predict_with_generate", False)),
-            eval_accumulation_steps=data.get("eval_accumulation_steps"),
-            eval_samples=_eval_samples(data, plan),
-            max_new_tokens=int(data.get("max_new_tokens", 1024)),
+            arch, plan, eval_batch=es.per_device_eval_batch_size, compute_accuracy=es.compute_accuracy,
+            predict_with_generate=es.predict_with_generate, eval_accumulation_steps=es.eval_accumulation_steps,
+            eval_samples=_eval_samples(es, plan), max_new_tokens=es.max_new_tokens,
         )
-        ev_dev = _device(ev.total_bytes, est)
+        ev_dev = device_peak_for(ev.total_bytes, large_blocks_at(arch, plan, "eval", es.per_device_eval_batch_size))
     dev = max(train_dev, ev_dev or 0)
     headroom = total - dev
     verdict = "does_not_fit" if headroom < 0 else ("fits_below_margin" if dev > budget else "fits")
@@ -150,12 +144,11 @@ def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin:
     )
 
 
-def _eval_samples(data: dict[str, Any], plan: Plan) -> int:
-    val = data.get("val_size", 0) or 0
+def _eval_samples(es: EvalSettings, plan: Plan) -> int:
     n = plan.max_samples or 0
-    if isinstance(val, (int, float)) and val >= 1:
-        return int(val)
-    return int(n * float(val)) if n else 0
+    if es.val_size >= 1:
+        return int(es.val_size)
+    return int(n * es.val_size) if n else 0
 
 
 def _key_effects(data: dict[str, Any], plan: Plan, arch: Arch) -> tuple[list[KeyEffect], list[KeyEffect]]:
@@ -199,9 +192,6 @@ def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> lis
     if plan.fp16 and gpu.bf16:
         out.append(Pitfall(key="fp16", problem=f"{gpu.name} supports bf16; fp16 needs loss scaling and over bf16 "
                            "weights makes autocast cast every frozen weight", fix="set bf16: true and fp16: false"))
-    if plan.upcast_lmhead_output and arch.vocab_size >= 100_000:
-        out.append(Pitfall(key="upcast_lmhead_output", problem=f"an fp32 copy of the logits ({arch.vocab_size:,} "
-                           "per token) on top of the loss's own fp32 copy", fix="remove upcast_lmhead_output"))
     if plan.quantization_bit and not plan.upcast_layernorm:
         out.append(Pitfall(key="upcast_layernorm", problem="LLaMA-Factory recommends it for quantized training "
                            "(it warns without it)", fix="set upcast_layernorm: true (small cost with checkpointing)"))
@@ -275,9 +265,9 @@ def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, bud
         est = estimate(arch, new)
         dev = est.device_peak_bytes
         if evaluates:
-            eb = min(int(data.get("per_device_eval_batch_size", 8)), new.per_device_train_batch_size)
+            eb = min(eval_settings(data).per_device_eval_batch_size, new.per_device_train_batch_size)
             ev = eval_estimate(arch, new, eval_batch=eb)
-            dev = max(dev, ev.total_bytes + est.device_peak_bytes - est.peak_allocated_bytes)
+            dev = max(dev, device_peak_for(ev.total_bytes, large_blocks_at(arch, new, "eval", eb)))
         if dev <= budget:
             rows.append((combo, new, est, dev))
             costs.append(cost)
@@ -292,8 +282,9 @@ def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, bud
         old, nv = getattr(plan, k), getattr(new, k)
         if old != nv:
             changes[k] = [old, nv]
-    if evaluates and int(data.get("per_device_eval_batch_size", 8)) > new.per_device_train_batch_size:
-        changes["per_device_eval_batch_size"] = [data.get("per_device_eval_batch_size", 8), new.per_device_train_batch_size]
+    eval_batch = eval_settings(data).per_device_eval_batch_size
+    if evaluates and eval_batch > new.per_device_train_batch_size:
+        changes["per_device_eval_batch_size"] = [eval_batch, new.per_device_train_batch_size]
     return Fix(changes=changes, cost=costs[best], device_peak_bytes=dev, peak_allocated_bytes=est.peak_allocated_bytes,
                headroom_bytes=gpu.memory_bytes - dev), ""
 

@@ -96,7 +96,7 @@ def estimate(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
-    margin: float = typer.Option(DEFAULT_MARGIN, help="Share of GPU memory to keep free for 'fits with margin'."),
+    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
     quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
@@ -147,10 +147,10 @@ def estimate(
 def trace(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
-    layers: Optional[int] = typer.Option(None, "--layers", help="Run a shortened model of N decoder layers."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Run a shortened model of N decoder layers."),
     extrapolate: bool = typer.Option(False, "--extrapolate", help="Run 1 and 2 layers and extrapolate linearly to the full depth."),
     device: str = typer.Option("cpu", "--device", help="cpu (fake tensors, no GPU needed) or cuda (a real step on the GPU)."),
-    top: int = typer.Option(10, "--top", help="Largest live tensors to list at the peak."),
+    top: int = typer.Option(10, "--top", min=0, help="Largest live tensors to list at the peak."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
     quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
@@ -240,7 +240,7 @@ def check(
     config: str = typer.Argument(..., help="A LLaMA-Factory training YAML."),
     gpu: str = typer.Option(..., "--gpu", "-g", help="Catalog GPU id (see `trainfit gpus`)."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Overrides model_name_or_path."),
-    margin: float = typer.Option(DEFAULT_MARGIN, help="Share of GPU memory to keep free."),
+    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free."),
     optimize: bool = typer.Option(False, "--optimize", help="Propose the smallest fitting change even when it fits."),
     write: Optional[str] = typer.Option(None, "--write", help="Write the config with the fix applied to this path."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --write file if it exists."),
@@ -342,7 +342,7 @@ def solve(
     write: bool = typer.Option(True, "--write/--no-write", help="Write the LLaMA-Factory configs."),
     force: bool = typer.Option(False, "--force", help="Overwrite configs that exist with other content."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
-    jobs: int = typer.Option(0, "--jobs", help="Parallel solves for several problems (0 = one per CPU)."),
+    jobs: int = typer.Option(0, "--jobs", min=0, help="Parallel solves for several problems (0 = one per CPU)."),
 ) -> None:
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
     from .batch import expand, run_batch, summary_matrix
@@ -352,7 +352,13 @@ def solve(
 
     try:
         loaded = [(path, *load_problem(path)) for path in problems]
-        items = expand(loaded, [m for m in (models or "").split(",") if m], [g for g in (gpus_ or "").split(",") if g])
+        model_list = [m.strip() for m in (models or "").split(",") if m.strip()]
+        gpu_list = [g.strip() for g in (gpus_ or "").split(",") if g.strip()]
+        for m in model_list:
+            catalog.resolve_arch(m)
+        for g in gpu_list:
+            catalog.get_gpu(g)
+        items = expand(loaded, model_list, gpu_list)
     except TrainfitError as exc:
         _fail(exc)
         return

@@ -15,12 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
+from .memory import GENERATE_MAX_NEW_TOKENS
 from .schema import Plan
 
-__all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "PLAN_KEYS", "NOT_MODELLED"]
+__all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "eval_settings", "EvalSettings", "PLAN_KEYS", "NOT_MODELLED"]
 
 PLAN_KEYS = tuple(k for k in Plan.model_fields if k != "kbit_prepare")
 
@@ -46,6 +47,8 @@ def accepted_keys() -> frozenset[str]:
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ConfigError(f"{str(path)!r} is a folder. Pass the path of a LLaMA-Factory training YAML.")
     if not p.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a LLaMA-Factory training YAML.")
     try:
@@ -107,3 +110,23 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
         raise ConfigError(f"{where}: " + "; ".join(problems) + ". Fix these keys.")
     model = data.get("model_name_or_path")
     return plan, (str(model) if model is not None else None)
+
+
+class EvalSettings(BaseModel):
+    """The evaluation keys that decide evaluation memory, with HF's / LLaMA-Factory's defaults."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    per_device_eval_batch_size: int = Field(default=8, gt=0, description="HF default 8.")
+    eval_accumulation_steps: int | None = Field(default=None, gt=0, description="HF default None (keep on GPU).")
+    compute_accuracy: bool = Field(default=False, description="LLaMA-Factory: keep argmax ids per eval batch.")
+    predict_with_generate: bool = Field(default=False, description="Generate during evaluation (a KV cache).")
+    max_new_tokens: int = Field(default=GENERATE_MAX_NEW_TOKENS, gt=0, description="LLaMA-Factory GeneratingArguments default.")
+    val_size: float = Field(default=0.0, ge=0, description="Share (< 1) or count (>= 1) of samples held out.")
+
+
+def eval_settings(data: dict[str, Any], where: str = "config") -> EvalSettings:
+    try:
+        return EvalSettings(**{k: _lower_bool(v) for k, v in data.items() if k in EvalSettings.model_fields})
+    except ValidationError as exc:
+        msgs = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].lower()} (found {e.get('input')!r})" for e in exc.errors()]
+        raise ConfigError(f"{where}: " + "; ".join(msgs) + ". Fix these keys.") from None

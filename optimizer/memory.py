@@ -252,56 +252,58 @@ def _lora_shapes(arch: Arch, st: Setting) -> list[tuple[int, int]]:
     return [(st.rank * m.in_features, m.out_features * st.rank) for m in layer_linears(arch) if m.name in st.targets]
 
 
-def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int], ...]:
-    """(numel, count) of the trainable parameter tensors (one gradient and one optimizer-state set each)."""
-    return _trainable_numels(arch, st.full, st.targets, st.rank, tuple(_additional(plan)))
+def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int, int], ...]:
+    """(numel, count, bytes per element) of the trainable parameter tensors (one gradient and one
+    optimizer-state set each). LoRA A/B are fp32; full fine-tuning and PEFT's `modules_to_save` copies have
+    the trainable dtype (fp32, or the checkpoint dtype under pure_bf16) [T]."""
+    return _trainable_numels(arch, st.full, st.targets, st.rank, tuple(_additional(plan)), st.lora_w, st.train_w)
 
 
 @lru_cache(maxsize=4096)
-def _trainable_numels(arch: Arch, full: bool, targets: tuple[str, ...], rank: int,
-                      additional: tuple[str, ...]) -> tuple[tuple[int, int], ...]:
-    counts: Counter[int] = Counter()
+def _trainable_numels(arch: Arch, full: bool, targets: tuple[str, ...], rank: int, additional: tuple[str, ...],
+                      lora_w: int, train_w: int) -> tuple[tuple[int, int, int], ...]:
+    counts: Counter[tuple[int, int]] = Counter()
     L = arch.num_hidden_layers
     lin = layer_linears(arch)
     if full:
         pc = param_counts(arch)
         for m in lin:
-            counts[m.weight_numel] += L
+            counts[m.weight_numel, train_w] += L
             if m.bias:
-                counts[m.out_features] += L
-        counts[arch.hidden_size] += L * arch.norms_per_layer + 1
+                counts[m.out_features, train_w] += L
+        counts[arch.hidden_size, train_w] += L * arch.norms_per_layer + 1
         if arch.qk_norm:
-            counts[arch.head_dim] += 2 * L
-        counts[pc.embed] += 1
+            counts[arch.head_dim, train_w] += 2 * L
+        counts[pc.embed, train_w] += 1
         if pc.lm_head:
-            counts[pc.lm_head] += 1
+            counts[pc.lm_head, train_w] += 1
     else:
         for m in lin:
             if m.name in targets:
-                counts[rank * m.in_features] += L
-                counts[m.out_features * rank] += L
+                counts[rank * m.in_features, lora_w] += L
+                counts[m.out_features * rank, lora_w] += L
         for name in additional:
-            counts[_module_numel(arch, name)] += 1
-    return tuple(sorted(counts.items()))
+            counts[_module_numel(arch, name), train_w] += 1
+    return tuple(sorted((n, k, w) for (n, w), k in counts.items()))
 
 
-def _sum_alloc(numels: tuple[tuple[int, int], ...], nbytes: int, extra_per_tensor: int = 0) -> int:
-    return sum(k * (alloc_bytes(n * nbytes) + extra_per_tensor) for n, k in numels)
+def _sum_alloc(groups: tuple[tuple[int, int, int], ...]) -> int:
+    return sum(k * alloc_bytes(n * w) for n, k, w in groups)
 
 
 def adapter_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
-    """Trainable parameters that are not base weights: LoRA A/B (fp32 unless pure_bf16) and the trainable
-    copies PEFT makes for `additional_target` ([S] PEFT `utils/other.py::ModulesToSaveWrapper`)."""
+    """Trainable parameters that are not base weights: LoRA A/B (fp32: [S] PEFT mapping.py::get_peft_model,
+    autocast_adapter_dtype=True) and the trainable copies PEFT makes for `additional_target`
+    ([S] PEFT utils/other.py::ModulesToSaveWrapper)."""
     if st.full:
         return 0
-    return _sum_alloc(trainable_tensor_numels(arch, plan, st), st.lora_w)
+    return _sum_alloc(trainable_tensor_numels(arch, plan, st))
 
 
 def grad_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     """One gradient per trainable tensor, in the parameter's dtype (AccumulateGrad stores `param.grad`
     with the param's dtype; under autocast the cast's backward returns fp32 for fp32 params)."""
-    w = st.train_w if st.full else st.lora_w
-    return _sum_alloc(trainable_tensor_numels(arch, plan, st), w)
+    return _sum_alloc(trainable_tensor_numels(arch, plan, st))
 
 
 # [S] bitsandbytes optim/optimizer.py::Optimizer8bit: `min_8bit_size=4096`: smaller params keep 32-bit
@@ -321,23 +323,20 @@ def optimizer_state_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     states. Paged states are CUDA managed memory, invisible to torch's allocator (counted in the device
     peak only). sgd (HF passes no momentum) keeps no state.
     """
-    numels = trainable_tensor_numels(arch, plan, st)
-    w = st.train_w if st.full else st.lora_w
+    groups = trainable_tensor_numels(arch, plan, st)
     if plan.optim in ("adamw_torch", "adamw_torch_fused"):
         step = alloc_bytes(FP32) if plan.optim == "adamw_torch_fused" else 0
-        return 2 * _sum_alloc(numels, w) + sum(k for _, k in numels) * step
+        return 2 * _sum_alloc(groups) + sum(k for _, k, _ in groups) * step
     if plan.optim in ("adamw_8bit", "adamw_bnb_8bit"):
-        return _bnb8_state_bytes(numels)
-    if plan.optim == "paged_adamw_8bit":
-        return 0
-    return 0  # sgd
+        return _bnb8_state_bytes(groups)
+    return 0  # paged_adamw_8bit (managed memory, see paged_state_bytes) and sgd
 
 
-def _bnb8_state_bytes(numels: tuple[tuple[int, int], ...]) -> int:
+def _bnb8_state_bytes(groups: tuple[tuple[int, int, int], ...]) -> int:
     total = 2 * alloc_bytes(256 * FP32)  # qmap1, qmap2
-    for n, k in numels:
+    for n, k, _ in groups:
         if n < BNB_MIN_8BIT_SIZE:
-            total += k * (2 * alloc_bytes(n * FP32) + alloc_bytes(FP32))
+            total += k * 2 * alloc_bytes(n * FP32)
         else:
             total += k * (2 * alloc_bytes(n) + 2 * alloc_bytes(ceil_div(n, BNB_BLOCK) * FP32))
     return total
@@ -359,13 +358,12 @@ def optimizer_step_temp_bytes(arch: Arch, plan: Plan, st: Setting) -> int:
     allocates one tensor per param (the same bytes as one state); all other foreach ops are in place.
     Fused AdamW and 8-bit AdamW update in place.
     """
-    numels = trainable_tensor_numels(arch, plan, st)
-    n_tensors = sum(k for _, k in numels)
-    w = st.train_w if st.full else st.lora_w
+    groups = trainable_tensor_numels(arch, plan, st)
+    n_tensors = sum(k for _, k, _ in groups)
     clip = 0
     if plan.max_grad_norm > 0:
         clip = n_tensors * alloc_bytes(FP32) + alloc_bytes(n_tensors * FP32) + alloc_bytes(FP32)
-    foreach = _sum_alloc(numels, w) if plan.optim == "adamw_torch" else 0
+    foreach = _sum_alloc(groups) if plan.optim == "adamw_torch" else 0
     return clip + foreach
 
 
@@ -873,21 +871,22 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     x = w.leaf("last_hidden", N * H * st.stream, requires_grad=True)
     h, h_b = _norm(w, st, x, st.stream, N * H, N, st.full)
     w.drop(x)
-    # saved for backward; the lm_head input itself is only referenced until forward returns (loss phase)
-    final_saved = sum(v for k, v in w.live.items() if w.savers.get(k))
-    held_out = 0 if w.savers.get(h) else w.live[h]
+    # saved for backward; the lm_head input itself is only referenced until forward returns (loss phase),
+    # unless the lm_head trains (full fine-tuning, additional_target lm_head): then it saves its input
+    lm_train = lm_head_trains(arch, plan, st)
+    final_saved = sum(v for k, v in w.live.items() if w.savers.get(k) or (lm_train and k == h))
+    held_out = 0 if (w.savers.get(h) or lm_train) else w.live[h]
     if plan.enable_liger_kernel:
         chunk = _liger_chunk_bytes(arch, st)
         return HeadActivations(final_saved, chunk + held_out, chunk + held_out, alloc_bytes(N * H * st.c), chunk,
                                alloc_bytes(N * H * st.c))
-    lw = st.embed_w if not st.full else st.train_w
+    lw = st.train_w if lm_train else st.embed_w
     logit_b = st.c if st.amp else _promote(h_b, lw)
     logits_nv = N * V
     fwd_end = alloc_bytes(logits_nv * logit_b)
     if st.mixed16 or (st.amp and lw != st.c):
-        # the frozen lm_head weight is cast to the autocast dtype and saved for the input gradient
-        wcast = alloc_bytes(V * H * st.c)
-        final_saved += wcast
+        # the lm_head weight is cast to the autocast dtype (cached when it trains) and saved for backward
+        final_saved += alloc_bytes(V * H * st.c)
     peak = fwd_end
     cur = fwd_end
     if plan.upcast_lmhead_output and logit_b != FP32:
@@ -908,9 +907,28 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     if st.amp:  # accelerate converts the outputs (logits) to fp32 at forward return
         peak = max(peak, cur + saved + (alloc_bytes(logits_nv * FP32) if logit_b != FP32 else 0))
     ce_bwd = 2 * alloc_bytes(logits_nv * FP32)  # nll grad + log_softmax grad, on top of the saved lsm
-    lm_bwd = alloc_bytes(logits_nv * FP32) + (alloc_bytes(logits_nv * logit_b) if logit_b != FP32 else 0)
-    lm_bwd = max(lm_bwd, alloc_bytes(logits_nv * logit_b) + alloc_bytes(N * H * st.c))
+    # lm_head backward: the fp32 logits gradient cast back to the logits dtype, then the input gradient and,
+    # when the lm_head trains, its weight gradient (in the compute dtype, then fp32 through the cast's
+    # backward under autocast) [T]
+    d_log = alloc_bytes(logits_nv * logit_b)
+    d_x = alloc_bytes(N * H * st.c)
+    lm_bwd = alloc_bytes(logits_nv * FP32) + (d_log if logit_b != FP32 else 0)
+    if lm_train:
+        # the matmul's backward: logits gradient + input gradient + weight gradient (compute dtype), with the
+        # saved input and cast weight; then, those freed, the cast's backward makes the fp32 weight gradient
+        cast = st.amp and st.train_w != st.c
+        dw_c = alloc_bytes(V * H * st.c)
+        at_mm = d_log + d_x + dw_c
+        at_cast = d_x + dw_c + alloc_bytes(V * H * st.train_w) - alloc_bytes(V * H * st.c) - w.live[h] if cast else 0
+        lm_bwd = max(lm_bwd, at_mm, at_cast)
+    else:
+        lm_bwd = max(lm_bwd, d_log + d_x)
     return HeadActivations(final_saved, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd)
+
+
+def lm_head_trains(arch: Arch, plan: Plan, st: Setting) -> bool:
+    """Full fine-tuning, or `additional_target` naming lm_head (PEFT's trainable copy)."""
+    return st.full or "lm_head" in _additional(plan)
 
 
 def _liger_chunk_bytes(arch: Arch, st: Setting) -> int:
@@ -957,6 +975,28 @@ def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
     rounding = sum(round_up(b, ROUND_LARGE) - b for b in large_blocks if b > 10 * MIB)
     cached = max([b for b in large_blocks] + [0])
     return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
+
+
+def large_blocks_at(arch: Arch, plan: Plan, moment: str, batch: int | None = None) -> list[int]:
+    """The big tensors live at a phase's peak, for the allocator's rounding ([T] the trace's largest live
+    tensors): the cross-entropy backward holds three fp32 [N, V] blocks (saved log-softmax and two
+    gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; a layer's
+    peak holds its MLP factors ([N, I] in the compute dtype, three); the optimizer step none beyond weights."""
+    st = setting_for(arch, plan if batch is None else plan.model_copy(update={"per_device_train_batch_size": batch}))
+    nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
+    if plan.enable_liger_kernel or moment == "optimizer":
+        return []
+    if moment == "cross-entropy backward":
+        return [nv4] * 3
+    if moment in ("loss", "eval"):
+        return [nv4] * 2 + [alloc_bytes(st.tokens * arch.vocab_size * st.c)]
+    return [alloc_bytes(st.tokens * arch.intermediate_size * st.c)] * 3
+
+
+def device_peak_for(peak_allocated: int, large_blocks: list[int], managed: int = 0) -> int:
+    """nvidia-smi's view of a phase: reserved (`reserved_bytes`) + CUDA managed memory (paged optimizer
+    states) + the CUDA context."""
+    return reserved_bytes(peak_allocated, large_blocks) + managed + CUDA_CONTEXT_BYTES
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1065,7 +1105,14 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         )),
         key=lambda p: p.total_bytes,
     )
-    candidates = [ce, lb]
+    lmb = PhasePeak(phase="backward", moment="lm_head backward", terms=static + _terms(
+        bw_ws,
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_and_lm_head_input", head.final_norm_saved, ""),
+        ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
+    ))
+    candidates = [ce, lb, lmb]
     if st.full:
         # [T] the end of backward: the embedding's gradient (embedding_dense_backward, [V, H]) is summed with
         # the tied lm_head's share before AccumulateGrad stores it. Under autocast that share is the fp32
@@ -1089,8 +1136,8 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
     phases = [forward, loss, backward, optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
     trainable, all_params = count_params(arch, plan)
-    logits_block = alloc_bytes(N * arch.vocab_size * FP32) if not plan.enable_liger_kernel else 0
-    large = [logits_block] * 3 + [alloc_bytes(N * arch.intermediate_size * st.c)] * 4
+    kind = {"loss": "loss", "optimizer": "optimizer"}.get(peak.phase, peak.moment)
+    large = large_blocks_at(arch, plan, kind)
     reserved = reserved_bytes(peak.total_bytes, large)
     paged = paged_state_bytes(arch, plan, st)
     notes = _notes(arch, plan, st, grads)
@@ -1103,7 +1150,7 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         peak_phase=peak.phase,
         peak_allocated_bytes=peak.total_bytes,
         peak_reserved_bytes=reserved + paged,
-        device_peak_bytes=reserved + paged + CUDA_CONTEXT_BYTES,
+        device_peak_bytes=device_peak_for(peak.total_bytes, large, paged),
         notes=notes,
     )
 
@@ -1167,8 +1214,8 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
     states = optimizer_state_bytes(arch, plan, st)
     lay = layer_forward(arch, st, no_grad=True)
     layer_peak = lay.peak_bytes + shared_forward_bytes(arch, st)
-    logit_b = st.c if st.amp else _promote(st.stream, st.embed_w)
-    loss = alloc_bytes(N * V * logit_b) + 2 * alloc_bytes(N * V * FP32)
+    head = head_activations(arch, ev, st)
+    loss = head.loss_peak_extra  # logits, their fp32 copy and log-softmax (computed, not saved: no_grad)
     kept = 0
     detail = "loss only"
     if compute_accuracy:
@@ -1180,7 +1227,7 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
     if predict_with_generate:
         kv = 2 * L * alloc_bytes(eval_batch * (st.seq + max_new_tokens) * arch.kv_dim * st.c)
         detail = f"KV cache for {st.seq} + {max_new_tokens} tokens"
-    work = max(layer_peak + kv, loss + alloc_bytes(N * arch.hidden_size * st.stream))
+    work = max(layer_peak + kv, loss)
     return PhasePeak(phase="eval", moment=f"evaluation batch of {eval_batch} ({detail})", terms=_terms(
         ("weights", weights, "model weights"),
         ("adapters", adapters, ""),

@@ -114,7 +114,8 @@ class Problem(BaseModel):
     """A `trainfit solve` problem file."""
 
     model_config = _STRICT
-    name: str = Field(description="Problem name; configs go under configs/<name>/.")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Problem name (letters, digits, '.', '_', '-'); configs go under configs/<name>/.")
     model: str = Field(description="Catalog model id or a path to a config.json (relative to the problem file).")
     gpu: str | CustomGpu = Field(description="Catalog GPU id, or a custom card with its memory.")
     num_gpus: Literal[1] = Field(default=1, description="GPUs (1 for now).")
@@ -129,6 +130,8 @@ class Problem(BaseModel):
 def load_problem(path: str | Path) -> tuple[Problem, Path]:
     """(problem, folder of the file). Every validation problem is reported in one message."""
     p = Path(path)
+    if p.is_dir():
+        raise ProblemError(f"{str(path)!r} is a folder. Pass a problem YAML file (see problems/).")
     if not p.is_file():
         raise ProblemError(f"problem file {str(path)!r} does not exist. Pass a problem YAML (see problems/).")
     try:
@@ -137,6 +140,8 @@ def load_problem(path: str | Path) -> tuple[Problem, Path]:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise ProblemError(f"{str(path)!r} is not valid YAML{where}. Fix the syntax.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProblemError(f"cannot read {str(path)!r} ({exc}). Pass a readable UTF-8 YAML file.") from None
     if not isinstance(data, dict):
         raise ProblemError(f"{str(path)!r} is not a mapping. A problem file has keys name, model, gpu, dataset, ...")
     try:
