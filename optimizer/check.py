@@ -222,12 +222,20 @@ def _halvings(v: int) -> list[int]:
     return out
 
 
+FIX_KNOBS = ("enable_liger_kernel", "disable_gradient_checkpointing", "optim", "per_device_train_batch_size",
+             "quantization_bit", "lora_rank", "lora_target", "cutoff_len", "gradient_accumulation_steps")
+
+
 def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, budget: int,
                  evaluates: bool) -> tuple[Fix | None, str]:
     """Options per knob with their costs; the memory model decides which combinations fit; CP-SAT picks the
     cheapest (ties: the lower device peak, then the order of the options)."""
-    from .solver import nearest_feasible
+    rows = fix_options(data, plan, arch, budget, evaluates)
+    return _pick_fix(rows, plan, gpu, data, evaluates)
 
+
+def fix_options(data: dict[str, Any], plan: Plan, arch: Arch, budget: int, evaluates: bool):
+    """The fitting combinations of the cheap changes (see the module docstring for the costs)."""
     opts: dict[str, list[tuple[Any, int]]] = {}
     opts["enable_liger_kernel"] = [(plan.enable_liger_kernel, 0)] + (
         [(True, FIX_COSTS["liger"])] if not plan.enable_liger_kernel and arch.model_type in LIGER_TYPES else [])
@@ -253,8 +261,13 @@ def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, bud
     c = plan.cutoff_len
     opts["cutoff_len"] = [(c, 0)] + [(max(8, round_up(int(c * f), 8)), cost) for f, cost in FIX_COSTS["cutoff"].items()
                                      if round_up(int(c * f), 8) < c]
+    return fix_candidates(opts, data, plan, arch, budget, evaluates)
+
+
+def fix_candidates(opts, data, plan, arch, budget, evaluates):
+    """Every combination of the knob options that fits: [(combo, new plan, estimate, device peak, cost)]."""
     keys = list(opts)
-    rows, costs, peaks = [], [], []
+    rows = []
     for combo in itertools.product(*(range(len(opts[k])) for k in keys)):
         upd = {k: opts[k][i][0] for k, i in zip(keys, combo)}
         cost = sum(opts[k][i][1] for k, i in zip(keys, combo))
@@ -269,23 +282,27 @@ def _nearest_fix(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, bud
             ev = eval_estimate(arch, new, eval_batch=eb)
             dev = max(dev, device_peak_for(ev.total_bytes, large_blocks_at(arch, new, "eval", eb)))
         if dev <= budget:
-            rows.append((combo, new, est, dev))
-            costs.append(cost)
-            peaks.append(dev)
+            rows.append((combo, new, est, dev, cost))
+    return rows
+
+
+def _pick_fix(rows, plan, gpu, data, evaluates):
+    from .solver import nearest_feasible
+
     if not rows:
         return None, ("no combination of the cheap changes fits; use a bigger GPU or a smaller model "
                       "(trainfit solve searches every option)")
-    best = nearest_feasible(costs, [p // MIB for p in peaks])
-    combo, new, est, dev = rows[best]
+    best = nearest_feasible([r[4] for r in rows], [r[3] // MIB for r in rows])
+    combo, new, est, dev, cost = rows[best]
     changes = {}
-    for k in keys + ["gradient_accumulation_steps"]:
+    for k in FIX_KNOBS:
         old, nv = getattr(plan, k), getattr(new, k)
         if old != nv:
             changes[k] = [old, nv]
     eval_batch = eval_settings(data).per_device_eval_batch_size
     if evaluates and eval_batch > new.per_device_train_batch_size:
         changes["per_device_eval_batch_size"] = [eval_batch, new.per_device_train_batch_size]
-    return Fix(changes=changes, cost=costs[best], device_peak_bytes=dev, peak_allocated_bytes=est.peak_allocated_bytes,
+    return Fix(changes=changes, cost=cost, device_peak_bytes=dev, peak_allocated_bytes=est.peak_allocated_bytes,
                headroom_bytes=gpu.memory_bytes - dev), ""
 
 

@@ -14,6 +14,7 @@ from .arch import param_counts
 from .errors import ConfigError, TrainfitError
 from .lfconfig import plan_from_dict, read_yaml
 from .memory import estimate as run_estimate
+from .memory import setting_for
 from .report import DEFAULT_MARGIN, estimate_json, estimate_table, gpus_table, models_table
 from .schema import Arch, Plan
 
@@ -192,6 +193,7 @@ def trace(
 
     try:
         arch, plan = _resolve(config, model, overrides)
+        setting_for(arch, plan)  # the same validation as estimate (lora_target names, quantization, ...)
         cfg = catalog.resolve_config(model or _yaml_model(config))
         if device == "cuda":
             result = run_cuda(cfg, plan, layers=layers)

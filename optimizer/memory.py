@@ -193,8 +193,8 @@ def _module_numel(arch: Arch, name: str) -> int:
 def quant4_bytes(n: int, double_quant: bool) -> int:
     """One bitsandbytes 4-bit weight of n elements (blocksize 64), packed data + QuantState.
 
-    [S] bitsandbytes `functional.py::quantize_4bit`: packed data (n+1)//2 bytes (LLaMA-Factory sets
-    `bnb_4bit_quant_storage` = compute dtype, i.e. (n+1)//4 bf16 elements: the same bytes); absmax fp32
+    [S] bitsandbytes `functional.py::quantize_4bit`: packed data of n/2 bytes held in ceil(n/4) elements of
+    the storage dtype (LLaMA-Factory sets `bnb_4bit_quant_storage` = the 16-bit compute dtype); absmax fp32
     [ceil(n/64)]; the 16-entry NF4/FP4 code fp32 [16]. With double quantization (`compress_statistics`) the
     absmax is `quantize_blockwise(absmax - offset, blocksize=256)`: uint8 [blocks] + fp32 absmax2
     [ceil(blocks/256)] + fp32 dynamic code [256] + fp32 offset []. Each tensor is its own allocation.
@@ -485,10 +485,6 @@ class _Walk:
         return peak, param_grads
 
 
-def plan_fp16(st: Setting) -> bool:
-    return st.fp16
-
-
 def _promote(a: int, b: int) -> int:
     return max(a, b)
 
@@ -563,7 +559,8 @@ def _linear(w: _Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from
         # [S] bitsandbytes nn/modules.py::Linear4bit.forward casts x to the compute dtype;
         # autograd/_functions.py::MatMul4Bit keeps only the packed weight (ctx.tensors = (None, B)) and
         # dequantizes it again in backward. On CUDA the 4-bit GEMM dequantizes the weight to a transient
-        # 16-bit copy for > 1536 tokens and on sm90+ (bnb 0.50 `gemm_4bit` fallback).
+        # 16-bit copy for > 1536 tokens and on sm90+ (bnb 0.50 `gemm_4bit` fallback); counted always, as the
+        # trace does (conservative by one weight for short micro-batches on pre-Hopper cards).
         xi = x
         if not native:
             xi = w.op("cast_in", N * m.in_features * c, ins=(x,))
@@ -762,7 +759,7 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         w.drop(s2)
         # softmax(..., dtype=float32) converts its input first ([S] aten/src/ATen/native/SoftMax.cpp::softmax:
         # only fp16 input on CUDA takes the half_to_float path without a copy)
-        if a_b != FP32 and not (st.amp and plan_fp16(st)):
+        if a_b != FP32 and not st.fp16:
             s4 = w.op("softmax_in_f32", sc * FP32, ins=(s3,))
             w.drop(s3)
             s3 = s4
@@ -846,7 +843,8 @@ def shared_forward_bytes(arch: Arch, st: Setting) -> int:
 
 @dataclass(frozen=True)
 class HeadActivations:
-    final_norm_saved: int  # final norm's saved tensors (+ the lm_head weight cast under fp16-over-bf16)
+    final_norm_saved: int  # final norm's saved tensors (+ the lm_head input when the lm_head trains)
+    weight_cast: int  # the lm_head weight cast to the compute dtype, saved for backward (0 when none)
     forward_end_extra: int  # the logits while the lm_head has just run (+ its input, held by the outputs)
     loss_peak_extra: int  # peak of the loss computation (logits, fp32 upcast, log-softmax, lm_head input)
     loss_saved: int  # what the loss keeps for backward
@@ -878,15 +876,16 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
     held_out = 0 if (w.savers.get(h) or lm_train) else w.live[h]
     if plan.enable_liger_kernel:
         chunk = _liger_chunk_bytes(arch, st)
-        return HeadActivations(final_saved, chunk + held_out, chunk + held_out, alloc_bytes(N * H * st.c), chunk,
+        return HeadActivations(final_saved, 0, chunk + held_out, chunk + held_out, alloc_bytes(N * H * st.c), chunk,
                                alloc_bytes(N * H * st.c))
     lw = st.train_w if lm_train else st.embed_w
     logit_b = st.c if st.amp else _promote(h_b, lw)
     logits_nv = N * V
     fwd_end = alloc_bytes(logits_nv * logit_b)
+    wcast = 0
     if st.mixed16 or (st.amp and lw != st.c):
         # the lm_head weight is cast to the autocast dtype (cached when it trains) and saved for backward
-        final_saved += alloc_bytes(V * H * st.c)
+        wcast = alloc_bytes(V * H * st.c)
     peak = fwd_end
     cur = fwd_end
     if plan.upcast_lmhead_output and logit_b != FP32:
@@ -923,7 +922,7 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
         lm_bwd = max(lm_bwd, at_mm, at_cast)
     else:
         lm_bwd = max(lm_bwd, d_log + d_x)
-    return HeadActivations(final_saved, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd)
+    return HeadActivations(final_saved, wcast, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd)
 
 
 def lm_head_trains(arch: Arch, plan: Plan, st: Setting) -> bool:
@@ -1007,7 +1006,7 @@ def _terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
 
-def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
+def estimate(arch: Arch, plan: Plan) -> Estimate:
     """The memory model of one steady-state step of `plan` on `arch`."""
     st = setting_for(arch, plan)
     L = arch.num_hidden_layers
@@ -1034,10 +1033,10 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         what = f"{L} layers x saved activations"
     weight_terms = (
         ("weights_decoder_linears", weights["decoder_linears"], _weights_detail(st)),
-        ("weights_embed_tokens", weights["embed_tokens"], "V x H, checkpoint dtype" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
+        ("weights_embed_tokens", weights["embed_tokens"], f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
-        ("adapters", adapters, f"LoRA A/B ({'fp32' if st.lora_w == 4 else 'bf16'})" if not st.full else ""),
+        ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
         ("optimizer_states", states, plan.optim),
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
     )
@@ -1054,11 +1053,11 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
     ))
-    fwd_end = head.final_norm_saved + head.forward_end_extra
     loss = PhasePeak(phase="loss", moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + _terms(
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
-        ("final_norm_and_lm_head_input", head.final_norm_saved, "final RMSNorm saved tensors + lm_head input"),
+        ("final_norm_saved", head.final_norm_saved, "final RMSNorm saved tensors (+ lm_head input when it trains)"),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
     ))
@@ -1067,7 +1066,8 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         bw_ws,
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
-        ("final_norm_and_lm_head_input", head.final_norm_saved, ""),
+        ("final_norm_saved", head.final_norm_saved, ""),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
         ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
     ))
@@ -1109,7 +1109,8 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         bw_ws,
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
-        ("final_norm_and_lm_head_input", head.final_norm_saved, ""),
+        ("final_norm_saved", head.final_norm_saved, ""),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
     ))
     candidates = [ce, lb, lmb]
@@ -1153,6 +1154,10 @@ def estimate(arch: Arch, plan: Plan, gpu_cc: str | None = None) -> Estimate:
         device_peak_bytes=device_peak_for(peak.total_bytes, large, paged),
         notes=notes,
     )
+
+
+def _dtype_name(nbytes: int, arch: Arch) -> str:
+    return "fp32" if nbytes == FP32 else {"bfloat16": "bf16", "float16": "fp16"}.get(arch.torch_dtype, "16-bit")
 
 
 def _weights_detail(st: Setting) -> str:

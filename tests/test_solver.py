@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from optimizer.brute import solve_brute
@@ -63,6 +63,7 @@ def test_every_solution_revalidates_against_the_memory_model(d):
     try:
         res = solve_problem(problem)
     except InfeasibleError:
+        assume(False)  # hypothesis fails the test if too few generated problems are feasible
         return
     for s in res.front:
         est = estimate(build_instance(problem).arch, s.plan)

@@ -90,7 +90,7 @@ def _hf_config(config: dict[str, Any], layers: int | None, attn_impl: str):
         raise ConfigError(f"{model_type}: multimodal configs are not traced. Trace the text model's config.")
     if layers is not None:
         if layers <= 0:
-            raise ConfigError(f"layers must be positive, got {layers}.")
+            raise ConfigError(f"layers must be positive, got {layers}. Pass --layers 1 or more.")
         cfg["num_hidden_layers"] = layers
         if isinstance(cfg.get("layer_types"), list):
             cfg["layer_types"] = cfg["layer_types"][:layers]

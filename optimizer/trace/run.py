@@ -348,7 +348,7 @@ def run_real_cuda(config: dict[str, Any], plan: Plan, *, layers: int | None = No
     import torch
 
     if not torch.cuda.is_available():
-        raise TrainfitError("no CUDA device: run_cuda needs a GPU and a CUDA build of torch. Use run_trace instead.")
+        raise TrainfitError("no CUDA device: --device cuda needs a GPU and a CUDA build of torch. Use --device cpu (the fake-tensor trace) instead.")
     from .cuda import run_on_device
 
     return run_on_device(config, plan, layers=layers, steps=steps, device=torch.device("cuda", torch.cuda.current_device()))
