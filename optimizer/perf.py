@@ -138,11 +138,16 @@ def _expected_from_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int
     return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
 
 
+def optimizer_step_seconds(trainable_params: int, gpu: GpuSpec) -> float:
+    """One optimizer step: fused AdamW streams ADAMW_BYTES_PER_PARAM per trainable parameter through memory."""
+    return ADAMW_BYTES_PER_PARAM * trainable_params / (gpu.bandwidth_gbps * 1e9)
+
+
 def training_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: bool, batch: int, seq_len: int,
                      lora_params: int, trainable_params: int, samples: int, epochs: float, accumulation: int) -> float:
     micro = math.ceil(samples / batch)
     steps = math.ceil(micro / accumulation)
     t_micro = micro_batch_seconds(arch, gpu, finetuning_type=finetuning_type, gc=gc, batch=batch, seq_len=seq_len,
                                   lora_params=lora_params)
-    t_opt = ADAMW_BYTES_PER_PARAM * trainable_params / (gpu.bandwidth_gbps * 1e9)
+    t_opt = optimizer_step_seconds(trainable_params, gpu)
     return epochs * (micro * t_micro + steps * t_opt)

@@ -16,7 +16,7 @@ from . import catalog
 from .arch import layer_linears
 from .errors import ProblemError
 from .memory import count_params, estimate
-from .perf import ADAMW_BYTES_PER_PARAM, expected_padded_len, expected_padded_len_samples, micro_batch_seconds
+from .perf import expected_padded_len, expected_padded_len_samples, micro_batch_seconds, optimizer_step_seconds
 from .problem import CustomGpu, DatasetSummary, Problem
 from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
 from .schema import Arch, GpuSpec, Plan
@@ -259,7 +259,7 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[i
         seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
     micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=knobs["gradient_checkpointing"],
                                   batch=batch, seq_len=seq, lora_params=0 if is_full else trainable)
-    opt_s = ADAMW_BYTES_PER_PARAM * trainable / (inst.gpu.bandwidth_gbps * 1e9)
+    opt_s = optimizer_step_seconds(trainable, inst.gpu)
     index = tuple(
         0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
     )
