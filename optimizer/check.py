@@ -182,6 +182,15 @@ def _key_effects(data: dict[str, Any], plan: Plan, arch: Arch) -> tuple[list[Key
 
 def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> list[Pitfall]:
     out = []
+    if not data.get("dataset"):
+        # [S] LLaMA-Factory 0.9.5 hparams/data_args.py / parser.py (checked with its parser: the reference
+        # case's configs stop with "Cannot specify `val_size` if `dataset` is None.")
+        out.append(Pitfall(key="dataset", problem="no dataset: LLaMA-Factory stops before training ('Please specify "
+                           "dataset for training.' or 'Cannot specify `val_size` if `dataset` is None.')",
+                           fix="set dataset to a name in <dataset_dir>/dataset_info.json (and dataset_dir)"))
+    if not data.get("template"):
+        out.append(Pitfall(key="template", problem="no template: LLaMA-Factory falls back to the tokenizer's chat "
+                           "template or `empty`, with a warning", fix="set the model family's template (qwen for Qwen2.5)"))
     if _evaluates(data) and "per_device_eval_batch_size" not in data:
         out.append(Pitfall(key="per_device_eval_batch_size", problem="evaluation runs with HF's default batch of 8",
                            fix=f"set per_device_eval_batch_size: {plan.per_device_train_batch_size}"))

@@ -65,7 +65,7 @@ def test_each_pitfall(tmp_path):
     (out / "checkpoint-100").mkdir(parents=True)
     rep = json.loads(run("check", _cfg(tmp_path, text.format(out=out)), "--gpu", GPU, "--json").output)
     keys = {p["key"] for p in rep["pitfalls"]}
-    assert keys == {"per_device_eval_batch_size", "gradient_checkpointing", "fp16",
+    assert keys == {"per_device_eval_batch_size", "gradient_checkpointing", "fp16", "dataset", "template",
                     "upcast_layernorm", "(environment)", "flash_attn", "output_dir", "eval_accumulation_steps"}
     # upcast_lmhead_output is no pitfall: the loss upcasts the logits to fp32 anyway, so the trace shows no
     # extra peak; check reports it among the keys that do not change the peak
