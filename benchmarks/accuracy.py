@@ -53,7 +53,7 @@ def main() -> None:
         print(f"{i:2d} {model:30s} {_label(plan)[:96]:96s} {est / GIB:8.3f}G {tr / GIB:8.3f}G {100 * err:+6.2f}%  {where}",
               flush=True)
     print(f"{len(errs)} configs, {len({m for m, _ in GRID})} architectures: median |error| "
-          f"{100 * statistics.median(errs):.2f}%, max {100 * max(errs):.2f}% (bound {100 * ERROR_BOUND:.0f}%), "
+          f"{100 * statistics.median(errs):.2f}%, max {100 * max(errs):.2f}% (bound {100 * ERROR_BOUND:.1f}%), "
           f"{time.perf_counter() - t0:.0f} s")
 
 

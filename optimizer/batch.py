@@ -62,8 +62,12 @@ def run_batch(items, method: str, jobs: int = 0):
             results[i] = (path, problem, base, res, err)
             done += 1
             bar = "#" * (20 * done // len(items))
-            print(f"\r[{bar:<20s}] {done}/{len(items)} solved", end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
+            if sys.stderr.isatty():
+                print(f"\r[{bar:<20s}] {done}/{len(items)} solved", end="", file=sys.stderr, flush=True)
+            elif done == len(items) or done % max(1, len(items) // 10) == 0:
+                print(f"[{bar:<20s}] {done}/{len(items)} solved", file=sys.stderr, flush=True)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     return results
 
 
