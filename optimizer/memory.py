@@ -1179,6 +1179,10 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
             f"from the second micro-batch on, the {grads / MIB:,.1f} MiB of accumulated gradients stay live "
             "(covered by the safety margin, not added)"
         )
+    if plan.per_device_train_batch_size > 1 and st.attn == "sdpa" and arch.num_key_value_heads < arch.num_attention_heads:
+        notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "
+                     "repeat K/V to every head (transformers sdpa_attention_forward); the estimate's worst case, "
+                     "every sample at cutoff_len, has no padding")
     if plan.flash_attn == "fa2":
         notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
     if plan.optim == "paged_adamw_8bit":
