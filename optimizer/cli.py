@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import sys
+import typing
 from enum import Enum
 from typing import Any, Optional
 
@@ -78,27 +81,7 @@ def _yaml_model(config: Optional[str]) -> str:
     return str(data["model_name_or_path"])
 
 
-def _plan_options(
-    finetuning_type: Optional[FinetuningType], quantization_bit: Optional[int], quantization_type: Optional[str],
-    double_quantization: Optional[bool], lora_rank: Optional[int], lora_alpha: Optional[int],
-    lora_dropout: Optional[float], lora_target: Optional[str], additional_target: Optional[str],
-    cutoff_len: Optional[int], per_device_train_batch_size: Optional[int], gradient_accumulation_steps: Optional[int],
-    max_samples: Optional[int], num_train_epochs: Optional[float], disable_gradient_checkpointing: Optional[bool],
-    use_reentrant_gc: Optional[bool], flash_attn: Optional[FlashAttn], optim: Optional[Optim], bf16: Optional[bool],
-    fp16: Optional[bool], pure_bf16: Optional[bool], enable_liger_kernel: Optional[bool],
-    upcast_layernorm: Optional[bool], upcast_lmhead_output: Optional[bool], max_grad_norm: Optional[float],
-    kbit_prepare: Optional[bool],
-) -> dict[str, Any]:
-    return dict(locals())
-
-
-@app.command()
-def estimate(
-    config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
-    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+def _plan_flags(
     finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
     quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
     quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
@@ -126,14 +109,43 @@ def estimate(
     max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
     kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
 ) -> None:
+    """The LLaMA-Factory keys both `estimate` and `trace` take as flags (None = not given)."""
+
+
+def _resolved_params(fn) -> list[inspect.Parameter]:
+    """Parameters with real annotation objects (this module uses postponed annotations; typer needs types)."""
+    hints = typing.get_type_hints(fn)
+    return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
+
+
+_PLAN_FLAG_PARAMS = _resolved_params(_plan_flags)
+
+
+def with_plan_flags(fn):
+    """Give a command every plan flag; it receives them as one `overrides` dict."""
+    sig = inspect.signature(fn)
+    own = [p for p in _resolved_params(fn) if p.name != "overrides"]
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        overrides = {p.name: kwargs.pop(p.name) for p in _PLAN_FLAG_PARAMS}
+        return fn(overrides=overrides, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=own + _PLAN_FLAG_PARAMS, return_annotation=None)
+    return wrapper
+
+
+@app.command()
+@with_plan_flags
+def estimate(
+    config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
+    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    overrides: Optional[dict] = None,  # filled by with_plan_flags
+) -> None:
     """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
-    overrides = _plan_options(
-        finetuning_type, quantization_bit, quantization_type, double_quantization, lora_rank, lora_alpha,
-        lora_dropout, lora_target, additional_target, cutoff_len, per_device_train_batch_size,
-        gradient_accumulation_steps, max_samples, num_train_epochs, disable_gradient_checkpointing,
-        use_reentrant_gc, flash_attn, optim, bf16, fp16, pure_bf16, enable_liger_kernel, upcast_layernorm,
-        upcast_lmhead_output, max_grad_norm, kbit_prepare,
-    )
     try:
         arch, plan = _resolve(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
@@ -145,6 +157,7 @@ def estimate(
 
 
 @app.command()
+@with_plan_flags
 def trace(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
@@ -153,41 +166,9 @@ def trace(
     device: str = typer.Option("cpu", "--device", help="cpu (fake tensors, no GPU needed) or cuda (a real step on the GPU)."),
     top: int = typer.Option(10, "--top", min=0, help="Largest live tensors to list at the peak."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
-    quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
-    quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
-    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization", help=_FLAG_HELP),
-    lora_rank: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    lora_alpha: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    lora_dropout: Optional[float] = typer.Option(None, help=_FLAG_HELP),
-    lora_target: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (all, or q_proj,v_proj,...)"),
-    additional_target: Optional[str] = typer.Option(None, help=_FLAG_HELP),
-    cutoff_len: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    per_device_train_batch_size: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
-    use_reentrant_gc: Optional[bool] = typer.Option(None, "--use-reentrant-gc/--no-use-reentrant-gc", help=_FLAG_HELP),
-    flash_attn: Optional[FlashAttn] = typer.Option(None, help=_FLAG_HELP),
-    optim: Optional[Optim] = typer.Option(None, help=_FLAG_HELP),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help=_FLAG_HELP),
-    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help=_FLAG_HELP),
-    pure_bf16: Optional[bool] = typer.Option(None, "--pure-bf16/--no-pure-bf16", help=_FLAG_HELP),
-    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel", help=_FLAG_HELP),
-    upcast_layernorm: Optional[bool] = typer.Option(None, "--upcast-layernorm/--no-upcast-layernorm", help=_FLAG_HELP),
-    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output", help=_FLAG_HELP),
-    max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
-    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
+    overrides: Optional[dict] = None,  # filled by with_plan_flags
 ) -> None:
     """Run two real training steps (fake tensors on the CPU, or --device cuda) and measure the peak: the oracle."""
-    overrides = _plan_options(
-        finetuning_type, quantization_bit, quantization_type, double_quantization, lora_rank, lora_alpha,
-        lora_dropout, lora_target, additional_target, cutoff_len, per_device_train_batch_size,
-        gradient_accumulation_steps, max_samples, num_train_epochs, disable_gradient_checkpointing,
-        use_reentrant_gc, flash_attn, optim, bf16, fp16, pure_bf16, enable_liger_kernel, upcast_layernorm,
-        upcast_lmhead_output, max_grad_norm, kbit_prepare,
-    )
     from .report import trace_table
     from .trace import run_cuda, run_trace, run_trace_extrapolated
 

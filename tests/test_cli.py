@@ -116,3 +116,20 @@ def test_gpus_and_models_list():
     assert res.exit_code == 0 and "rtx-5060-ti-16gb" in res.output and "h100-sxm-80gb" in res.output
     res = run("models")
     assert res.exit_code == 0 and "Qwen/Qwen2.5-3B-Instruct" in res.output and "3,085,938,688" in res.output
+
+
+def test_trace_command_runs_and_validates():
+    import pytest
+
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    res = run("trace", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--bf16", "--layers", "1", "--cutoff-len", "128",
+              "--per-device-train-batch-size", "1", "--json")
+    assert res.exit_code == 0, res.output
+    obj = json.loads(res.output[res.output.index("{"):])
+    assert obj["layers"] == 1 and obj["peak_phase"] in ("forward", "loss", "backward", "optimizer")
+    assert obj["peak_allocated_bytes"] > 0 and obj["trainable_params"] == 183_296
+    bad = run("trace", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--lora-target", "bogus", "--layers", "1")
+    assert bad.exit_code == 1 and bad.output.startswith("Error: lora_target bogus matches no Linear layer")
+    dev = run("trace", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--device", "tpu", "--layers", "1")
+    assert dev.exit_code == 1 and "--device 'tpu' is not cpu or cuda" in dev.output
