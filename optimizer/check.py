@@ -24,12 +24,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .catalog import get_gpu
 from .errors import ConfigError
 from .lfconfig import EvalSettings, eval_settings
 from .memory import device_peak_for, estimate, eval_estimate, large_blocks_at, lora_targets
 from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
-from .units import GIB, MIB, round_up
+from .units import MIB, round_up
 
 __all__ = ["CheckReport", "check", "patch_yaml", "NO_EFFECT_KEYS", "FIX_COSTS"]
 

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import ConfigError
 from .memory import GENERATE_MAX_NEW_TOKENS
+from .yamlio import read_mapping
 from .schema import Plan
 
 __all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "eval_settings", "EvalSettings", "PLAN_KEYS", "NOT_MODELLED"]
@@ -46,22 +47,11 @@ def accepted_keys() -> frozenset[str]:
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    p = Path(path).expanduser()
-    if p.is_dir():
-        raise ConfigError(f"{str(path)!r} is a folder. Pass the path of a LLaMA-Factory training YAML.")
-    if not p.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist. Pass the path of a LLaMA-Factory training YAML.")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{str(path)!r} is not valid YAML{where}. Fix the syntax.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {str(path)!r} ({exc}). Pass a readable UTF-8 YAML file.") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{str(path)!r} is not a mapping of LLaMA-Factory keys. Pass a training YAML.")
-    return data
+    return read_mapping(
+        path, error=ConfigError, what="the path of a LLaMA-Factory training YAML",
+        missing=f"config file {str(path)!r} does not exist. Pass the path of a LLaMA-Factory training YAML.",
+        not_mapping=f"{str(path)!r} is not a mapping of LLaMA-Factory keys. Pass a training YAML.",
+    )
 
 
 def _lower_bool(value: Any) -> Any:

@@ -247,11 +247,6 @@ def base_weight_bytes(arch: Arch, st: Setting) -> dict[str, int]:
     }
 
 
-def _lora_shapes(arch: Arch, st: Setting) -> list[tuple[int, int]]:
-    """(numel of lora_A, numel of lora_B) per LoRA'd Linear of one layer."""
-    return [(st.rank * m.in_features, m.out_features * st.rank) for m in layer_linears(arch) if m.name in st.targets]
-
-
 def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int, int], ...]:
     """(numel, count, bytes per element) of the trainable parameter tensors (one gradient and one
     optimizer-state set each). LoRA A/B are fp32; full fine-tuning and PEFT's `modules_to_save` copies have
@@ -678,7 +673,7 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
     b, s = st.batch, st.seq
     N = b * s
     H, I = arch.hidden_size, arch.intermediate_size
-    nh, hd = arch.num_attention_heads, arch.head_dim
+    nh = arch.num_attention_heads
     c = st.c
     trainable = st.full
     w = _Walk(no_grad=no_grad)
@@ -1012,7 +1007,6 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     L = arch.num_hidden_layers
     N = st.tokens
     weights = base_weight_bytes(arch, st)
-    w_total = sum(weights.values())
     adapters = adapter_bytes(arch, plan, st)
     states = optimizer_state_bytes(arch, plan, st)
     grads = grad_bytes(arch, plan, st)
@@ -1217,7 +1211,7 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
     """
     ev = plan.model_copy(update={"per_device_train_batch_size": eval_batch})
     st = setting_for(arch, ev)
-    N, V, L = st.tokens, arch.vocab_size, arch.num_hidden_layers
+    N, L = st.tokens, arch.num_hidden_layers
     weights = sum(base_weight_bytes(arch, st).values())
     adapters = adapter_bytes(arch, plan, st)
     states = optimizer_state_bytes(arch, plan, st)

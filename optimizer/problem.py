@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ProblemError
 from .quality import QualityWeights
+from .yamlio import read_mapping
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
 
@@ -130,20 +130,11 @@ class Problem(BaseModel):
 def load_problem(path: str | Path) -> tuple[Problem, Path]:
     """(problem, folder of the file). Every validation problem is reported in one message."""
     p = Path(path)
-    if p.is_dir():
-        raise ProblemError(f"{str(path)!r} is a folder. Pass a problem YAML file (see problems/).")
-    if not p.is_file():
-        raise ProblemError(f"problem file {str(path)!r} does not exist. Pass a problem YAML (see problems/).")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise ProblemError(f"{str(path)!r} is not valid YAML{where}. Fix the syntax.") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProblemError(f"cannot read {str(path)!r} ({exc}). Pass a readable UTF-8 YAML file.") from None
-    if not isinstance(data, dict):
-        raise ProblemError(f"{str(path)!r} is not a mapping. A problem file has keys name, model, gpu, dataset, ...")
+    data = read_mapping(
+        path, error=ProblemError, what="a problem YAML file (see problems/)",
+        missing=f"problem file {str(path)!r} does not exist. Pass a problem YAML (see problems/).",
+        not_mapping=f"{str(path)!r} is not a mapping. A problem file has keys name, model, gpu, dataset, ...",
+    )
     try:
         return Problem(**data), p.parent
     except ValidationError as exc:

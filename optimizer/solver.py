@@ -10,9 +10,6 @@ is found (two integer objectives). One worker and a fixed seed make the search d
 
 from __future__ import annotations
 
-import itertools
-import math
-
 from ortools.sat.python import cp_model
 
 from .space import Instance

@@ -327,13 +327,18 @@ def _set_by_name(root: nn.Module, dotted: str, value: nn.Parameter) -> None:
     setattr(parent, leaf, value)
 
 
-def materialize(built: BuiltModel, plan: Plan) -> None:
-    """Allocate every parameter and buffer as a fake CPU tensor (call inside FakeTensorMode + tracker)."""
-    model = built.model
+def tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that share one tensor (tied embeddings); `to_empty` unties them."""
     shared: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         shared.setdefault(id(p), []).append(name)
-    groups = [names for names in shared.values() if len(names) > 1]
+    return [names for names in shared.values() if len(names) > 1]
+
+
+def materialize(built: BuiltModel, plan: Plan) -> None:
+    """Allocate every parameter and buffer as a fake CPU tensor (call inside FakeTensorMode + tracker)."""
+    model = built.model
+    groups = tied_groups(model)
 
     # A quantized Linear's 16-bit weight never lives on the GPU as such: drop it before allocation.
     for _, module in built.bnb4 + built.bnb8:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..schema import Plan
-from .build import BuiltModel, build_model, count_parameters, padded_seq_len
+from .build import BuiltModel, build_model, count_parameters, padded_seq_len, tied_groups
 from .result import TraceResult
 from .tracker import PHASE_OF_SUB, StepStats
 from .trainer import TrainerStep
@@ -97,10 +97,7 @@ def _init_values(model: nn.Module, skip: set[int]) -> None:
 
 def materialize_real(built: BuiltModel, plan: Plan, device: torch.device) -> None:
     model = built.model
-    shared: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared.setdefault(id(p), []).append(name)
-    groups = [names for names in shared.values() if len(names) > 1]
+    groups = tied_groups(model)
     for _, module in built.bnb4 + built.bnb8:
         module._parameters["weight"] = None
     model.to_empty(device=device)
