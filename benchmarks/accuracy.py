@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore")
 
-from optimizer.catalog import resolve_arch, resolve_config  # noqa: E402
 from optimizer.memory import CUBLAS_WORKSPACE_BYTES, estimate  # noqa: E402
+from optimizer.models.catalog import resolve_arch, resolve_config  # noqa: E402
 from optimizer.schema import Plan  # noqa: E402
 from optimizer.trace import run_trace, run_trace_extrapolated  # noqa: E402
 from optimizer.trace.grid import ERROR_BOUND, GRID  # noqa: E402

@@ -11,13 +11,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimizer.batch import expand, run_batch  # noqa: E402
-from optimizer.brute import solve_brute  # noqa: E402
-from optimizer.catalog import gpus, models  # noqa: E402
-from optimizer.problem import DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem  # noqa: E402
-from optimizer.search import solve_problem  # noqa: E402
-from optimizer.solver import solve_cpsat  # noqa: E402
-from optimizer.space import build_instance  # noqa: E402
+from optimizer.models.catalog import gpus, models
+from optimizer.search.batch import expand, run_batch
+from optimizer.search.brute import solve_brute
+from optimizer.search.cpsat import solve_cpsat
+from optimizer.search.problem import DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
+from optimizer.search.solve import solve_problem
+from optimizer.search.space import build_instance
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def growing() -> None:
         d = inst.domains
         points = len(inst.combos) * len(d["gradient_accumulation_steps"]) * len(d["max_samples"])
         total = 1
-        for k, v in d.items():
+        for _k, v in d.items():
             total *= len(v)
         t = time.perf_counter()
         fb = solve_brute(inst)

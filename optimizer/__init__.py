@@ -1,8 +1,8 @@
 """trainfit: the best fine-tuning config that fits your GPU."""
 
-from .arch import arch_from_config, layer_linears, param_counts
-from .catalog import get_gpu, gpus, models, resolve_arch
 from .errors import CatalogError, ConfigError, InfeasibleError, ProblemError, TrainfitError
+from .models.arch import arch_from_config, layer_linears, param_counts
+from .models.catalog import get_gpu, gpus, models, resolve_arch
 from .schema import Arch, Estimate, GpuSpec, Plan
 
 __all__ = [

@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
-from .lfconfig import EvalSettings, eval_settings
+from .llamafactory.read import EvalSettings, eval_settings
 from .memory import device_peak_for, estimate, eval_estimate, large_blocks_at, lora_targets
 from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
 from .units import MIB, round_up
@@ -295,7 +295,7 @@ def fix_candidates(opts, data, plan, arch, budget, evaluates):
 
 
 def _pick_fix(rows, plan, gpu, data, evaluates):
-    from .solver import nearest_feasible
+    from .search.cpsat import nearest_feasible
 
     if not rows:
         return None, ("no combination of the cheap changes fits; use a bigger GPU or a smaller model "
@@ -316,7 +316,7 @@ def _pick_fix(rows, plan, gpu, data, evaluates):
 
 def patch_yaml(text: str, changes: dict[str, list[Any]]) -> str:
     """Apply `changes` to a YAML text line by line, keeping comments and order; new keys go at the end."""
-    from .emit import format_float
+    from .llamafactory.write import format_float
 
     def fmt(v: Any) -> str:
         if isinstance(v, bool):

@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import typer
 
-from . import catalog
-from .arch import param_counts
 from .errors import ConfigError, TrainfitError
-from .lfconfig import plan_from_dict, read_yaml
+from .llamafactory.read import plan_from_dict, read_yaml
 from .memory import estimate as run_estimate
 from .memory import setting_for
+from .models import catalog
+from .models.arch import param_counts
 from .report import DEFAULT_MARGIN, estimate_json, estimate_table, gpus_table, models_table
 from .schema import Arch, Plan
 
@@ -231,8 +231,9 @@ def check(
 ) -> None:
     """Does a LLaMA-Factory config fit the GPU, why not, and the smallest change that fits.
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
-    from .check import check as run_check, patch_yaml
-    from .emit import write_text_atomic
+    from .check import check as run_check
+    from .check import patch_yaml
+    from .io import write_text_atomic
     from .report import check_text
 
     try:
@@ -273,7 +274,7 @@ def data(
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage."""
-    from .dataset import analyze_dataset
+    from .data.dataset import analyze_dataset
     from .report import data_text
 
     try:
@@ -328,10 +329,10 @@ def solve(
     jobs: int = typer.Option(0, "--jobs", min=0, help="Parallel solves for several problems (0 = one per CPU)."),
 ) -> None:
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
-    from .batch import expand, run_batch, summary_matrix
-    from .configs import config_files, write_configs
-    from .problem import load_problem
+    from .llamafactory.configs import config_files, write_configs
     from .report import front_table
+    from .search.batch import expand, run_batch, summary_matrix
+    from .search.problem import load_problem
 
     try:
         loaded = [(path, *load_problem(path)) for path in problems]
@@ -349,7 +350,7 @@ def solve(
     chosen = (pick or (Pick.all if single else Pick.balanced)).value
     if single:
         path, problem, base = items[0]
-        from .search import solve_problem
+        from .search.solve import solve_problem
 
         try:
             result = solve_problem(problem, base, solver.value)
@@ -361,7 +362,7 @@ def solve(
         results = run_batch(items, solver.value, jobs)
     if write:
         try:
-            for path, problem, base, result, err in results:
+            for path, problem, base, result, _err in results:
                 if result is None:
                     continue
                 out_dir = out if (out and single) else (f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}")

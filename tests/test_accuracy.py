@@ -8,10 +8,10 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from optimizer.catalog import resolve_arch, resolve_config  # noqa: E402
-from optimizer.memory import CUBLAS_WORKSPACE_BYTES, estimate  # noqa: E402
-from optimizer.trace import run_trace, run_trace_extrapolated  # noqa: E402
-from optimizer.trace.grid import ERROR_BOUND, GRID  # noqa: E402
+from optimizer.memory import CUBLAS_WORKSPACE_BYTES, estimate
+from optimizer.models.catalog import resolve_arch, resolve_config
+from optimizer.trace import run_trace, run_trace_extrapolated
+from optimizer.trace.grid import ERROR_BOUND, GRID
 
 pytestmark = [pytest.mark.trace, pytest.mark.slow]
 

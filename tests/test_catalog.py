@@ -14,15 +14,15 @@ from importlib import resources
 import pytest
 import yaml
 
-from optimizer.arch import SUPPORTED_MODEL_TYPES, layer_linears, param_counts
-from optimizer.catalog import get_gpu, gpus, model_configs, models, resolve_arch, resolve_config
 from optimizer.errors import CatalogError
+from optimizer.models.arch import SUPPORTED_MODEL_TYPES, layer_linears, param_counts
+from optimizer.models.catalog import get_gpu, gpus, model_configs, models, resolve_arch, resolve_config
 from optimizer.schema import GpuSpec
 
 
 def _raw(filename: str) -> list[dict]:
     """The YAML list as written (the loaders key it by id, which would hide duplicates)."""
-    text = resources.files("optimizer.catalog").joinpath(filename).read_text(encoding="utf-8")
+    text = resources.files("optimizer.models").joinpath(filename).read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     assert isinstance(data, list), f"{filename} must be a YAML list"
     return data

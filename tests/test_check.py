@@ -93,9 +93,9 @@ def test_config_that_does_not_fit_gets_a_minimal_fix_that_fits(tmp_path):
 def test_fix_is_the_cheapest_feasible_option(tmp_path):
     import yaml
 
-    from optimizer.catalog import get_gpu, resolve_arch
     from optimizer.check import fix_options
-    from optimizer.lfconfig import plan_from_dict
+    from optimizer.llamafactory.read import plan_from_dict
+    from optimizer.models.catalog import get_gpu, resolve_arch
 
     rep = json.loads(run("check", _cfg(tmp_path, BIG), "--gpu", GPU, "--json").output)
     fix = rep["fix"]

@@ -9,12 +9,12 @@ import yaml
 from typer.testing import CliRunner
 
 from optimizer.check import check
-from optimizer.catalog import get_gpu, resolve_arch
 from optimizer.cli import app
-from optimizer.configs import config_files
-from optimizer.lfconfig import plan_from_dict
-from optimizer.problem import load_problem
-from optimizer.search import solve_problem
+from optimizer.llamafactory.configs import config_files
+from optimizer.llamafactory.read import plan_from_dict
+from optimizer.models.catalog import get_gpu, resolve_arch
+from optimizer.search.problem import load_problem
+from optimizer.search.solve import solve_problem
 
 REF = "problems/qwen2.5-3b-rtx5060ti-16gb.yaml"
 OUT = "configs/qwen2.5-3b-rtx5060ti-16gb"

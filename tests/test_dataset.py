@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from optimizer.chat_templates import BOS, EOS, TEMPLATES, get_template, render_turns, template_for_model
-from optimizer.dataset import (
+from optimizer.data.dataset import (
     Conversation,
     DatasetError,
     SampleTokens,
@@ -31,15 +30,16 @@ from optimizer.dataset import (
     token_pairs,
     truncate,
 )
-from optimizer.errors import TrainfitError
-from optimizer.problem import DatasetSummary
-from optimizer.tokens import (
+from optimizer.data.templates import BOS, EOS, TEMPLATES, get_template, render_turns, template_for_model
+from optimizer.data.tokens import (
     ApproxCounter,
     count_with_specials,
     find_tokenizer_json,
     resolve_counter,
     tokenizer_family,
 )
+from optimizer.errors import TrainfitError
+from optimizer.search.problem import DatasetSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 SYNTHETIC = ROOT / "problems" / "data" / "triz_synthetic.json"
@@ -48,7 +48,7 @@ SYNTHETIC = ROOT / "problems" / "data" / "triz_synthetic.json"
 def _importable(name: str) -> bool:
     try:
         importlib.import_module(name)
-    except Exception:  # noqa: BLE001 - absent or broken: the optional path is skipped
+    except Exception:
         return False
     return True
 
@@ -623,7 +623,7 @@ def test_local_model_folder_and_config_json(tmp_path):
 
 
 def test_record_keys(tmp_path):
-    from optimizer.dataset import record_keys
+    from optimizer.data.dataset import record_keys
 
     p = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o"},
                                            {"instruction": "i", "output": "o", "system": "S"}])

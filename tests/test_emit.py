@@ -16,19 +16,20 @@ from pathlib import Path
 import pytest
 import yaml
 
-from optimizer.catalog import model_configs
-from optimizer.emit import (
+from optimizer.errors import ConfigError, TrainfitError
+from optimizer.io import write_text_atomic
+from optimizer.llamafactory.read import accepted_keys, plan_from_dict
+from optimizer.llamafactory.write import (
     CATALOG_TEMPLATES,
+    SECTIONS,
+    _template_by_rules,
     dataset_info_entry,
     format_float,
     render_config,
     template_for,
     warmup_steps_for,
-    write_text_atomic,
 )
-from optimizer.emit.llamafactory import SECTIONS, _template_by_rules
-from optimizer.errors import ConfigError, TrainfitError
-from optimizer.lfconfig import accepted_keys, plan_from_dict
+from optimizer.models.catalog import model_configs
 from optimizer.schema import Plan
 
 # --------------------------------------------------------------------------------------------------------------

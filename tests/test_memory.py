@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import json
-
-from optimizer.arch import layer_linears, param_counts
-from optimizer.catalog import resolve_arch
 from optimizer.memory import count_params, estimate, quant4_bytes
+from optimizer.models.arch import layer_linears, param_counts
+from optimizer.models.catalog import resolve_arch
 from optimizer.report import estimate_json
 from optimizer.schema import Plan
 from optimizer.units import alloc_bytes
@@ -177,7 +177,7 @@ def test_upcast_lmhead_output_does_not_raise_the_peak():
     arch = resolve_arch(QWEN3B)
     plain, up = estimate(arch, _plan()), estimate(arch, _plan(upcast_lmhead_output=True))
     assert up.peak_allocated_bytes == plain.peak_allocated_bytes
-    loss = lambda e: next(p.total_bytes for p in e.phases if p.phase == "loss")  # noqa: E731
+    loss = lambda e: next(p.total_bytes for p in e.phases if p.phase == "loss")
     assert loss(up) < loss(plain)
 
 
@@ -195,5 +195,5 @@ def test_kbit_prepare_upcasts_embeddings_to_fp32():
     arch = resolve_arch(QWEN3B)
     lf = estimate(arch, _plan(quantization_bit=4))
     peft = estimate(arch, _plan(quantization_bit=4, kbit_prepare=True))
-    emb = lambda e: next(t.bytes for t in e.phases[0].terms if t.name == "weights_embed_tokens")  # noqa: E731
+    emb = lambda e: next(t.bytes for t in e.phases[0].terms if t.name == "weights_embed_tokens")
     assert emb(peft) == 2 * emb(lf)

@@ -24,13 +24,13 @@ GOLDEN = ROOT / "tests" / "golden" / "snapshot.json"
 def build_snapshot() -> dict[str, object]:
     import yaml
 
-    from optimizer.catalog import get_gpu, resolve_arch
     from optimizer.check import check
-    from optimizer.configs import config_files
-    from optimizer.lfconfig import plan_from_dict
+    from optimizer.llamafactory.configs import config_files
+    from optimizer.llamafactory.read import plan_from_dict
     from optimizer.memory import estimate, eval_estimate
-    from optimizer.problem import load_problem
-    from optimizer.search import solve_problem
+    from optimizer.models.catalog import get_gpu, resolve_arch
+    from optimizer.search.problem import load_problem
+    from optimizer.search.solve import solve_problem
     from optimizer.trace.grid import GRID
 
     snap: dict[str, object] = {}

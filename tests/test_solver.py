@@ -8,14 +8,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from optimizer.brute import solve_brute
 from optimizer.errors import InfeasibleError, ProblemError
 from optimizer.memory import estimate
-from optimizer.pareto import non_dominated
-from optimizer.problem import CustomGpu, DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
-from optimizer.search import solve_problem
-from optimizer.solver import solve_cpsat
-from optimizer.space import build_instance
+from optimizer.search.brute import solve_brute
+from optimizer.search.cpsat import solve_cpsat
+from optimizer.search.pareto import non_dominated
+from optimizer.search.problem import CustomGpu, DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
+from optimizer.search.solve import solve_problem
+from optimizer.search.space import build_instance
 
 DATA = DatasetSpec(summary=DatasetSummary(num_samples=500, token_length_percentiles={50: 300, 90: 900, 100: 2000}))
 

@@ -13,8 +13,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from optimizer.catalog import resolve_config  # noqa: E402
 from optimizer.errors import ConfigError, TrainfitError  # noqa: E402
+from optimizer.models.catalog import resolve_config  # noqa: E402
 from optimizer.schema import Plan  # noqa: E402
 from optimizer.trace import TRACE_PHASES, TraceResult, run_cuda, run_trace, run_trace_extrapolated  # noqa: E402
 

@@ -153,7 +153,7 @@ def _llamafactory_checkpoint_func(use_reentrant: bool):
     return gc_func
 
 
-def _fp32_output_hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:  # noqa: ARG001
+def _fp32_output_hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
     return output.to(torch.float32)
 
 

@@ -127,9 +127,8 @@ def materialize_real(built: BuiltModel, plan: Plan, device: torch.device) -> Non
 
 def run_on_device(config: dict[str, Any], plan: Plan, *, layers: int | None, steps: int,
                   device: torch.device) -> TraceResult:
-    from .run import _phase_peaks, versions
-
     from .patches import quiet_library_warnings
+    from .run import _phase_peaks, versions
 
     t0 = time.perf_counter()
     with quiet_library_warnings():

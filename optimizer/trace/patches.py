@@ -51,7 +51,7 @@ def _setattr(obj: Any, name: str, value: Any) -> Iterator[None]:
             delattr(obj, name)
 
 
-def _not_packed(position_ids: Any) -> None:  # noqa: ARG001
+def _not_packed(position_ids: Any) -> None:
     return None
 
 
@@ -64,7 +64,7 @@ def _is_autocast_enabled_cpu_for_cuda(*args: Any, **kwargs: Any) -> bool:
 _ORIG_IS_AUTOCAST_ENABLED = torch.is_autocast_enabled
 
 
-def _cuda_like_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):  # noqa: A002
+def _cuda_like_dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False):
     if training and 0.0 < p < 1.0 and input.numel() > 0 and not inplace:
         return torch.native_dropout(input, p, True)[0]
     return _ORIG_DROPOUT(input, p, training, inplace)
@@ -92,7 +92,7 @@ def _cuda_sdpa_backend(query: torch.Tensor, key: torch.Tensor, attn_mask: Any, e
     return "math"
 
 
-def _cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,  # noqa: ANN001
+def _cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
     kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale,
               "enable_gqa": enable_gqa}
@@ -119,7 +119,7 @@ class _OpShim:
         return self.default(*args, **kwargs)
 
 
-def _gemm_4bit_dequant_linear(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,  # noqa: ANN001, N803
+def _gemm_4bit_dequant_linear(A, B, shapeB, absmax, blocksize, quant_type, bias=None, absmax_8bit=None,
                               absmax_code=None, absmax_offset=None):
     """bitsandbytes' CUDA dequantize + F.linear fallback of gemm_4bit."""
     ops = torch.ops.bitsandbytes
@@ -142,7 +142,7 @@ def precompute_bnb_tables() -> None:
         bF.name2qmap["udynamic"] = bF.create_dynamic_map(signed=False)
 
 
-def _int8_vectorwise_quant_cuda_like(A: torch.Tensor, threshold: float = 0.0):  # noqa: N803
+def _int8_vectorwise_quant_cuda_like(A: torch.Tensor, threshold: float = 0.0):
     """bitsandbytes' CUDA int8_vectorwise_quant, allocation for allocation, with no outlier column found."""
     rows = A.numel() // A.shape[-1]
     row_stats = torch.empty(rows, device=A.device, dtype=torch.float32)
@@ -156,7 +156,7 @@ def _int8_vectorwise_quant_cuda_like(A: torch.Tensor, threshold: float = 0.0):  
     return out_row, row_stats, outlier_cols
 
 
-def _int8_double_quant_cuda_like(A: torch.Tensor, col_stats=None, row_stats=None, out_col=None, out_row=None,  # noqa: ANN001, N803
+def _int8_double_quant_cuda_like(A: torch.Tensor, col_stats=None, row_stats=None, out_col=None, out_row=None,
                                  threshold: float = 0.0):
     """bitsandbytes' CUDA int8_double_quant (row-wise kernel + column-wise PyTorch code)."""
     quant_row, row_stats_, outlier_cols = _int8_vectorwise_quant_cuda_like(A, threshold)
@@ -172,7 +172,7 @@ def _int8_double_quant_cuda_like(A: torch.Tensor, col_stats=None, row_stats=None
     return quant_row, quant_col, row_stats_, col.flatten().float(), outlier_cols
 
 
-def _int8_scaled_mm_cuda_like(A, B, row_stats, col_stats, bias=None, dtype=None):  # noqa: ANN001, N803
+def _int8_scaled_mm_cuda_like(A, B, row_stats, col_stats, bias=None, dtype=None):
     """int8 GEMM to int32, then the CUDA dequant kernel (fp16 out, bias added, cast to dtype)."""
     out_i32 = torch.ops.bitsandbytes.int8_linear_matmul.default(A, B)
     out = torch.empty_like(out_i32, dtype=torch.float16)
@@ -182,7 +182,7 @@ def _int8_scaled_mm_cuda_like(A, B, row_stats, col_stats, bias=None, dtype=None)
     return out.to(dtype or torch.float16)
 
 
-def _int8_mixed_scaled_mm_no_outliers(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):  # noqa: ANN001, N803
+def _int8_mixed_scaled_mm_no_outliers(A, CA, CB, SCA, SCB, outlier_cols=None, bias=None):
     sub_a = torch.empty(0, device=A.device, dtype=A.dtype)
     return _int8_scaled_mm_cuda_like(CA, CB, SCA, SCB, bias=bias, dtype=A.dtype), sub_a
 
@@ -193,7 +193,7 @@ def _int8_patches() -> Iterator[None]:
     import bitsandbytes.autograd._functions as bfun
     import bitsandbytes.functional as bF
 
-    def _matmul_cuda_path(A, B, out=None, state=None, threshold=0.0, bias=None):  # noqa: ANN001, N803
+    def _matmul_cuda_path(A, B, out=None, state=None, threshold=0.0, bias=None):
         state = state or bfun.MatmulLtState()
         if threshold > 0.0:
             state.threshold = threshold
@@ -211,7 +211,7 @@ def _int8_patches() -> Iterator[None]:
         yield
 
 
-def _prefilled_fill_qmap(self) -> None:  # noqa: ANN001
+def _prefilled_fill_qmap(self) -> None:
     import bitsandbytes.functional as bF
 
     precompute_bnb_tables()

@@ -230,7 +230,7 @@ class StorageTracker(TorchDispatchMode):
                 if nxt is not None:
                     stack.append(nxt)
 
-    def _make_pre_hook(self):  # noqa: ANN202
+    def _make_pre_hook(self):
         ref = weakref.ref(self)
 
         def pre(grad_outputs: Any) -> None:
@@ -240,7 +240,7 @@ class StorageTracker(TorchDispatchMode):
 
         return pre
 
-    def _make_post_hook(self, idx: int):  # noqa: ANN202
+    def _make_post_hook(self, idx: int):
         ref = weakref.ref(self)
 
         def post(grad_inputs: Any, grad_outputs: Any) -> None:
@@ -316,7 +316,7 @@ class StorageTracker(TorchDispatchMode):
             raise RuntimeError("trainfit trace: could not calibrate autograd's in-place gradient accumulation")
 
     # -- the mode --------------------------------------------------------------------------------------------
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         self.op_count += 1
         flat, _ = tree_flatten(out)
@@ -352,7 +352,7 @@ def tracking_fake_mode(tracker: StorageTracker):
     class _TrackingFakeTensorMode(FakeTensorMode):
         _depth = 0
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             if func is prim_device:  # the autograd engine asks every tensor's device: answer without dispatch
                 return args[0].fake_device
             cls = type(self)

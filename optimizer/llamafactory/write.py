@@ -3,7 +3,7 @@
 What the output must satisfy, and why:
 
 - Only keys LLaMA-Factory's train parser accepts: `HfArgumentParser(...).parse_dict(args, allow_extra_keys=False)`
-  stops at any other key (`optimizer/data/llamafactory_keys.yaml` lists them for 0.9.5 + transformers 5.24). The
+  stops at any other key (`optimizer/llamafactory/keys.yaml` lists them for 0.9.5 + transformers 5.24). The
   emitted set is also cross-version safe for 0.9.3-0.9.5: no `warmup_ratio` (transformers 5.24 dropped it; an
   integer `warmup_steps` works everywhere), no keys that only newer versions have, no `quantization_method`
   (its default is bnb in every version, but 0.9.2 spelled it `bitsandbytes`), no `plot_loss` (it hard-requires
@@ -22,27 +22,23 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from decimal import Decimal
 from functools import lru_cache
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..errors import ConfigError, TrainfitError
-from ..lfconfig import accepted_keys, plan_from_dict
+from ..errors import ConfigError
 from ..schema import Plan
+from .read import accepted_keys, plan_from_dict
 
 __all__ = [
     "CATALOG_TEMPLATES",
     "template_for",
     "render_config",
     "dataset_info_entry",
-    "write_text_atomic",
     "format_float",
     "warmup_steps_for",
     "DEFAULT_WARMUP_STEPS",
@@ -246,7 +242,7 @@ _OWNED = frozenset({
 
 @lru_cache(maxsize=1)
 def _key_sections() -> dict[str, str]:
-    text = resources.files("optimizer").joinpath("data/llamafactory_keys.yaml").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("keys.yaml").read_text(encoding="utf-8")
     out: dict[str, str] = {}
     for cls, names in yaml.safe_load(text)["keys"].items():
         for name in names:
@@ -445,7 +441,7 @@ def render_config(plan: Plan, *, model_name_or_path: str, template: str, dataset
         lines.append(f"### {name}")
         for key, value in sections[name].items():
             if key not in known:  # a default key missing from the key list would be a trainfit bug
-                raise ConfigError(f"internal: {key!r} is not in llamafactory_keys.yaml. Report this bug.")
+                raise ConfigError(f"internal: {key!r} is not in keys.yaml. Report this bug.")
             lines.append(f"{key}: {_format_value(key, value)}")
         lines.append("")
     text = "\n".join(lines).rstrip("\n") + "\n"
@@ -495,45 +491,3 @@ def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}}
     raise ConfigError(f"dataset formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------------------------
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str, *, force: bool) -> None:
-    """Write `text` (UTF-8, bytes as given) to `path` through a temp file in the same folder and an atomic
-    rename; create missing parent folders. Without `force` an existing file is never replaced, also when it
-    appears while writing. On any failure the temp file is removed."""
-    p = Path(path)
-    if p.is_dir():
-        raise TrainfitError(f"{p} is a folder. Pass a file path.")
-    if p.exists() and not force:
-        raise TrainfitError(f"{p} exists. Pass --force to overwrite it.")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode("utf-8"))
-            fh.flush()
-            os.fsync(fh.fileno())
-        try:
-            mode = p.stat().st_mode & 0o777 if p.exists() else 0o644
-        except OSError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        if force:
-            os.replace(tmp, p)
-        else:
-            try:
-                os.link(tmp, p)  # fails if `p` appeared meanwhile: no overwrite race
-            except FileExistsError:
-                raise TrainfitError(f"{p} exists. Pass --force to overwrite it.") from None
-            except OSError:  # no hard links here (some network/FAT file systems)
-                if p.exists():
-                    raise TrainfitError(f"{p} exists. Pass --force to overwrite it.") from None
-                os.replace(tmp, p)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

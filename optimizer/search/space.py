@@ -12,14 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import catalog
-from .arch import layer_linears
-from .errors import ProblemError
-from .memory import count_params, estimate
+from ..errors import ProblemError
+from ..memory import count_params, estimate
+from ..models import catalog
+from ..models.arch import layer_linears
+from ..schema import Arch, GpuSpec, Plan
 from .perf import expected_padded_len, expected_padded_len_samples, micro_batch_seconds, optimizer_step_seconds
 from .problem import CustomGpu, DatasetSummary, Problem
 from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
-from .schema import Arch, GpuSpec, Plan
 
 __all__ = ["Instance", "MemCombo", "build_instance", "plan_for", "QUALITY_SCALE"]
 
@@ -64,7 +64,7 @@ class Instance:
     def optimizer_steps(self, n: int, batch: int, accum: int) -> int:
         return math.ceil(self.problem.objective.num_train_epochs * math.ceil(math.ceil(n / batch) / accum))
 
-    def time_units(self, n: int, batch: int, accum: int, c: "MemCombo") -> int:
+    def time_units(self, n: int, batch: int, accum: int, c: MemCombo) -> int:
         """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie
         and the tie-break decides."""
         ms = self.micro_batches(n, batch) * c.micro_ms + self.optimizer_steps(n, batch, accum) * c.opt_ms
@@ -161,14 +161,14 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     inst = Instance(problem, arch, gpu, budget, domains, [], {}, {}, {}, notes=notes)
     measured = None
     if problem.dataset.file:
-        from .dataset import analyze_dataset
+        from ..data.dataset import analyze_dataset
 
         data_path = (base / problem.dataset.file) if base is not None else Path(problem.dataset.file)
         model_id = arch.name if arch.name in catalog.model_configs() else None
         tok = problem.dataset.tokenizer
         if tok == "approx":
-            from .dataset import count_tokens, template_for_model
-            from .tokens import ApproxCounter, tokenizer_family
+            from ..data.dataset import count_tokens, template_for_model
+            from ..data.tokens import ApproxCounter, tokenizer_family
 
             tpl = template_for_model(model_id, arch.model_type) if model_id else "fallback"
             measured = count_tokens(data_path, template=tpl, counter=ApproxCounter(

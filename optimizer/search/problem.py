@@ -7,9 +7,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .errors import ProblemError
+from ..errors import ProblemError
+from ..io import read_mapping
 from .quality import QualityWeights
-from .yamlio import read_mapping
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
 
@@ -34,7 +34,7 @@ class DatasetSummary(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> "DatasetSummary":
+    def _check(self) -> DatasetSummary:
         keys = sorted(self.token_length_percentiles)
         if not keys or keys[0] < 0 or keys[-1] != 100 or 50 not in keys:
             raise ValueError("token_length_percentiles needs keys within 0..100 including 50 and 100")
@@ -57,7 +57,7 @@ class DatasetSpec(BaseModel):
         default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
 
     @model_validator(mode="after")
-    def _file_or_summary(self) -> "DatasetSpec":
+    def _file_or_summary(self) -> DatasetSpec:
         if self.file is None and self.summary is None:
             raise ValueError("give the data `file` or its `summary` (num_samples, token_length_percentiles)")
         return self
@@ -95,7 +95,7 @@ class SearchSpace(BaseModel):
     enable_liger_kernel: list[bool] = Field(default=[False, True], min_length=1, description="Liger kernels off/on.")
 
     @model_validator(mode="after")
-    def _positive(self) -> "SearchSpace":
+    def _positive(self) -> SearchSpace:
         for name in ("lora_rank", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps"):
             if any(v <= 0 for v in getattr(self, name)):
                 raise ValueError(f"{name} values must be positive")

@@ -30,8 +30,8 @@ models.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable
 
 __all__ = [
     "BOS",
@@ -301,7 +301,7 @@ def template_names() -> list[str]:
 
 def get_template(name: str) -> ChatTemplate:
     """The template called `name` (a LLaMA-Factory template name, or "fallback")."""
-    from .errors import ConfigError
+    from ..errors import ConfigError
 
     if name in TEMPLATES:
         return TEMPLATES[name]
@@ -314,10 +314,10 @@ def get_template(name: str) -> ChatTemplate:
 def template_for_model(model_id: str, model_type: str | None = None) -> str:
     """LLaMA-Factory template name for a model id (catalog id, hub id or local folder named after it), using the
     emitter's table and rules; :data:`FALLBACK` when nothing matches."""
-    from .errors import TrainfitError
+    from ..errors import TrainfitError
 
     try:
-        from .emit import template_for
+        from ..llamafactory.write import template_for
     except Exception:  # pragma: no cover - the emitter is part of the package; stay usable without it
         template_for = None
     mtype = model_type
@@ -325,7 +325,7 @@ def template_for_model(model_id: str, model_type: str | None = None) -> str:
     mtype = mtype or local_type
     if mtype is None:
         try:
-            from .catalog import model_configs
+            from ..models.catalog import model_configs
 
             entry = {k.lower(): v for k, v in model_configs().items()}.get(model_id.strip().lower())
             mtype = entry["config"].get("model_type") if entry else None

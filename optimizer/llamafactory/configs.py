@@ -6,12 +6,13 @@ import json
 import os
 from pathlib import Path
 
-from . import __version__
-from .emit import dataset_info_entry, render_config, template_for, warmup_steps_for, write_text_atomic
-from .errors import TrainfitError
-from .problem import Problem
-from .search import Solution, SolveResult
-from .units import GIB
+from .. import __version__
+from ..errors import TrainfitError
+from ..io import write_text_atomic
+from ..search.problem import Problem
+from ..search.solve import Solution, SolveResult
+from ..units import GIB
+from .write import dataset_info_entry, render_config, template_for, warmup_steps_for
 
 __all__ = ["config_files", "write_configs", "picked"]
 
@@ -50,7 +51,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         file_name = f"{ds.name}.json"
     present = None
     if data_file and os.path.isfile(data_file):
-        from .dataset import record_keys
+        from ..data.dataset import record_keys
 
         present = record_keys(data_file)
     info = {ds.name: dataset_info_entry(file_name, ds.formatting, present)}
@@ -83,7 +84,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
 
 
 def _model_type(result: SolveResult) -> str:
-    from .catalog import resolve_arch
+    from ..models.catalog import resolve_arch
 
     return resolve_arch(result.model).model_type
 

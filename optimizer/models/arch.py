@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from .errors import CatalogError
-from .schema import Arch
+from ..errors import CatalogError
+from ..schema import Arch
 
 __all__ = ["LinearSpec", "arch_from_config", "layer_linears", "param_counts", "SUPPORTED_MODEL_TYPES"]
 
@@ -135,7 +135,7 @@ def layer_linears(arch: Arch) -> tuple[LinearSpec, ...]:
 
 
 @dataclass(frozen=True)
-class ParamCounts:  # noqa: D101
+class ParamCounts:
     embed: int
     lm_head: int  # 0 when tied
     per_layer_linear_weights: int

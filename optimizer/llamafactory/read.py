@@ -3,7 +3,7 @@
 LLaMA-Factory parses the YAML with `HfArgumentParser(...).parse_dict(args, allow_extra_keys=False)`
 ([S] llamafactory/hparams/parser.py::_parse_args): a key that no argument class defines stops the run with
 `ValueError: Some keys are not used by the HfArgumentParser`. The accepted keys ship in
-`optimizer/data/llamafactory_keys.yaml` (with how they were extracted).
+`optimizer/llamafactory/keys.yaml` (with how they were extracted).
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import ConfigError
-from .memory import GENERATE_MAX_NEW_TOKENS
-from .yamlio import read_mapping
-from .schema import Plan
+from ..errors import ConfigError
+from ..io import read_mapping
+from ..schema import Plan
 
 __all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "eval_settings", "EvalSettings", "PLAN_KEYS", "NOT_MODELLED"]
 
@@ -35,10 +34,13 @@ NOT_MODELLED: dict[str, Any] = {
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
 }
 
+# [S] LLaMA-Factory hparams/generating_args.py: GeneratingArguments.max_new_tokens default 1024.
+GENERATE_MAX_NEW_TOKENS = 1024
+
 
 @lru_cache(maxsize=1)
 def accepted_keys() -> frozenset[str]:
-    text = resources.files("optimizer").joinpath("data/llamafactory_keys.yaml").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("keys.yaml").read_text(encoding="utf-8")
     data = yaml.safe_load(text)
     keys: set[str] = set()
     for names in data["keys"].values():

@@ -11,9 +11,9 @@ from typing import Any
 
 import yaml
 
-from ..arch import arch_from_config
 from ..errors import CatalogError
 from ..schema import Arch, GpuSpec
+from .arch import arch_from_config
 
 __all__ = ["gpus", "models", "get_gpu", "resolve_arch", "resolve_config", "model_configs"]
 
@@ -21,7 +21,7 @@ __all__ = ["gpus", "models", "get_gpu", "resolve_arch", "resolve_config", "model
 def _load_yaml(filename: str) -> Any:
     text = resources.files(__package__).joinpath(filename).read_text(encoding="utf-8")
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    return yaml.load(text, Loader=loader)
 
 
 @lru_cache(maxsize=1)

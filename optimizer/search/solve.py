@@ -8,15 +8,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import InfeasibleError
+from ..memory import estimate
+from ..schema import Plan
+from ..units import GIB
 from .brute import solve_brute
-from .errors import InfeasibleError
-from .memory import estimate
-from .problem import Problem
-from .schema import Plan
-from .solver import SolveStats, solve_cpsat
-from .space import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, Instance, build_instance, plan_for
+from .cpsat import SolveStats, solve_cpsat
 from .perf import time_band
-from .units import GIB
+from .problem import Problem
+from .space import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, Instance, build_instance, plan_for
 
 __all__ = ["Solution", "SolveResult", "solve_problem", "PICKS"]
 

@@ -78,9 +78,9 @@ def _build(inst: Instance):
     xs = list(x.values())
     m.add_exactly_one(xs)
     Q = m.new_int_var(min(q_coef), max(q_coef), "quality")
-    m.add(Q == sum(cq * v for cq, v in zip(q_coef, xs)))
+    m.add(sum(cq * v for cq, v in zip(q_coef, xs)) == Q)
     T = m.new_int_var(min(t_coef), max(t_coef), "time_ms")
-    m.add(T == sum(ct * v for ct, v in zip(t_coef, xs)))
+    m.add(sum(ct * v for ct, v in zip(t_coef, xs)) == T)
     key = m.new_int_var(0, max(k_coef), "key")
     m.add(key == sum(ck * v for ck, v in zip(k_coef, xs)))
     return m, x, Q, T, key, groups, (max(t_coef), max(k_coef))
@@ -116,17 +116,17 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
     while True:
         m = base.clone()
         if eps is not None:
-            m.add(T <= eps)
+            m.add(eps >= T)
         m.maximize(Q)
         s, st = _solve(m, stats)
         if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             break
         q = s.value(Q)
-        m.add(Q == q)
+        m.add(q == Q)
         m.minimize(T)
         s, st = _solve(m, stats)
         t = s.value(T)
-        m.add(T == t)
+        m.add(t == T)
         m.minimize(key)
         s, st = _solve(m, stats)
         gi, accum, samples = next(k for k, var in x.items() if s.boolean_value(var))

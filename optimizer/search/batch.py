@@ -8,10 +8,10 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from .errors import TrainfitError
+from ..errors import TrainfitError
+from ..units import GIB
 from .problem import Problem
-from .search import SolveResult, solve_problem
-from .units import GIB
+from .solve import SolveResult, solve_problem
 
 __all__ = ["expand", "run_batch", "summary_matrix"]
 

@@ -31,13 +31,14 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
-from .chat_templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
-from .errors import TrainfitError
-from .problem import DatasetSummary
+from ..errors import TrainfitError
+from ..search.problem import DatasetSummary
+from .templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
 from .tokens import TokenCounter, count_with_specials, resolve_counter
 
 __all__ = [
@@ -95,7 +96,7 @@ class DatasetFormat:
     system_tag: str | None = "system"
 
     @classmethod
-    def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json") -> "DatasetFormat":
+    def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json") -> DatasetFormat:
         """LLaMA-Factory's ``DatasetAttr.join``: defaults, then ``columns`` and ``tags`` (a key left out of a given
         ``columns`` is None, as in LLaMA-Factory)."""
         formatting = entry.get("formatting", "alpaca")
@@ -120,7 +121,7 @@ class DatasetFormat:
         return cls(**kw)
 
     @classmethod
-    def for_file(cls, formatting: str) -> "DatasetFormat":
+    def for_file(cls, formatting: str) -> DatasetFormat:
         """The format of a bare data file: alpaca (with system and history), sharegpt (from/value, with system and
         tools) or openai (messages with role/content, as sharegpt tags, the way trainfit's dataset_info.json
         declares it)."""

@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
-from .arch import layer_linears
-from .schema import Arch, GpuSpec
-from .units import round_up
+from ..models.arch import layer_linears
+from ..schema import Arch, GpuSpec
+from ..units import round_up
 
 __all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples",
            "training_seconds"]

@@ -56,13 +56,14 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import groupby
 from pathlib import Path
-from typing import Iterable, Protocol, Sequence
+from typing import Protocol
 
-from .errors import TrainfitError
+from ..errors import TrainfitError
 
 __all__ = [
     "TokenizerError",
@@ -125,7 +126,7 @@ class HFTokenizerCounter:
         if not p.is_file():
             raise TokenizerError(f"{p} does not exist. Pass a tokenizer.json file or a model folder that has one.")
         try:
-            import tokenizers  # noqa: F401 - optional extra
+            import tokenizers
         except ImportError:
             raise TokenizerError(
                 f"reading {p} needs the 'tokenizers' package. Install it (pip install tokenizers, or the trainfit "
@@ -135,7 +136,7 @@ class HFTokenizerCounter:
 
         try:
             self._tok = Tokenizer.from_file(str(p))
-        except Exception as exc:  # noqa: BLE001 - any parse failure is the user's file
+        except Exception as exc:
             raise TokenizerError(
                 f"{p} is not a readable tokenizer.json ({exc}). Pass the model's tokenizer.json."
             ) from None
@@ -259,7 +260,7 @@ def _dist_version(name: str) -> str:
         from importlib.metadata import version
 
         return version(name)
-    except Exception:  # noqa: BLE001
+    except Exception:
         return "?"
 
 
@@ -275,7 +276,7 @@ def package_counter(family: str) -> PackageCounter | None:
     for package, encoding in _PACKAGES.get(family, []):
         try:
             return PackageCounter(package, encoding, family)
-        except Exception:  # noqa: BLE001 - not installed, or a broken install: try the next one
+        except Exception:
             continue
     return None
 
@@ -401,7 +402,7 @@ class ApproxCounter:
         self.model = APPROX_FAMILIES[family]
         self.has_bos = self.model.has_bos
         self.id = f"approx-v{APPROX_VERSION}:{family}"
-        measured = "measured error: see optimizer/tokens.py" if self.model.measured else "UNMEASURED family factors"
+        measured = "measured error: see optimizer/data/tokens.py" if self.model.measured else "UNMEASURED family factors"
         self.description = f"approximation for the {family} tokenizer family ({measured}){self.model.note}"
         self._memo: dict[str, float] = {}
 

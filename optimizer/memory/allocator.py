@@ -1,0 +1,60 @@
+"""Beyond tensors: cuBLAS workspaces, the caching allocator's segments, the CUDA context."""
+
+from __future__ import annotations
+
+from ..schema import Arch, Plan
+from ..units import MIB, alloc_bytes, round_up
+from .precision import FP32, setting_for
+
+# ---------------------------------------------------------------------------------------------------
+# Beyond tensors: workspaces, allocator, CUDA context
+# ---------------------------------------------------------------------------------------------------
+
+# [S] torch aten/src/ATen/cuda/CublasHandlePool.cpp::getChosenWorkspaceSize: default
+# CUBLAS_WORKSPACE_CONFIG ":4096:2:16:8" = 2 x 4096 KiB + 8 x 16 KiB = 8,519,680 B per (handle, stream),
+# allocated through the caching allocator (so it shows in memory_allocated). Handles are per thread, and
+# the autograd engine runs backward on its own device thread: one workspace for forward, one for backward.
+CUBLAS_WORKSPACE_BYTES = 8_519_680
+# [S] pytorch/pytorch#86509: CUDA context of a process with lazy module loading (PyTorch >= 1.13 sets
+# CUDA_MODULE_LOADING=LAZY): 287,047,680 B measured with nvidia-smi. Not counted by torch's allocator.
+CUDA_CONTEXT_BYTES = 287_047_680
+# [S] c10/cuda/CUDACachingAllocator.cpp: requests > 1 MiB (kSmallSize) come from large segments;
+# requests under 10 MiB (kMinLargeAlloc) share 20 MiB segments (kLargeBuffer), larger ones are rounded up
+# to 2 MiB (kRoundLarge) and get their own segment; small requests share 2 MiB segments (kSmallBuffer).
+ROUND_LARGE = 2 * MIB
+LARGE_BUFFER = 20 * MIB
+
+
+def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
+    """Predicted max_memory_reserved: the peak's big blocks rounded up to 2 MiB, plus one 20 MiB segment for
+    the 1-10 MiB pool and one 2 MiB small segment, plus the blocks freed-but-cached from the phase before
+    the peak (the caching allocator keeps them; a later bigger request cannot reuse smaller free blocks).
+    The segment rules are [S] CUDACachingAllocator constants; the free-but-cached part is bounded here by the
+    largest single block, which is what a request sequence like the CE backward (same-size fp32 [N, V]
+    blocks) leaves. Not calibrated on a GPU yet (no GPU was available): treat it as a model, not a fact.
+    """
+    rounding = sum(round_up(b, ROUND_LARGE) - b for b in large_blocks if b > 10 * MIB)
+    cached = max([b for b in large_blocks] + [0])
+    return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
+
+
+def large_blocks_at(arch: Arch, plan: Plan, moment: str, batch: int | None = None) -> list[int]:
+    """The big tensors live at a phase's peak, for the allocator's rounding ([T] the trace's largest live
+    tensors): the cross-entropy backward holds three fp32 [N, V] blocks (saved log-softmax and two
+    gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; a layer's
+    peak holds its MLP factors ([N, I] in the compute dtype, three); the optimizer step none beyond weights."""
+    st = setting_for(arch, plan if batch is None else plan.model_copy(update={"per_device_train_batch_size": batch}))
+    nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
+    if plan.enable_liger_kernel or moment == "optimizer":
+        return []
+    if moment == "cross-entropy backward":
+        return [nv4] * 3
+    if moment in ("loss", "eval"):
+        return [nv4] * 2 + [alloc_bytes(st.tokens * arch.vocab_size * st.c)]
+    return [alloc_bytes(st.tokens * arch.intermediate_size * st.c)] * 3
+
+
+def device_peak_for(peak_allocated: int, large_blocks: list[int], managed: int = 0) -> int:
+    """nvidia-smi's view of a phase: reserved (`reserved_bytes`) + CUDA managed memory (paged optimizer
+    states) + the CUDA context."""
+    return reserved_bytes(peak_allocated, large_blocks) + managed + CUDA_CONTEXT_BYTES

@@ -1,0 +1,132 @@
+"""Settings derived from a plan: which dtype each thing has, which modules LoRA wraps, the padded length."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+from ..models.arch import layer_linears
+from ..schema import Arch, Plan
+from ..units import round_up
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+FP32 = 4
+
+# ---------------------------------------------------------------------------------------------------
+# Settings derived from the plan: which dtype each thing has.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Dtypes and switches of one run, derived once from (arch, plan) by `setting_for`."""
+
+    amp: bool  # autocast on: accelerate wraps model.forward in torch.autocast for bf16/fp16
+    c: int  # compute dtype bytes: autocast dtype, or the weights' dtype without autocast
+    ckpt_w: int  # checkpoint dtype bytes (frozen 16-bit weights, biases)
+    train_w: int  # bytes of a trainable parameter (fp32 master unless pure_bf16)
+    embed_w: int  # bytes per element of embed_tokens / untied lm_head
+    norm_w: int  # bytes per element of norm weights
+    stream: int  # bytes per element of the residual stream (the embedding output dtype)
+    lora_w: int  # bytes of a LoRA adapter parameter
+    full: bool
+    quant: int | None
+    double_quant: bool
+    gc: bool
+    attn: str  # "sdpa" or "eager"
+    targets: tuple[str, ...]  # LoRA'd module suffixes of a decoder layer
+    lora_dropout: bool
+    rank: int
+    seq: int
+    batch: int
+    gemma_norm: bool
+    mixed16: bool = False  # fp16 autocast over bf16 weights: same bytes, different dtype, so casts copy
+    fp16: bool = False  # the autocast dtype is float16
+
+    def same_as_c(self, nbytes: int, from_weights: bool) -> bool:
+        """Does a tensor of `nbytes` per element have the compute dtype? Tensors that come from the 16-bit
+        weights (embeddings, norms) are bf16 while fp16 autocast computes in fp16."""
+        return nbytes == self.c and not (self.mixed16 and from_weights)
+
+    @property
+    def tokens(self) -> int:
+        return self.seq * self.batch
+
+
+def lora_targets(arch: Arch, plan: Plan) -> tuple[str, ...]:
+    """Resolve `lora_target` as LLaMA-Factory does.
+
+    [S] LLaMA-Factory `model/model_utils/misc.py::find_all_linear_modules`: `all` = the name suffix of every
+    module whose class name contains "Linear", except `lm_head` and "Embedding" classes; otherwise the comma
+    list goes to PEFT as `target_modules`, which matches module-name suffixes.
+    """
+    names = [m.name for m in layer_linears(arch)]
+    raw = [t.strip() for t in plan.lora_target.split(",") if t.strip()]
+    if raw == ["all"]:
+        return tuple(names)
+    unknown = [t for t in raw if t not in names]
+    if unknown:
+        raise ConfigError(
+            f"lora_target {', '.join(unknown)} matches no Linear layer of the decoder layers of {arch.name} "
+            f"(they are: {', '.join(names)}). Use `all` or a comma list of those names."
+        )
+    return tuple(n for n in names if n in raw)
+
+
+def setting_for(arch: Arch, plan: Plan) -> Setting:
+    if plan.quantization_bit and plan.finetuning_type != "lora":
+        # [S] LLaMA-Factory hparams/parser.py: "Quantization is only compatible with the LoRA or OFT method."
+        raise ConfigError("quantization_bit needs finetuning_type: lora. Remove quantization_bit or use lora.")
+    if plan.bf16 and plan.fp16:
+        raise ConfigError("bf16 and fp16 are both true. Set only one of them.")
+    ckpt_w = DTYPE_BYTES[arch.torch_dtype]
+    amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
+    full = plan.finetuning_type == "full"
+    # [S] LLaMA-Factory model/adapter.py::init_adapter: trainable params are upcast to float32 unless
+    # pure_bf16; in full fine-tuning every parameter is trainable, so the whole model becomes fp32 (with
+    # pure_bf16 it keeps the checkpoint dtype: an fp32 checkpoint stays fp32 [T]).
+    train_w = ckpt_w if plan.pure_bf16 else FP32
+    # [S] PEFT utils/other.py::prepare_model_for_kbit_training casts every non-4/8-bit parameter to fp32.
+    kbit_up = plan.kbit_prepare and plan.quantization_bit is not None
+    embed_w = train_w if full else (FP32 if kbit_up else ckpt_w)
+    norm_w = train_w if full else (FP32 if (kbit_up or plan.upcast_layernorm) else ckpt_w)
+    stream = embed_w
+    if "embed_tokens" in additional_targets(plan):
+        stream = train_w  # the trainable copy PEFT makes is upcast like every trainable param
+    c = 2 if amp else (train_w if full else ckpt_w)
+    family = arch.model_type.replace("_text", "")
+    # [S] LLaMA-Factory >= 0.9.4 model/loader.py loads with torch_dtype="auto" (the checkpoint dtype), so
+    # `fp16: true` on a bf16 checkpoint runs fp16 autocast over bf16 weights.
+    mixed16 = amp and plan.fp16 and arch.torch_dtype == "bfloat16" and not full
+    if mixed16:
+        # [T] the first residual add sums the bf16 embedding stream and an fp16 autocast output, which type
+        # promotion makes float32: every later layer's input (and checkpoint) is fp32
+        stream = FP32
+    return Setting(
+        amp=amp, c=c, ckpt_w=ckpt_w, train_w=train_w, embed_w=embed_w, norm_w=norm_w, stream=stream,
+        # [S] PEFT mapping.py::get_peft_model(autocast_adapter_dtype=True) creates adapters in fp32 over a
+        # 16-bit base; LLaMA-Factory's pure_bf16 only skips its own upcast, so adapters stay fp32 [T].
+        lora_w=FP32, full=full, quant=plan.quantization_bit,
+        double_quant=plan.double_quantization, gc=plan.gradient_checkpointing,
+        attn=_attention(arch, plan),
+        targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
+        rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
+        gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16, fp16=amp and plan.fp16,
+    )
+
+
+def _attention(arch: Arch, plan: Plan) -> str:
+    """The attention kernel's memory pattern: eager (s x s scores) or sdpa/fa2 (flash: no scores).
+
+    [S] LLaMA-Factory model/model_utils/attention.py::configure_attn_implementation: Gemma 2 needs soft-capped
+    attention, so `auto` becomes fa2 when flash-attn is installed and eager otherwise; transformers' Gemma 2
+    has no sdpa path. trainfit assumes flash-attn is not installed unless `flash_attn: fa2` is asked for."""
+    if plan.flash_attn == "disabled":
+        return "eager"
+    if arch.model_type == "gemma2" and plan.flash_attn != "fa2":
+        return "eager"
+    return "sdpa"
+
+
+def additional_targets(plan: Plan) -> list[str]:
+    return [t.strip() for t in (plan.additional_target or "").split(",") if t.strip()]

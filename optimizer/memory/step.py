@@ -1,0 +1,212 @@
+"""The training step, phase by phase: the terms of each moment and the peak (`estimate`)."""
+
+from __future__ import annotations
+
+from ..models.arch import layer_linears
+from ..schema import Arch, Estimate, MemoryTerm, PhasePeak, Plan
+from ..units import MIB, alloc_bytes
+from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at, reserved_bytes
+from .head import head_activations, shared_forward_bytes
+from .layer import layer_forward
+from .precision import FP32, Setting, setting_for
+from .static import (
+    adapter_bytes,
+    base_weight_bytes,
+    count_params,
+    grad_bytes,
+    optimizer_state_bytes,
+    optimizer_step_temp_bytes,
+    paged_state_bytes,
+)
+
+# ---------------------------------------------------------------------------------------------------
+# The step, phase by phase
+# ---------------------------------------------------------------------------------------------------
+
+def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
+    return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
+
+
+def estimate(arch: Arch, plan: Plan) -> Estimate:
+    """The memory model of one steady-state step of `plan` on `arch`."""
+    st = setting_for(arch, plan)
+    L = arch.num_hidden_layers
+    N = st.tokens
+    weights = base_weight_bytes(arch, st)
+    adapters = adapter_bytes(arch, plan, st)
+    states = optimizer_state_bytes(arch, plan, st)
+    grads = grad_bytes(arch, plan, st)
+    opt_tmp = optimizer_step_temp_bytes(arch, plan, st)
+    workspace = CUBLAS_WORKSPACE_BYTES
+    shared = shared_forward_bytes(arch, st)
+    lay = layer_forward(arch, st)
+    lay_ng = layer_forward(arch, st, no_grad=True) if st.gc and plan.use_reentrant_gc else lay
+    head = head_activations(arch, plan, st)
+    ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
+    if st.gc:
+        acts_all = L * ckpt
+        fwd_layer = (L - 1) * ckpt + lay_ng.peak_bytes
+        what = f"{L} checkpointed layer inputs [b, s, H]"
+    else:
+        acts_all = L * lay.saved_bytes
+        fwd_layer = (L - 1) * lay.saved_bytes + lay.peak_bytes
+        what = f"{L} layers x saved activations"
+    weight_terms = (
+        ("weights_decoder_linears", weights["decoder_linears"], _weights_detail(st)),
+        ("weights_embed_tokens", weights["embed_tokens"], f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
+        ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
+        ("weights_norms", weights["norms"], "RMSNorm weights"),
+        ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
+        ("optimizer_states", states, plan.optim),
+        ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
+    )
+    static = terms(*weight_terms)
+    # [S] torch autocast `cached_cast`: the compute-dtype copy of a grad-requiring leaf weight is cached until
+    # the outermost autocast region (the model forward) exits. Without checkpointing those copies are saved
+    # for backward anyway (counted in the layers' saved tensors); with checkpointing the recompute runs in its
+    # own region, so only the first forward holds every layer's copies, until the loss is computed.
+    cache = 0
+    if st.full and st.amp and st.gc and st.train_w != st.c:
+        cache = L * sum(alloc_bytes(m.weight_numel * st.c) for m in layer_linears(arch))
+    forward = PhasePeak(phase="forward", moment="last decoder layer's forward", terms=static + terms(
+        ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
+        ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
+        ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
+    ))
+    loss = PhasePeak(phase="loss", moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_saved", head.final_norm_saved, "final RMSNorm saved tensors (+ lm_head input when it trains)"),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
+        ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
+    ))
+    bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
+    ce = PhasePeak(phase="backward", moment="cross-entropy backward", terms=static + terms(
+        bw_ws,
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_saved", head.final_norm_saved, ""),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
+        ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
+    ))
+    # Decoder layers' backward, top layer first. The layer's own backward peak comes from replaying its
+    # tape (`Walk.backward`); parameter gradients of the layers above persist (LoRA: small; full: large),
+    # so check the top layer (most activations) and the bottom one (most gradients).
+    V, H = arch.vocab_size, arch.hidden_size
+    vh_grad = alloc_bytes(V * H * st.train_w)
+    head_grads = 0
+    if st.full:
+        # tied: the lm_head's share of the shared weight's gradient waits in autograd's input buffer for the
+        # embedding's share; untied: lm_head.grad is already stored. Plus the final norm's weight gradient.
+        head_grads = vh_grad + alloc_bytes(H * st.train_w)
+    if st.gc:
+        # reentrant checkpointing: recompute the layer (its input is the kept checkpoint), then backward
+        # through it while the recomputed output is still referenced
+        per = max(lay.peak_bytes - lay.input_bytes, lay.backward_peak_bytes + lay.output_bytes)
+        top = L * ckpt + per
+        bottom = ckpt + per + (L - 1) * lay.param_grad_bytes
+        layer_moment = "a decoder layer's recompute + backward"
+    else:
+        top = (L - 1) * lay.saved_bytes + lay.backward_peak_bytes
+        bottom = lay.backward_peak_bytes + (L - 1) * lay.param_grad_bytes
+        layer_moment = "a decoder layer's backward"
+    lb = max(
+        PhasePeak(phase="backward", moment=f"top {layer_moment}", terms=static + terms(
+            bw_ws, ("activations_shared", shared, ""),
+            ("activations_layers", top, "saved activations + the layer's backward (gradients, freed inputs)"),
+            ("grads", head_grads, "gradients of the lm_head/final norm"),
+        )),
+        PhasePeak(phase="backward", moment=f"bottom {layer_moment}", terms=static + terms(
+            bw_ws, ("activations_shared", shared, ""),
+            ("activations_layers", bottom, "the first layer's backward"),
+            ("grads", head_grads, "gradients of the lm_head/final norm"),
+        )),
+        key=lambda p: p.total_bytes,
+    )
+    lmb = PhasePeak(phase="backward", moment="lm_head backward", terms=static + terms(
+        bw_ws,
+        ("activations_shared", shared, ""),
+        ("activations_layers", acts_all, what),
+        ("final_norm_saved", head.final_norm_saved, ""),
+        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
+    ))
+    candidates = [ce, lb, lmb]
+    if st.full:
+        # [T] the end of backward: the embedding's gradient (embedding_dense_backward, [V, H]) is summed with
+        # the tied lm_head's share before AccumulateGrad stores it. Under autocast that share is the fp32
+        # output of the weight cast's backward, exclusively owned, so autograd's InputBuffer adds in place (2
+        # buffers); without autocast the sum is a new buffer (3). Untied, the gradient is stored directly.
+        # All other gradients exist by then; the activations are gone.
+        emb = (2 if st.amp else 3) * vh_grad if arch.tie_word_embeddings else 0
+        end = PhasePeak(phase="backward", moment="embedding gradient (end of backward)", terms=static + terms(
+            bw_ws,
+            ("grads", grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
+            ("embedding_grad_transient", emb, "tied weight: lm_head share + embedding share (+ their sum)"),
+            ("hidden_grad", alloc_bytes(N * H * st.stream), "gradient of the embedding output"),
+        ))
+        candidates.append(end)
+    backward = max(candidates, key=lambda p: p.total_bytes)
+    optimizer = PhasePeak(phase="optimizer", moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
+        bw_ws,
+        ("grads", grads, "one gradient per trainable tensor"),
+        ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
+    ))
+    phases = [forward, loss, backward, optimizer]
+    peak = max(phases, key=lambda p: p.total_bytes)
+    trainable, all_params = count_params(arch, plan)
+    kind = {"loss": "loss", "optimizer": "optimizer"}.get(peak.phase, peak.moment)
+    large = large_blocks_at(arch, plan, kind)
+    reserved = reserved_bytes(peak.total_bytes, large)
+    paged = paged_state_bytes(arch, plan, st)
+    notes = _notes(arch, plan, st, grads)
+    return Estimate(
+        arch=arch.name,
+        trainable_params=trainable,
+        all_params=all_params,
+        tokens_per_micro_batch=N,
+        phases=phases,
+        peak_phase=peak.phase,
+        peak_allocated_bytes=peak.total_bytes,
+        peak_reserved_bytes=reserved + paged,
+        device_peak_bytes=device_peak_for(peak.total_bytes, large, paged),
+        notes=notes,
+    )
+
+
+def _dtype_name(nbytes: int, arch: Arch) -> str:
+    return "fp32" if nbytes == FP32 else {"bfloat16": "bf16", "float16": "fp16"}.get(arch.torch_dtype, "16-bit")
+
+
+def _weights_detail(st: Setting) -> str:
+    if st.full:
+        return "decoder Linear weights, fp32 masters" if st.train_w == 4 else "decoder Linear weights, bf16"
+    if st.quant == 4:
+        return "bitsandbytes 4-bit: packed + absmax" + (" (double-quantized)" if st.double_quant else "")
+    if st.quant == 8:
+        return "bitsandbytes LLM.int8: int8 + row scales"
+    return "decoder Linear weights, checkpoint dtype"
+
+
+def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
+    notes = [f"sequence padded to {st.seq} tokens (cutoff_len {plan.cutoff_len} rounded up to a multiple of 8); "
+             "the peak assumes a micro-batch of maximum-length samples"]
+    if plan.gradient_accumulation_steps > 1:
+        notes.append(
+            f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: the estimate is the same for any value; "
+            f"from the second micro-batch on, the {grads / MIB:,.1f} MiB of accumulated gradients stay live "
+            "(covered by the safety margin, not added)"
+        )
+    if plan.per_device_train_batch_size > 1 and st.attn == "sdpa" and arch.num_key_value_heads < arch.num_attention_heads:
+        notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "
+                     "repeat K/V to every head (transformers sdpa_attention_forward); the estimate's worst case, "
+                     "every sample at cutoff_len, has no padding")
+    if plan.flash_attn == "fa2":
+        notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
+    if plan.optim == "paged_adamw_8bit":
+        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in reserved/device")
+    if not plan.bf16 and not plan.fp16 and not plan.pure_bf16:
+        notes.append("no bf16/fp16: no autocast; LoRA runs in fp32 and the base in the checkpoint dtype")
+    return notes
