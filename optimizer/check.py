@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
 from .llamafactory.read import EvalSettings, eval_settings
-from .memory import device_peak_for, estimate, eval_estimate, large_blocks_at, lora_targets
+from .memory import budget_bytes, device_peak_for, estimate, eval_estimate, fits, large_blocks_at, lora_targets
 from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
 from .units import MIB, round_up
 
@@ -115,7 +115,7 @@ def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin:
           optimize: bool = False) -> CheckReport:
     est = estimate(arch, plan)
     total = gpu.memory_bytes
-    budget = int(total * (1 - margin))
+    budget = budget_bytes(total, margin)
     train_dev = est.device_peak_bytes
     ev = None
     ev_dev = None
@@ -129,7 +129,7 @@ def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin:
         ev_dev = device_peak_for(ev.total_bytes, large_blocks_at(arch, plan, "eval", es.per_device_eval_batch_size))
     dev = max(train_dev, ev_dev or 0)
     headroom = total - dev
-    verdict = "does_not_fit" if headroom < 0 else ("fits_below_margin" if dev > budget else "fits")
+    verdict = fits(dev, total, margin)
     effects, no_effect = _key_effects(data, plan, arch)
     fix = None
     note = ""

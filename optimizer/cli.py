@@ -14,11 +14,11 @@ import typer
 
 from .errors import ConfigError, TrainfitError
 from .llamafactory.read import plan_from_dict, read_yaml
+from .memory import DEFAULT_MARGIN, setting_for
 from .memory import estimate as run_estimate
-from .memory import setting_for
 from .models import catalog
 from .models.arch import param_counts
-from .report import DEFAULT_MARGIN, estimate_json, estimate_table, gpus_table, models_table
+from .report import estimate_json, estimate_table, gpus_table, models_table
 from .schema import Arch, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,

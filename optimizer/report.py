@@ -5,29 +5,23 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from .memory import DEFAULT_MARGIN, fits
 from .schema import Arch, Estimate, GpuSpec, Plan
 from .units import GIB, MIB
 
 __all__ = ["estimate_json", "estimate_table", "verdict", "gpus_table", "models_table"]
 
-# Keep at least this share of the card free by default (the solver's margin uses the same constant).
-# A planning margin, not a measured constant: it absorbs what the model leaves out (desktop/compositor
-# memory on consumer cards, driver and library versions, allocator fragmentation beyond the model).
-DEFAULT_MARGIN = 0.10
-
-
 def verdict(est: Estimate, gpu: GpuSpec | None, margin: float = DEFAULT_MARGIN) -> dict[str, Any] | None:
     if gpu is None:
         return None
     total = gpu.memory_bytes
-    headroom = total - est.device_peak_bytes
-    fits = headroom >= 0
+    word = fits(est.device_peak_bytes, total, margin)
     return {
         "gpu": gpu.id,
         "gpu_total_bytes": total,
-        "headroom_bytes": headroom,
-        "fits": fits,
-        "fits_with_margin": headroom >= margin * total,
+        "headroom_bytes": total - est.device_peak_bytes,
+        "fits": word != "does_not_fit",
+        "fits_with_margin": word == "fits",
         "margin": margin,
     }
 

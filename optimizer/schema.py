@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = ["Arch", "GpuSpec", "Plan", "MemoryTerm", "PhasePeak", "Estimate", "PHASES"]
 
@@ -120,6 +120,23 @@ class Plan(BaseModel):
         description="trainfit option: model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts; "
         "not LLaMA-Factory): every non-quantized parameter is upcast to fp32.",
     )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        """Cross-field rules, all reported at once (every reader and writer relies on them)."""
+        problems = []
+        if self.quantization_bit is not None and self.finetuning_type != "lora":
+            # [S] LLaMA-Factory hparams/parser.py: "Quantization is only compatible with the LoRA or OFT method."
+            problems.append("quantization_bit needs finetuning_type lora: remove quantization_bit or use lora")
+        if self.bf16 and self.fp16:
+            # [S] transformers training_args.py: bf16 and fp16 are mutually exclusive
+            problems.append("bf16 and fp16 are both true: set only one of them")
+        if self.pure_bf16 and self.fp16:
+            # [S] LLaMA-Factory hparams/parser.py: pure_bf16 trains in bf16; fp16 autocast contradicts it
+            problems.append("pure_bf16 and fp16 are both true: pick one precision")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
     @property
     def gradient_checkpointing(self) -> bool:

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from optimizer.errors import ConfigError, TrainfitError  # noqa: E402
+from optimizer.errors import TrainfitError  # noqa: E402
 from optimizer.models.catalog import resolve_config  # noqa: E402
 from optimizer.schema import Plan  # noqa: E402
 from optimizer.trace import TRACE_PHASES, TraceResult, run_cuda, run_trace, run_trace_extrapolated  # noqa: E402
@@ -451,11 +451,6 @@ def test_kbit_prepare_upcasts_non_quantized_params():
 def test_liger_is_not_traceable():
     with pytest.raises(NotImplementedError, match="Liger"):
         run_trace(TINY, small(enable_liger_kernel=True))
-
-
-def test_quantized_full_finetuning_is_rejected():
-    with pytest.raises(ConfigError, match="LoRA"):
-        run_trace(TINY, small(quantization_bit=4, finetuning_type="full"))
 
 
 def test_run_cuda_without_gpu():

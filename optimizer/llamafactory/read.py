@@ -97,6 +97,9 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
         except ValidationError as exc:
             for err in exc.errors():
                 loc = ".".join(str(x) for x in err["loc"])
+                if not loc:  # a cross-field rule of Plan
+                    problems.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])
+                    continue
                 problems.append(f"{loc}: {err['msg'].lower()} (found {err.get('input')!r})")
     if problems:
         raise ConfigError(f"{where}: " + "; ".join(problems) + ". Fix these keys.")

@@ -269,19 +269,11 @@ def warmup_steps_for(num_samples: int, plan: Plan, num_train_epochs: float | Non
 
 
 def _check_plan(plan: Plan) -> None:
-    problems = []
+    """What a valid Plan can be but a LLaMA-Factory config cannot (Plan's own rules are its validators)."""
     if plan.kbit_prepare:
-        problems.append("kbit_prepare models PEFT's prepare_model_for_kbit_training, which LLaMA-Factory never "
-                        "runs; solve with kbit_prepare false for a LLaMA-Factory config")
-    if plan.quantization_bit is not None and plan.finetuning_type != "lora":
-        problems.append("quantization_bit needs finetuning_type lora (LLaMA-Factory: 'Quantization is only "
-                        "compatible with the LoRA or OFT method.')")
-    if plan.bf16 and plan.fp16:
-        problems.append("bf16 and fp16 are both set; transformers accepts one of them")
-    if plan.pure_bf16 and plan.fp16:
-        problems.append("pure_bf16 and fp16 are both set; pick one precision")
-    if problems:
-        raise ConfigError("plan cannot become a LLaMA-Factory config: " + "; ".join(problems) + ".")
+        raise ConfigError("plan cannot become a LLaMA-Factory config: kbit_prepare models PEFT's "
+                          "prepare_model_for_kbit_training, which LLaMA-Factory never runs; solve with kbit_prepare "
+                          "false for a LLaMA-Factory config.")
 
 
 def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, dataset: str, dataset_dir: str,

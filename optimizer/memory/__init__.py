@@ -22,7 +22,16 @@ transient peak falls out. The walk encodes what the libraries do; each rule name
   allocation counted), see tests/test_accuracy.py for the grid it is checked on.
 """
 
-from .allocator import CUBLAS_WORKSPACE_BYTES, CUDA_CONTEXT_BYTES, device_peak_for, large_blocks_at, reserved_bytes
+from .allocator import (
+    CUBLAS_WORKSPACE_BYTES,
+    CUDA_CONTEXT_BYTES,
+    DEFAULT_MARGIN,
+    budget_bytes,
+    device_peak_for,
+    fits,
+    large_blocks_at,
+    reserved_bytes,
+)
 from .evaluation import eval_estimate
 from .layer import LayerActivations, layer_forward
 from .precision import Setting, lora_targets, setting_for
@@ -32,12 +41,15 @@ from .step import estimate
 __all__ = [
     "CUBLAS_WORKSPACE_BYTES",
     "CUDA_CONTEXT_BYTES",
+    "DEFAULT_MARGIN",
     "LayerActivations",
     "Setting",
+    "budget_bytes",
     "count_params",
     "device_peak_for",
     "estimate",
     "eval_estimate",
+    "fits",
     "large_blocks_at",
     "layer_forward",
     "lora_targets",

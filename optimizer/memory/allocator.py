@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Literal
+
 from ..schema import Arch, Plan
 from ..units import MIB, alloc_bytes, round_up
 from .precision import FP32, setting_for
@@ -58,3 +61,24 @@ def device_peak_for(peak_allocated: int, large_blocks: list[int], managed: int =
     """nvidia-smi's view of a phase: reserved (`reserved_bytes`) + CUDA managed memory (paged optimizer
     states) + the CUDA context."""
     return reserved_bytes(peak_allocated, large_blocks) + managed + CUDA_CONTEXT_BYTES
+
+
+# Keep at least this share of the card free by default (estimate, check and solve use it alike).
+# A planning margin, not a measured constant: it absorbs what the model leaves out (desktop/compositor
+# memory on consumer cards, driver and library versions, allocator fragmentation beyond the model).
+DEFAULT_MARGIN = 0.10
+
+Verdict = Literal["fits", "fits_below_margin", "does_not_fit"]
+
+
+def budget_bytes(gpu_total_bytes: int, margin: float = DEFAULT_MARGIN) -> int:
+    """The device-peak bound: the GPU's memory less the margin, floored to whole bytes."""
+    return math.floor(gpu_total_bytes * (1 - margin))
+
+
+def fits(device_peak: int, gpu_total_bytes: int, margin: float = DEFAULT_MARGIN) -> Verdict:
+    """The one verdict: fits (within the bound), fits below the margin (on the card, not within the bound), or
+    does not fit."""
+    if device_peak > gpu_total_bytes:
+        return "does_not_fit"
+    return "fits" if device_peak <= budget_bytes(gpu_total_bytes, margin) else "fits_below_margin"

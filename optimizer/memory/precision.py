@@ -74,11 +74,6 @@ def lora_targets(arch: Arch, plan: Plan) -> tuple[str, ...]:
 
 
 def setting_for(arch: Arch, plan: Plan) -> Setting:
-    if plan.quantization_bit and plan.finetuning_type != "lora":
-        # [S] LLaMA-Factory hparams/parser.py: "Quantization is only compatible with the LoRA or OFT method."
-        raise ConfigError("quantization_bit needs finetuning_type: lora. Remove quantization_bit or use lora.")
-    if plan.bf16 and plan.fp16:
-        raise ConfigError("bf16 and fp16 are both true. Set only one of them.")
     ckpt_w = DTYPE_BYTES[arch.torch_dtype]
     amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
     full = plan.finetuning_type == "full"

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ..errors import ProblemError
 from ..io import read_mapping
+from ..memory import DEFAULT_MARGIN
 from .quality import QualityWeights
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
@@ -122,7 +123,7 @@ class Problem(BaseModel):
     trainer: Literal["llamafactory"] = Field(default="llamafactory", description="The trainer the configs are for.")
     dataset: DatasetSpec = Field(description="The training data.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="The search space.")
-    margin: float = Field(default=0.10, ge=0, lt=1, description="Share of the GPU's memory kept free. It applies to the "
+    margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1, description="Share of the GPU's memory kept free. It applies to the "
                           "device peak (what nvidia-smi shows: reserved + CUDA context).")
     objective: Objective = Field(default_factory=Objective, description="Objective settings.")
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import ProblemError
-from ..memory import count_params, estimate
+from ..memory import budget_bytes, count_params, estimate
 from ..models import catalog
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec, Plan
@@ -156,7 +156,7 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     arch = resolve_model(problem, base)
     gpu = resolve_gpu(problem)
     domains, notes = _domains(problem, arch, gpu)
-    budget = math.floor(gpu.memory_bytes * (1 - problem.margin))
+    budget = budget_bytes(gpu.memory_bytes, problem.margin)
     w = problem.objective.quality_weights
     inst = Instance(problem, arch, gpu, budget, domains, [], {}, {}, {}, notes=notes)
     measured = None

@@ -180,10 +180,6 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
             "enable_liger_kernel: Liger's fused linear cross-entropy is a Triton kernel that cannot run on fake "
             "CPU tensors, so the trace cannot measure it. Trace without it (an upper bound) or use run_cuda."
         )
-    if plan.quantization_bit is not None and plan.finetuning_type != "lora":
-        raise ConfigError("Quantization is only compatible with the LoRA method (LLaMA-Factory). Set finetuning_type: lora.")
-    if plan.bf16 and plan.fp16:
-        raise ConfigError("bf16 and fp16 are both set. Choose one.")
 
     notes: list[str] = []
     ckpt_dtype = checkpoint_dtype(config)
