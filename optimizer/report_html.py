@@ -46,7 +46,8 @@ def _e(x: Any) -> str:
 
 
 def _gib(n: int | float) -> float:
-    return round(n / GIB, 3)
+    """Bytes to GiB, unrounded: the charts' stacks add up to the byte totals (display rounds with :.2f)."""
+    return n / GIB
 
 
 def _dur(seconds: float) -> str:
@@ -231,12 +232,12 @@ def _table(head: list[str], rows: list[list[str]], cls: str = "") -> str:
     return f'<table class="{cls}"><thead><tr>{th}</tr></thead>\n<tbody>\n{body}\n</tbody></table>'
 
 
-_CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;max-width:1320px;color:#222}
+_CSS = """body{font-family:system-ui,sans-serif;margin:24px auto;padding:0 16px;max-width:1320px;color:#222}
 h1{font-size:1.6em}h2{margin-top:1.8em;border-bottom:1px solid #ddd}.chart{width:100%}
 table{border-collapse:collapse;font-size:.9em}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right}
 th{background:#f4f4f4}td:nth-child(2),td:nth-child(3){text-align:left}tr.rec{background:#fff3cd}
 pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:.85em}button{margin:4px 0}
-.fits{background:#e2f5e2}.nofit{background:#fbe3e3}.matrix td{text-align:left;vertical-align:top}
+.fits{background:#e2f5e2}.nofit{background:#fbe3e3}.matrix td,.matrix th{text-align:left;vertical-align:top}
 #js-errors{color:#b00;background:#fee}#js-errors:empty{display:none}"""
 
 _JS = """window.trainfitErrors=0;
@@ -371,12 +372,13 @@ def batch_report(rows: list[dict]) -> str:
         grid.append(line)
         z.append(zs)
         hover.append(hs)
+    text = [[f"{v:.1f} min" if v is not None else "does not fit" for v in zs] for zs in z]
     fig = go.Figure([go.Heatmap(z=z, x=gpus, y=models, hovertext=hover, hoverinfo="text", colorscale="Viridis",
-                                colorbar={"title": {"text": "min"}}, xgap=2, ygap=2)],
+                                text=text, texttemplate="%{text}", colorbar={"title": {"text": "min"}}, xgap=2, ygap=2)],
                     layout=_layout("Training time of the recommended config (blank: does not fit)",
                                    yaxis={"autorange": "reversed"}, margin={"l": 260, "r": 30, "t": 60, "b": 80}))
     body = ["<h1>trainfit batch: models x GPUs</h1>",
             f"<p>{len(rows)} problems; {sum(1 for row in rows if row.get('result'))} fit.</p>",
             _table(["model", *gpus], grid, "matrix"), "<h2>Training time</h2>",
-            _chart("matrix", fig, 160 + 60 * len(models))]
+            _chart("matrix", fig, 220 + 60 * len(models))]
     return _page("trainfit batch", body)
