@@ -1,0 +1,79 @@
+"""Does the quality score order published comparisons as the papers did?
+
+Run: python benchmarks/quality.py [--evidence benchmarks/quality_evidence.yaml]
+
+Scores config_a and config_b of each row of the evidence file with `optimizer.quality_model.quality` and prints
+id, knob, the paper's winner, both scores, the score's winner and whether they agree. A paper "tie" agrees when
+|score_a - score_b| <= the file's tie_tolerance_score; a paper winner agrees when the score prefers it by more than
+that tolerance. The last line is the agreement share (goal: >= 0.9). Constants were set while reading these rows,
+so the share is in-sample, not a held-out validation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EVIDENCE = ROOT / "benchmarks" / "quality_evidence.yaml"
+
+
+def _quality_model():
+    # Load the module by path: optimizer/__init__ pulls in the whole package (pydantic, ortools), this must not.
+    spec = importlib.util.spec_from_file_location("trainfit_quality_model", ROOT / "optimizer" / "quality_model.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def load(path: Path = EVIDENCE) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def score_rows(evidence: dict) -> list[dict]:
+    """One result per row: id, knob, expected, score_a, score_b, predicted, agrees."""
+    qm = _quality_model()
+    tol = evidence["tie_tolerance_score"]
+    out = []
+    for row in evidence["rows"]:
+        ctx = evidence["contexts"][row["context"]]
+        a = qm.quality(row["config_a"], ctx)
+        b = qm.quality(row["config_b"], ctx)
+        predicted = "tie" if abs(a - b) <= tol else ("a" if a > b else "b")
+        out.append({"id": row["id"], "knob": row["knob"], "expected": row["winner"], "score_a": a, "score_b": b,
+                    "predicted": predicted, "agrees": predicted == row["winner"]})
+    return out
+
+
+def agreement(path: Path = EVIDENCE) -> float:
+    """The share of rows the score orders as the papers did."""
+    results = score_rows(load(path))
+    return sum(r["agrees"] for r in results) / len(results)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--evidence", type=Path, default=EVIDENCE)
+    args = ap.parse_args(argv)
+    evidence = load(args.evidence)
+    results = score_rows(evidence)
+    w = max(len(r["id"]) for r in results)
+    print(f"{'id':<{w}}  {'knob':<13} exp  {'score_a':>8} {'score_b':>8} pred  agrees")
+    for r in results:
+        print(f"{r['id']:<{w}}  {r['knob']:<13} {r['expected']:<4} {r['score_a']:8.4f} {r['score_b']:8.4f} "
+              f"{r['predicted']:<4}  {'yes' if r['agrees'] else 'NO'}")
+    n_ok = sum(r["agrees"] for r in results)
+    knobs = sorted({r["knob"] for r in results})
+    print(f"\nknobs: " + ", ".join(f"{k} {sum(r['knob'] == k for r in results)}" for k in knobs))
+    print(f"agreement: {n_ok}/{len(results)} = {n_ok / len(results):.3f} "
+          f"(tie tolerance {evidence['tie_tolerance_score']} score units)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Properties of the evidence-based quality model (optimizer/quality_model.py) and its agreement with papers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+qm = _load("trainfit_quality_model", ROOT / "optimizer" / "quality_model.py")
+bench = _load("trainfit_quality_benchmark", ROOT / "benchmarks" / "quality.py")
+
+# Llama-3.1-8B dimensions (HF config.json); the dataset size is drawn.
+ARCH = {"model_params": 8.03e9, "num_layers": 32, "hidden_size": 4096, "intermediate_size": 14336,
+        "kv_size": 1024, "model_family": "llama"}
+
+contexts = st.builds(
+    lambda n, tok: {**ARCH, "samples_total": n, "supervised_tokens_total": n * tok},
+    st.integers(100, 2_000_000), st.integers(20, 4000))
+lora_types = st.sampled_from(["lora", "qlora4", "qlora8"])
+ranks = st.sampled_from([4, 8, 16, 32, 64, 128, 256])
+targets = st.sampled_from(["attention", "mlp", "all"])
+batches = st.sampled_from([1, 4, 8, 16, 32, 64, 128, 512])
+epochs = st.sampled_from([1, 2, 3, 5])
+
+
+def _plan(ft, rank, target, batch, ep, **kw):
+    return {"finetuning_type": ft, "lora_rank": rank, "lora_target": target, "effective_batch": batch,
+            "num_train_epochs": ep, **kw}
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, targets, batches, epochs, st.floats(0.05, 1.0), st.floats(0.05, 1.0))
+def test_monotone_in_kept_token_share(ctx, ft, r, tgt, b, ep, k1, k2):
+    lo, hi = sorted((k1, k2))
+    q_lo = qm.quality(_plan(ft, r, tgt, b, ep, kept_token_share=lo), ctx)
+    q_hi = qm.quality(_plan(ft, r, tgt, b, ep, kept_token_share=hi), ctx)
+    assert q_hi >= q_lo - 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, st.sampled_from(["lora", "qlora4", "full"]), ranks, targets, epochs,
+       st.floats(0.01, 1.0), st.floats(0.01, 1.0))
+def test_monotone_in_samples(ctx, ft, r, tgt, ep, f1, f2):
+    """More samples never lower the score at a fixed number of optimizer steps per sample (batch 1)."""
+    lo, hi = sorted((f1, f2))
+    n = ctx["samples_total"]
+    q_lo = qm.quality(_plan(ft, r, tgt, 1, ep, samples_used=max(1, int(lo * n))), ctx)
+    q_hi = qm.quality(_plan(ft, r, tgt, 1, ep, samples_used=max(1, int(hi * n))), ctx)
+    assert q_hi >= q_lo - 1e-12
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, batches, epochs)
+def test_all_beats_attention_and_mlp(ctx, ft, r, b, ep):
+    q = {t: qm.quality(_plan(ft, r, t, b, ep), ctx) for t in ("attention", "mlp", "all")}
+    assert q["all"] > q["mlp"] and q["all"] > q["attention"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(20_000, 2_000_000), st.integers(100, 4000), lora_types, ranks, batches, epochs)
+def test_attention_below_mlp_below_all_once_data_matters(n, tok, ft, r, b, ep):
+    """Biderman et al. 2024's All > MLP > Attention. It holds once the data demand D/N reaches U_HALF; below it
+    the evidence (Hu et al. 2021 Table 4: attention-only LoRA = full FT on GPT-3) does not order mlp vs attention.
+    Here the demand is at least 10 * U_HALF (d >= 0.9), Biderman's regime (MetaMathQA on Llama-2-7B: d ~ 0.92)."""
+    ctx = {**ARCH, "samples_total": n, "supervised_tokens_total": max(n * tok, 10 * qm.U_HALF * ARCH["model_params"])}
+    q = {t: qm.quality(_plan(ft, r, t, b, ep), ctx) for t in ("attention", "mlp", "all")}
+    assert q["attention"] < q["mlp"] < q["all"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(100, 5_000), st.integers(20, 300), lora_types, targets, ranks, ranks)
+def test_rank_flat_on_small_data(n, tok, ft, tgt, r1, r2):
+    """Hu et al. 2021 Table 6, QLoRA ("r does not affect performance"): no rank effect while P >= D."""
+    ctx = {**ARCH, "samples_total": n, "supervised_tokens_total": n * tok}
+    a = qm.quality(_plan(ft, r1, tgt, 16, 3), ctx)
+    b = qm.quality(_plan(ft, r2, tgt, 16, 3), ctx)
+    assert abs(a - b) <= qm.TIE_TOL
+
+
+@settings(max_examples=100, deadline=None)
+@given(contexts, st.sampled_from(["lora", "qlora4", "full"]), ranks, targets, st.floats(-2.0, 2.0))
+def test_learning_rate_term_peaks_at_recipe(ctx, ft, r, tgt, log_offset):
+    plan = _plan(ft, r, tgt, 16, 1)
+    steps = math.ceil(ctx["samples_total"] / 16)
+    opt = qm.recommended_hparams(ft, ctx["model_params"], "llama", r, ctx["samples_total"],
+                                 hidden_size=ctx["hidden_size"], optimizer_steps=steps)["learning_rate"]
+    at_opt = qm.quality_terms({**plan, "learning_rate": opt}, ctx)["learning_rate"]
+    off = qm.quality_terms({**plan, "learning_rate": opt * 10 ** log_offset}, ctx)["learning_rate"]
+    assert at_opt == 0.0 and off <= at_opt
+
+
+def test_lora_learning_rate_is_ten_times_full():
+    full = qm.recommended_hparams("full", 8e9, "llama", hidden_size=4096)
+    lora = qm.recommended_hparams("lora", 8e9, "llama", 16, hidden_size=4096, optimizer_steps=1000)
+    assert math.isclose(lora["learning_rate"] / full["learning_rate"], 10.0)
+    # tinker-cookbook get_lr for Llama-3.1-8B: 5e-5 * (2000/4096) ** 0.781 = 2.86e-5.
+    assert math.isclose(full["learning_rate"], 2.86e-5, rel_tol=0.01)
+    assert set(lora["sources"]) >= {"learning_rate", "lora_alpha", "lora_dropout", "warmup_ratio",
+                                    "num_train_epochs", "max_grad_norm"}
+    assert lora["lora_alpha"] == 32 and lora["use_rslora"] is False
+    assert qm.recommended_hparams("lora", 8e9, lora_rank=256)["use_rslora"] is True
+
+
+def test_terms_add_up_to_the_score():
+    ctx = {**ARCH, "samples_total": 10_000, "supervised_tokens_total": 5e6}
+    plan = _plan("qlora4", 16, "all", 64, 2, learning_rate=1e-4, kept_token_share=0.9, samples_used=8000)
+    assert math.isclose(sum(qm.quality_terms(plan, ctx).values()), qm.quality(plan, ctx))
+
+
+# The goal in issue 12 is 0.9. The score orders 36 of 41 published comparisons as the papers did (0.878); the five
+# that disagree (printed by benchmarks/quality.py) were left as they are rather than tuned row by row: see the
+# commit message. This floor catches regressions; raise it when a change earns it.
+AGREEMENT_GOAL = 0.9
+AGREEMENT_FLOOR = 0.87
+
+
+def test_agreement_with_published_comparisons():
+    share = bench.agreement()
+    assert share >= AGREEMENT_FLOOR, share
+
+
+def test_evidence_covers_each_knob_twice():
+    rows = bench.load()["rows"]
+    assert len(rows) >= 24
+    knobs = {"lora_target", "lora_rank", "learning_rate", "batch", "epochs", "data_amount", "quantization",
+             "method", "cutoff"}
+    counts = {k: sum(r["knob"] == k for r in rows) for k in knobs}
+    assert all(c >= 2 for c in counts.values()), counts
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["winner"] in ("a", "b", "tie") and r["source"] and r["trace"]
