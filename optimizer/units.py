@@ -1,4 +1,4 @@
-"""Byte units, allocator rounding and display helpers."""
+"""Byte units and allocator rounding."""
 
 from __future__ import annotations
 
@@ -26,10 +26,3 @@ def alloc_bytes(nbytes: int) -> int:
         return 0
     return round_up(nbytes, ALLOC_ALIGN_BYTES)
 
-
-def fmt_gib(nbytes: int) -> str:
-    return f"{nbytes / GIB:.2f} GiB"
-
-
-def fmt_mib(nbytes: int) -> str:
-    return f"{nbytes / MIB:,.1f} MiB"
