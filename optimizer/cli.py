@@ -51,6 +51,8 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(1)
 
 
+_REPORT_HELP = "Write a self-contained HTML report (charts, offline) to this file (needs the report extra)."
+
 # Flags named after LLaMA-Factory's keys; None = not given (the YAML's value or LLaMA-Factory's default).
 _FLAG_HELP = "LLaMA-Factory key; overrides --config"
 
@@ -143,6 +145,8 @@ def estimate(
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
     margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --report file if it exists."),
     overrides: Optional[dict] = None,  # filled by with_plan_flags
 ) -> None:
     """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
@@ -150,6 +154,13 @@ def estimate(
         arch, plan = _resolve(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
         est = run_estimate(arch, plan)
+        if report:
+            from .io import write_text_atomic
+            from .report_html import estimate_report
+
+            html = estimate_report(est.model_dump(mode="json"), plan.model_dump(mode="json"),
+                                   spec.model_dump(mode="json") if spec else None, margin)
+            write_text_atomic(report, html, force=force)
     except TrainfitError as exc:
         _fail(exc)
         return
@@ -226,8 +237,9 @@ def check(
     margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free."),
     optimize: bool = typer.Option(False, "--optimize", help="Propose the smallest fitting change even when it fits."),
     write: Optional[str] = typer.Option(None, "--write", help="Write the config with the fix applied to this path."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the --write file if it exists."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the --write and --report files if they exist."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
 ) -> None:
     """Does a LLaMA-Factory config fit the GPU, why not, and the smallest change that fits.
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
@@ -252,6 +264,15 @@ def check(
 
             text = Path(config).read_text(encoding="utf-8")
             write_text_atomic(write, patch_yaml(text, rep.fix.changes), force=force)
+        if report:
+            from .report_html import estimate_report
+
+            ev = rep.eval.model_dump(mode="json") if rep.eval else None
+            if ev is not None:
+                ev["device_peak_bytes"] = rep.eval_device_peak_bytes
+            html = estimate_report(rep.estimate.model_dump(mode="json"), plan.model_dump(mode="json"),
+                                   spec.model_dump(mode="json"), margin, ev)
+            write_text_atomic(report, html, force=force)
     except TrainfitError as exc:
         _fail(exc)
         return

@@ -12,6 +12,7 @@ import html
 import json
 from typing import Any
 
+from .errors import TrainfitError
 from .units import GIB, MIB
 
 __all__ = ["solve_report", "estimate_report", "batch_report", "ReportDependencyError", "PLOTLY_MISSING"]
@@ -28,7 +29,7 @@ CACHE_TERM = "allocator cache (reserved - allocated)"
 CONTEXT_TERM = "CUDA context (device - reserved)"
 
 
-class ReportDependencyError(ImportError):
+class ReportDependencyError(TrainfitError):
     """plotly is not installed; the message says how to install it."""
 
 
