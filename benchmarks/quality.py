@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['predicted']:<4}  {'yes' if r['agrees'] else 'NO'}")
     n_ok = sum(r["agrees"] for r in results)
     knobs = sorted({r["knob"] for r in results})
-    print(f"\nknobs: " + ", ".join(f"{k} {sum(r['knob'] == k for r in results)}" for k in knobs))
+    print("\nknobs: " + ", ".join(f"{k} {sum(r['knob'] == k for r in results)}" for k in knobs))
     print(f"agreement: {n_ok}/{len(results)} = {n_ok / len(results):.3f} "
           f"(tie tolerance {evidence['tie_tolerance_score']} score units)")
     return 0

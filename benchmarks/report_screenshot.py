@@ -24,13 +24,13 @@ CHROMIUM = "/usr/bin/chromium"
 
 def inputs(path: str) -> tuple:
     """solve_report's arguments for one problem file (the only function here that names internal modules)."""
-    from optimizer.catalog import resolve_arch
-    from optimizer.configs import config_files
-    from optimizer.dataset import analyze_dataset, count_tokens, template_for_model
+    from optimizer.data.dataset import analyze_dataset, count_tokens, template_for_model
+    from optimizer.data.tokens import ApproxCounter, tokenizer_family
+    from optimizer.llamafactory.configs import config_files
     from optimizer.memory import estimate
-    from optimizer.problem import load_problem
-    from optimizer.search import solve_problem
-    from optimizer.tokens import ApproxCounter, tokenizer_family
+    from optimizer.models.catalog import resolve_arch
+    from optimizer.search.problem import load_problem
+    from optimizer.search.solve import solve_problem
 
     problem, base = load_problem(path)
     result = solve_problem(problem, base)

@@ -38,13 +38,13 @@ needs_plotly = pytest.mark.skipif(not HAVE_PLOTLY, reason='plotly is not install
 def solved() -> dict:
     """The renderer's inputs, built from the real solver on the reference problem. The only function here that
     names the library's internal modules: when they move, this is the one place to fix."""
-    from optimizer.catalog import resolve_arch
-    from optimizer.configs import config_files
-    from optimizer.dataset import count_tokens, template_for_model
+    from optimizer.data.dataset import count_tokens, template_for_model
+    from optimizer.data.tokens import ApproxCounter, tokenizer_family
+    from optimizer.llamafactory.configs import config_files
     from optimizer.memory import estimate, eval_estimate
-    from optimizer.problem import load_problem
-    from optimizer.search import solve_problem
-    from optimizer.tokens import ApproxCounter, tokenizer_family
+    from optimizer.models.catalog import resolve_arch
+    from optimizer.search.problem import load_problem
+    from optimizer.search.solve import solve_problem
 
     problem, base = load_problem(PROBLEM)
     result = solve_problem(problem, base)
