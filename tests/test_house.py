@@ -104,3 +104,23 @@ def test_imports_run_one_way():
                 if lt is not None and lt > own:
                     bad.append(f"{mod} imports {t}")
     assert not bad, "imports that run backwards:\n" + "\n".join(bad)
+
+
+def _tool(name: str) -> str:
+    path = Path(sys.executable).with_name(name)
+    if not path.exists():
+        pytest.skip(f"{name} is not installed (pip install -e '.[test]')")
+    return str(path)
+
+
+def test_ruff_is_clean():
+    out = subprocess.run([_tool("ruff"), "check", "optimizer", "tests", "benchmarks"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stdout[-4000:]
+
+
+def test_no_dead_code():
+    """vulture at 60% confidence, less what only frameworks call (tests/vulture_allow.py names each with why)."""
+    out = subprocess.run([_tool("vulture"), "optimizer", "tests/vulture_allow.py", "--min-confidence", "60"],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-4000:]
