@@ -143,6 +143,12 @@ def estimate(
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
     margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in all (per-GPU estimate)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="ddp (default), zero1-3, fsdp, fsdp2, fsdp_grad_op."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none, optimizer or params (CPU offload)."),
+    nodes: int = typer.Option(1, "--nodes", help="Machines the GPUs are spread over."),
+    host_ram_gib: Optional[float] = typer.Option(None, "--host-ram-gib", help="Host RAM per node, GiB."),
+    zero_init: bool = typer.Option(True, "--zero-init/--no-zero-init", help="ZeRO-3: built under zero.Init."),
     overrides: Optional[dict] = None,  # filled by with_plan_flags
 ) -> None:
     """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
@@ -150,10 +156,29 @@ def estimate(
         arch, plan = _resolve(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
         est = run_estimate(arch, plan)
+        dist = _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init)
     except TrainfitError as exc:
         _fail(exc)
         return
+    if dist is not None:
+        from .distributed.report import dist_json, dist_table
+
+        typer.echo(dist_json(dist, spec, margin) if json_out else dist_table(dist, spec, margin))
+        return
     typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
+
+
+def _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init):
+    """The multi-GPU estimate when any multi-GPU flag is given, else None."""
+    if num_gpus is None and engine is None and offload is None:
+        return None
+    from .distributed import DistSettings, parse_engine, per_gpu
+
+    if offload not in (None, "none", "optimizer", "params"):
+        raise ConfigError(f"--offload {offload!r} is not none, optimizer or params. Pick one of those.")
+    dist = DistSettings(engine=parse_engine(engine or "ddp"), num_gpus=num_gpus if num_gpus is not None else 1,
+                        nodes=nodes, offload=offload or "none", host_ram_gib=host_ram_gib, zero_init=zero_init)
+    return per_gpu(arch, plan, dist, est)
 
 
 @app.command()

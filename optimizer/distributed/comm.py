@@ -54,7 +54,8 @@ def comm_time_s(d: DistEstimate, trainable_params: int, frozen_params: int, gpu:
     if d.engine == "ddp":
         coll, what = int(2 * ring * T * 4), "all-reduce of the gradients (fp32 buckets)"
     elif d.engine in ("zero1", "zero2"):
-        coll, what = int(ring * T * g + ring * T * 2), "reduce-scatter of gradients + all-gather of updated bf16 weights"
+        coll = int(ring * T * g + ring * T * 2)
+        what = "reduce-scatter of gradients + all-gather of updated bf16 weights"
     else:
         coll = int(2 * ring * (T + F) * 2 + ring * T * g)
         what = "all-gather of bf16 weights in forward and backward + reduce-scatter of gradients"

@@ -40,19 +40,23 @@ class DistSettings(BaseModel):
                            "(DeepSpeed), fsdp (FSDP1 FULL_SHARD), fsdp2 (fully_shard), fsdp_grad_op (SHARD_GRAD_OP).")
     num_gpus: int = Field(default=1, description="GPUs in all (world size), across every node.")
     nodes: int = Field(default=1, description="Machines; num_gpus is split evenly over them.")
-    offload: Offload = Field(default="none", description="none, optimizer (DeepSpeed offload_optimizer to CPU) or params "
+    offload: Offload = Field(default="none", description="none, optimizer (DeepSpeed offload_optimizer to CPU) or "
+                             "params "
                              "(ZeRO-3 offload_param + offload_optimizer; FSDP CPUOffload(offload_params=True)).")
     zero_init: bool = Field(default=True, description="ZeRO-3: the model is built under deepspeed.zero.Init (HF "
                             "Trainer does it when the DeepSpeed config is known before from_pretrained).")
     cpu_ram_efficient_loading: bool = Field(default=True, description="FSDP: only rank 0 loads the checkpoint "
-                                            "(accelerate fsdp_cpu_ram_efficient_loading; LLaMA-Factory's configs set it).")
+                                            "(accelerate fsdp_cpu_ram_efficient_loading; LLaMA-Factory's configs "
+                                            "set it).")
     host_ram_gib: float | None = Field(default=None, description="Host RAM per node, GiB, for the host verdict.")
     reduce_bucket_size: int | None = Field(default=None, description="DeepSpeed reduce_bucket_size (elements); None = "
-                                           "LLaMA-Factory's example config (5e8, or 'auto' = hidden_size^2 under ZeRO-3).")
+                                           "LLaMA-Factory's example config (5e8, or 'auto' = hidden_size^2 "
+                                           "under ZeRO-3).")
     stage3_prefetch_bucket_size: int | None = Field(default=None, description="None = 'auto' = 0.9 hidden_size^2.")
     stage3_param_persistence_threshold: int | None = Field(default=None, description="None = 'auto' = 10 hidden_size.")
     stage3_max_live_parameters: int = Field(default=1_000_000_000, description="LLaMA-Factory's ds_z3 config: 1e9.")
-    ddp_bucket_cap_mb: int = Field(default=25, description="torch DDP bucket_cap_mb (HF ddp_bucket_cap_mb; default 25).")
+    ddp_bucket_cap_mb: int = Field(default=25,
+                                   description="torch DDP bucket_cap_mb (HF ddp_bucket_cap_mb; default 25).")
 
     @property
     def gpus_per_node(self) -> int:

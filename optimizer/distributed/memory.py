@@ -52,9 +52,11 @@ class DistEstimate(BaseModel):
     phases: list[PhasePeak] = Field(description="Per-GPU peak allocated bytes of each phase, term by term.")
     peak_phase: str = Field(description="The phase holding the per-GPU peak.")
     peak_allocated_bytes: int = Field(description="Per-GPU predicted torch.cuda.max_memory_allocated().")
-    device_peak_bytes: int = Field(description="Per-GPU nvidia-smi estimate (reserved + CUDA context; NCCL buffers not included).")
+    device_peak_bytes: int = Field(description="Per-GPU nvidia-smi estimate (reserved + CUDA context; NCCL "
+                                   "buffers not included).")
     single_gpu_peak_allocated_bytes: int = Field(description="The same plan on one GPU, for comparison.")
-    host_terms: list[MemoryTerm] = Field(description="Host RAM per node: each term is a separate moment or a sum; see detail.")
+    host_terms: list[MemoryTerm] = Field(description="Host RAM per node: loading terms and steady offload terms "
+                                         "(see detail).")
     host_peak_bytes: int = Field(description="Host RAM per node at its worst moment (loading or steady offload).")
     shards: list[str] = Field(description="Which engine shards what, in words.")
     notes: list[str] = Field(default_factory=list, description="Assumptions.")
@@ -157,8 +159,7 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     trainable_single = _sum_alloc(groups)
     frozen_all = frozen_shardable + frozen_fixed + norms
     weight_terms = [("weights_" + k, v, "frozen, full copy" if not st.full else "trainable, full copy")
-                    for k, v in (("decoder_linears", weights["decoder_linears"]), ("embed_tokens", weights["embed_tokens"]),
-                                 ("lm_head", weights["lm_head"]), ("norms", weights["norms"]))]
+                    for k, v in weights.items()]
     pc = param_counts(arch)
     model_numel = pc.total
 
@@ -173,7 +174,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
         # is a separate tensor, so the gradients exist twice.
         n_buckets = max(1, ceil_div(trainable_single, dist.ddp_bucket_cap_mb * 1024 * 1024))
         static.append(("ddp_gradient_buckets", alloc_bytes(trainable_single) + 512 * (n_buckets - 1),
-                       f"a flat copy of every trainable gradient in {n_buckets} bucket(s) of <= {dist.ddp_bucket_cap_mb} MB"))
+                       f"a flat copy of every trainable gradient in {n_buckets} bucket(s) of <= "
+                       f"{dist.ddp_bucket_cap_mb} MB"))
         grads_bwd.append(("grads", trainable_single, "param.grad of every trainable tensor"))
         opt_only.append(("optimizer_step_temporaries", _step_temps(groups, plan.optim, clip), "clip norms"))
         shards.append("DDP shards nothing: every GPU holds the whole model, its gradients and optimizer states, "
@@ -206,7 +208,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
             # [S] stage_1_and_2.py: stage 1 keeps full bit16 gradients until the step; setup_buckets: "ZeRO-1 stages
             # the fp32 accumulator" -> reduce_bucket_size elements of fp32
             grads_bwd.append(("grads", alloc_bytes(T * tw), "full bit16 gradients (stage 1 partitions only states)"))
-            static.append(("zero_reduce_bucket", alloc_bytes(rbs * FP32), f"ipg bucket, reduce_bucket_size {rbs:.3g} fp32"))
+            static.append(("zero_reduce_bucket", alloc_bytes(rbs * FP32),
+                           f"ipg bucket, reduce_bucket_size {rbs:.3g} fp32"))
             shards.append(f"ZeRO-1 shards the fp32 master weights and optimizer states (1/{N}); gradients and weights "
                           "stay whole on every GPU.")
         elif stage == 2:
@@ -231,7 +234,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                              f"{n_node} ranks x their 1/{N} bf16 parameter partition, pinned"))
             static.append(("persistent_params", persistent + norms + frozen_fixed,
                            f"params under stage3_param_persistence_threshold ({pt}) and 4-bit quant states, whole"))
-            static.append(("zero_reduce_bucket", alloc_bytes(rbs * tw), f"ipg bucket, reduce_bucket_size {rbs:.3g} (auto h^2)"))
+            static.append(("zero_reduce_bucket", alloc_bytes(rbs * tw),
+                           f"ipg bucket, reduce_bucket_size {rbs:.3g} (auto h^2)"))
             if not off_opt:
                 # [S] stage3.py: grad_partitions_flat_buffer, dtype gradient_accumulation_dtype (= model dtype)
                 static.append(("grads_partition", _flat(T, N, tw), f"bf16 gradient partition, 1/{N}"))
@@ -256,8 +260,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                          "zero.Init: each rank materializes its partition (+ one layer's shards while loading)"))
         else:
             host.append(("load_checkpoint_per_node", n_node * load,
-                         f"{n_node} ranks each load the full checkpoint ([S] deepspeed estimate_zero*_model_states_mem_needs "
-                         "cpu_mem: 4 x params x gpus_per_node without zero.Init)"))
+                         f"{n_node} ranks each load the full checkpoint ([S] deepspeed "
+                         "estimate_zero*_model_states_mem_needs cpu_mem: params x gpus_per_node without zero.Init)"))
         if off_opt:
             shards.append("Offload: the fp32 master weights, fp32 gradients and optimizer states live in pinned host "
                           "RAM; the step runs on the CPU (DeepSpeedCPUAdam).")
@@ -277,7 +281,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                 static.append(("adapters_shard", _sum_alloc(sh), f"LoRA A/B fp32, 1/{N}"))
             static.append(("optimizer_states", _opt_states(sh, plan.optim), f"{plan.optim} of the shards, 1/{N}"))
             grads_bwd.append(("grads_shard", _sum_alloc(sh), f"sharded gradients, 1/{N}"))
-            opt_only.append(("optimizer_step_temporaries", _step_temps(sh, plan.optim, clip), "clip norms of the shards"))
+            opt_only.append(("optimizer_step_temporaries", _step_temps(sh, plan.optim, clip),
+                             "clip norms of the shards"))
         else:
             # [S] torch FSDP CPUOffload(offload_params=True): sharded params and grads on the CPU, optimizer on the CPU
             static.append(("frozen_quant_states", frozen_fixed, "4-bit quant states (whole)"))
