@@ -62,6 +62,48 @@ def run_fake_rank(config: dict[str, Any], plan: Plan, engine: str, world_size: i
         return _traced_steps(built, aplan, plan, mesh, steps)
 
 
+@contextlib.contextmanager
+def _fsdp2_storage_resizes(tracker: Any):
+    """FSDP2 frees and re-allocates unsharded parameters by resizing their storage (`_fsdp_param.py::free_storage`
+    `storage.resize_(0)`, `alloc_storage`), which returns the memory to the CUDA caching allocator. A resize is
+    not a storage death, so the tracker would keep counting it: report both to the tracker."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    resized: set[int] = set()
+    real_alloc, real_free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def free_storage(tensor: Any) -> None:
+        key = tensor.untyped_storage()._cdata
+        entry = tracker._live.get(key)
+        real_free(tensor)
+        if entry is not None and not entry[0].released and not entry[0].host:
+            rec = entry[0]
+            tracker.t += 1
+            rec.t_free, rec.released = tracker.t, True
+            tracker.current -= rec.nbytes
+            resized.add(key)
+
+    def alloc_storage(tensor: Any) -> None:
+        key = tensor.untyped_storage()._cdata
+        real_alloc(tensor)
+        if key in resized:
+            resized.discard(key)
+            tracker._live.pop(key, None)
+            tracker.track(tensor, "fsdp2:unsharded_param")
+
+    saved = [(m, m.alloc_storage, m.free_storage) for m in (_fsdp_param, _fsdp_param_group)
+             if hasattr(m, "free_storage")] + [(_fsdp_param_group, _fsdp_param_group.alloc_storage, None)]
+    _fsdp_param.alloc_storage, _fsdp_param.free_storage = alloc_storage, free_storage
+    _fsdp_param_group.alloc_storage = alloc_storage
+    try:
+        yield
+    finally:
+        for mod, a, f in saved:
+            mod.alloc_storage = a
+            if f is not None:
+                mod.free_storage = f
+
+
 def _traced_steps(built: Any, aplan: Plan, plan: Plan, mesh: Any, steps: int) -> dict[str, int]:
     import torch
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -75,7 +117,7 @@ def _traced_steps(built: Any, aplan: Plan, plan: Plan, mesh: Any, steps: int) ->
     tracker = StorageTracker()
     stats = {}
     with trace_patches(bnb4=bool(built.bnb4), bnb8=bool(built.bnb8), bnb_optim=False), \
-            tracking_fake_mode(tracker), tracked_backward(tracker):
+            tracking_fake_mode(tracker), tracked_backward(tracker), _fsdp2_storage_resizes(tracker):
         tracker.calibrate()
         materialize(built, aplan)
         # LLaMA-Factory's fsdp2_config.yaml: bf16 mixed precision -> MixedPrecisionPolicy(param_dtype=bf16);
