@@ -147,6 +147,12 @@ def estimate(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite the --report file if it exists."),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in all (per-GPU estimate)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="ddp (default), zero1-3, fsdp, fsdp2, fsdp_grad_op."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none, optimizer or params (CPU offload)."),
+    nodes: int = typer.Option(1, "--nodes", help="Machines the GPUs are spread over."),
+    host_ram_gib: Optional[float] = typer.Option(None, "--host-ram-gib", help="Host RAM per node, GiB."),
+    zero_init: bool = typer.Option(True, "--zero-init/--no-zero-init", help="ZeRO-3: built under zero.Init."),
     overrides: Optional[dict] = None,  # filled by with_plan_flags
 ) -> None:
     """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
@@ -154,7 +160,10 @@ def estimate(
         arch, plan = _resolve(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
         est = run_estimate(arch, plan)
+        dist = _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init)
         if report:
+            if dist is not None:
+                raise ConfigError("--report covers one GPU for now. Drop --report or the multi-GPU flags.")
             from .io import write_text_atomic
             from .report_html import estimate_report
 
@@ -164,7 +173,25 @@ def estimate(
     except TrainfitError as exc:
         _fail(exc)
         return
+    if dist is not None:
+        from .distributed.report import dist_json, dist_table
+
+        typer.echo(dist_json(dist, spec, margin) if json_out else dist_table(dist, spec, margin))
+        return
     typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
+
+
+def _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init):
+    """The multi-GPU estimate when any multi-GPU flag is given, else None."""
+    if num_gpus is None and engine is None and offload is None:
+        return None
+    from .distributed import DistSettings, parse_engine, per_gpu
+
+    if offload not in (None, "none", "optimizer", "params"):
+        raise ConfigError(f"--offload {offload!r} is not none, optimizer or params. Pick one of those.")
+    dist = DistSettings(engine=parse_engine(engine or "ddp"), num_gpus=num_gpus if num_gpus is not None else 1,
+                        nodes=nodes, offload=offload or "none", host_ram_gib=host_ram_gib, zero_init=zero_init)
+    return per_gpu(arch, plan, dist, est)
 
 
 @app.command()

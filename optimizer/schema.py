@@ -73,6 +73,11 @@ class GpuSpec(BaseModel):
     bf16: bool = Field(description="Supports bfloat16 (Ampere and newer).")
     flash_attn2: Literal["yes", "no", "experimental"] = Field(description="FlashAttention-2 support.")
     source: str = Field(default="", description="Where these numbers come from.")
+    nvlink_gbps: float | None = Field(default=None, description="NVLink bandwidth per GPU, GB/s, bidirectional total "
+                                      "as NVIDIA quotes it; None without NVLink.")
+    pcie_gen: int | None = Field(default=None, description="PCIe generation of the card's host link.")
+    pcie_lanes: int | None = Field(default=None, description="PCIe lanes of the card's host link.")
+    interconnect_source: str = Field(default="", description="Where the interconnect figures come from.")
 
     @property
     def memory_bytes(self) -> int:

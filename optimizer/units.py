@@ -1,4 +1,4 @@
-"""Byte units and allocator rounding."""
+"""Byte units, allocator rounding and display helpers."""
 
 from __future__ import annotations
 
@@ -26,3 +26,7 @@ def alloc_bytes(nbytes: int) -> int:
         return 0
     return round_up(nbytes, ALLOC_ALIGN_BYTES)
 
+
+
+def fmt_gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f} GiB"
