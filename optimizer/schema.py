@@ -170,7 +170,7 @@ PHASES = tuple(p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phas
 
 class Moment(StrEnum):
     """The instants inside a phase where the memory model evaluates a peak. The allocator model
-    (`memory.allocator.large_blocks_at`) and the tracer's sub-phases (`trace.tracker.MOMENT_OF_SUB`) key on
+    (`memory.allocator.large_blocks_at`) and the tracer's sub-phases (`trace.result.MOMENT_OF_SUB`) key on
     these, never on the human-readable `PhasePeak.moment` text."""
 
     FORWARD_LAST_LAYER = "forward_last_layer"  # the last decoder layer's forward, every earlier layer's saved
