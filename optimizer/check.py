@@ -26,8 +26,17 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ConfigError
 from .llamafactory.read import EvalSettings, eval_settings
-from .memory import budget_bytes, device_peak_for, estimate, eval_estimate, fits, large_blocks_at, lora_targets
-from .schema import Arch, Estimate, GpuSpec, PhasePeak, Plan
+from .memory import (
+    budget_bytes,
+    context_window_problem,
+    device_peak_for,
+    estimate,
+    eval_estimate,
+    fits,
+    large_blocks_at,
+    lora_targets,
+)
+from .schema import Arch, Estimate, GpuSpec, Moment, PhasePeak, Plan
 from .units import MIB, round_up
 
 __all__ = ["CheckReport", "check", "patch_yaml", "NO_EFFECT_KEYS", "FIX_COSTS"]
@@ -35,8 +44,6 @@ __all__ = ["CheckReport", "check", "patch_yaml", "NO_EFFECT_KEYS", "FIX_COSTS"]
 # Keys that never change the peak, and why (they act on how many steps run or on host memory).
 NO_EFFECT_KEYS = {
     "max_samples": "limits how many samples are read from the dataset, not how many are on the GPU at once",
-    "gradient_accumulation_steps": "sums gradients over micro-batches; each micro-batch's activations are freed "
-                                   "before the next (only the small adapter gradients persist)",
     "num_train_epochs": "repeats the same steps",
     "dataloader_num_workers": "DataLoader workers are CPU processes",
     "dataloader_pin_memory": "pinned host memory, not GPU memory",
@@ -126,7 +133,8 @@ def check(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec, *, margin:
             predict_with_generate=es.predict_with_generate, eval_accumulation_steps=es.eval_accumulation_steps,
             eval_samples=_eval_samples(es, plan), max_new_tokens=es.max_new_tokens,
         )
-        ev_dev = device_peak_for(ev.total_bytes, large_blocks_at(arch, plan, "eval", es.per_device_eval_batch_size))
+        blocks = large_blocks_at(arch, plan, Moment.EVAL, es.per_device_eval_batch_size)
+        ev_dev = device_peak_for(ev.total_bytes, blocks)
     dev = max(train_dev, ev_dev or 0)
     headroom = total - dev
     verdict = fits(dev, total, margin)
@@ -207,6 +215,15 @@ def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> lis
         need = "PyTorch >= 2.7 built for CUDA 12.8+" + (" and bitsandbytes >= 0.45.3" if plan.quantization_bit else "")
         out.append(Pitfall(key="(environment)", problem=f"{gpu.name} is Blackwell (sm_{gpu.compute_capability.replace('.', '')})",
                            fix=f"install {need}"))
+    if plan.enable_liger_kernel:
+        # [S] LLaMA-Factory hparams/parser.py::_check_extra_dependencies: check_version("liger-kernel",
+        # mandatory=True) raises "To fix: run `pip install liger-kernel`" before training starts
+        out.append(Pitfall(key="(environment)", problem="enable_liger_kernel: true needs the liger-kernel package; "
+                           "LLaMA-Factory refuses to start without it", fix="pip install liger-kernel"))
+    ctx = arch.max_position_embeddings
+    if ctx is not None and plan.cutoff_len > ctx:
+        out.append(Pitfall(key="cutoff_len", problem=context_window_problem(plan.cutoff_len, ctx),
+                           fix=f"set cutoff_len <= {ctx}"))
     if plan.flash_attn == "fa2" and gpu.flash_attn2 != "yes":
         out.append(Pitfall(key="flash_attn", problem=f"fa2 on {gpu.name}: FlashAttention-2 support is "
                            f"'{gpu.flash_attn2}'; LLaMA-Factory falls back with a warning when flash-attn is missing",
@@ -288,7 +305,7 @@ def fix_candidates(opts, data, plan, arch, budget, evaluates):
         if evaluates:
             eb = min(eval_settings(data).per_device_eval_batch_size, new.per_device_train_batch_size)
             ev = eval_estimate(arch, new, eval_batch=eb)
-            dev = max(dev, device_peak_for(ev.total_bytes, large_blocks_at(arch, new, "eval", eb)))
+            dev = max(dev, device_peak_for(ev.total_bytes, large_blocks_at(arch, new, Moment.EVAL, eb)))
         if dev <= budget:
             rows.append((combo, new, est, dev, cost))
     return rows

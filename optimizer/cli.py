@@ -95,7 +95,7 @@ def _plan_flags(
     additional_target: Optional[str] = typer.Option(None, help=_FLAG_HELP),
     cutoff_len: Optional[int] = typer.Option(None, help=_FLAG_HELP),
     per_device_train_batch_size: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
+    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (> 1 keeps gradients live)"),
     max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
     num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
     disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),

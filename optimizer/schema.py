@@ -6,11 +6,12 @@ so reading a training YAML and emitting one is a near-rename-free dump.
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Arch", "GpuSpec", "Plan", "MemoryTerm", "PhasePeak", "Estimate", "PHASES"]
+__all__ = ["Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak", "Estimate", "PHASES"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -31,7 +32,10 @@ class Arch(BaseModel):
     head_dim: int = Field(gt=0, description="config.json `head_dim`, or hidden_size / num_attention_heads.")
     vocab_size: int = Field(gt=0, description="config.json `vocab_size` (V).")
     tie_word_embeddings: bool = Field(description="config.json `tie_word_embeddings`: lm_head shares embed_tokens.")
-    max_position_embeddings: int = Field(gt=0, description="config.json `max_position_embeddings`.")
+    max_position_embeddings: int | None = Field(
+        default=None, gt=0,
+        description="config.json `max_position_embeddings`: the trained context window (None: unknown).",
+    )
     hidden_act: str = Field(default="silu", description="config.json `hidden_act` (or `hidden_activation`).")
     torch_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="config.json `torch_dtype`/`dtype`: the checkpoint dtype LLaMA-Factory loads."
@@ -106,7 +110,10 @@ class Plan(BaseModel):
     additional_target: str | None = Field(default=None, description="Comma list of fully trained modules (PEFT modules_to_save).")
     cutoff_len: int = Field(default=2048, gt=0, description="Maximum tokens per sample (default 2048).")
     per_device_train_batch_size: int = Field(default=8, gt=0, description="Micro-batch size (HF default 8).")
-    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step. No memory effect.")
+    gradient_accumulation_steps: int = Field(
+        default=1, gt=0,
+        description="Micro-batches per optimizer step. Above 1 the gradients stay live through the next micro-batch.",
+    )
     max_samples: int | None = Field(default=None, description="Samples kept per dataset. No memory effect.")
     num_train_epochs: float = Field(default=3.0, gt=0, description="Epochs. No memory effect.")
     disable_gradient_checkpointing: bool = Field(default=False, description="LLaMA-Factory turns checkpointing on unless this is true.")
@@ -152,7 +159,34 @@ class Plan(BaseModel):
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
 
-PHASES = ("forward", "loss", "backward", "optimizer")
+class Phase(StrEnum):
+    """The phases of a training step (and the evaluation pass), as the memory model and the tracer name them."""
+
+    FORWARD = "forward"
+    LOSS = "loss"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+    EVAL = "eval"
+
+
+# The phases of one optimizer step, in order (the evaluation pass is not one of them).
+PHASES = tuple(p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phase.OPTIMIZER))
+
+
+class Moment(StrEnum):
+    """The instants inside a phase where the memory model evaluates a peak. The allocator model
+    (`memory.allocator.large_blocks_at`) and the tracer's sub-phases (`trace.result.MOMENT_OF_SUB`) key on
+    these, never on the human-readable `PhasePeak.moment` text."""
+
+    FORWARD_LAST_LAYER = "forward_last_layer"  # the last decoder layer's forward, every earlier layer's saved
+    LOSS_FORWARD = "loss_forward"  # logits, fp32 upcast, log-softmax
+    CE_BACKWARD = "ce_backward"  # nll_loss + log_softmax backward: dense fp32 [N, V] gradients
+    LM_HEAD_BACKWARD = "lm_head_backward"  # logits gradient -> hidden-state (+ weight) gradient
+    LAYER_BACKWARD_TOP = "layer_backward_top"  # the top decoder layer's (recompute +) backward
+    LAYER_BACKWARD_BOTTOM = "layer_backward_bottom"  # the bottom decoder layer's (recompute +) backward
+    EMBEDDING_GRAD_END = "embedding_grad_end"  # full fine-tuning: the embedding gradient, end of backward
+    OPTIMIZER_STEP = "optimizer_step"  # clip_grad_norm_ + optimizer.step()
+    EVAL = "eval"  # one evaluation batch under no_grad
 
 
 class MemoryTerm(BaseModel):
@@ -164,8 +198,9 @@ class MemoryTerm(BaseModel):
 
 class PhasePeak(BaseModel):
     model_config = _FROZEN
-    phase: str = Field(description="forward, loss, backward or optimizer.")
-    moment: str = Field(description="The instant inside the phase where the peak happens.")
+    phase: Phase = Field(description="forward, loss, backward, optimizer (or eval).")
+    kind: Moment = Field(exclude=True, description="Which instant (code keys on this, not on the `moment` text).")
+    moment: str = Field(description="The instant inside the phase where the peak happens, in words.")
     terms: list[MemoryTerm] = Field(description="Co-resident buffers at that instant; they add up to `total_bytes`.")
 
     @property
@@ -182,7 +217,7 @@ class Estimate(BaseModel):
     all_params: int = Field(description="All parameters, as LLaMA-Factory prints them (4-bit weights un-packed).")
     tokens_per_micro_batch: int = Field(description="per_device_train_batch_size x padded sequence length.")
     phases: list[PhasePeak] = Field(description="Peak allocated memory of each phase of the steady-state step.")
-    peak_phase: str = Field(description="The phase holding the overall peak.")
+    peak_phase: Phase = Field(description="The phase holding the overall peak.")
     peak_allocated_bytes: int = Field(description="Predicted torch.cuda.max_memory_allocated().")
     peak_reserved_bytes: int = Field(description="Predicted torch.cuda.max_memory_reserved().")
     device_peak_bytes: int = Field(description="Predicted nvidia-smi usage of the process (reserved + CUDA context).")

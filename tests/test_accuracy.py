@@ -25,6 +25,9 @@ def test_the_grid_is_broad():
     assert {p.flash_attn for p in plans} >= {"auto", "disabled"}
     assert min(p.cutoff_len for p in plans) <= 128 and max(p.cutoff_len for p in plans) >= 4096
     assert {p.per_device_train_batch_size for p in plans} >= {1, 2, 4}
+    accum = [p for p in plans if p.gradient_accumulation_steps > 1]
+    assert {(p.finetuning_type, p.gradient_checkpointing) for p in accum} == {
+        ("full", True), ("full", False), ("lora", True), ("lora", False)}
     vocab = {resolve_arch(m).vocab_size for m, _ in GRID}
     assert min(vocab) <= 32768 and max(vocab) >= 151936
     assert {resolve_arch(m).tie_word_embeddings for m, _ in GRID} == {True, False}

@@ -45,7 +45,10 @@ def test_reference_configs_get_a_verdict_and_the_keys_that_did_nothing():
         assert rep["verdict"] in ("fits", "fits_below_margin")
         assert rep["estimate"]["peak_phase"] == "backward"
         none = {e["key"] for e in rep["no_effect"]}
-        assert {"max_samples", "gradient_accumulation_steps", "dataloader_num_workers", "num_train_epochs"} <= none
+        assert {"max_samples", "dataloader_num_workers", "num_train_epochs"} <= none
+        # accumulation > 1 keeps the LoRA gradients live through the next micro-batch: it costs memory versus 1
+        accum = next(e for e in rep["key_effects"] if e["key"] == "gradient_accumulation_steps")
+        assert accum["default"] == 1 and accum["saves_bytes"] < 0
         assert rep["eval"] is not None  # eval_strategy: steps
 
 
@@ -122,3 +125,31 @@ def test_exit_code_for_bad_input(tmp_path):
 def test_optimize_on_a_fitting_config_proposes_nothing_costly():
     rep = json.loads(run("check", "configs/reference-case/ultra_lite.yaml", "--gpu", GPU, "--optimize", "--json").output)
     assert rep["fix"]["cost"] == 0 and rep["fix"]["changes"] == {}
+
+
+def test_cutoff_len_past_the_context_window_is_a_pitfall_and_an_estimate_note(tmp_path):
+    # SmolLM2-1.7B-Instruct: config.json max_position_embeddings 8192 (optimizer/models/models.yaml)
+    text = ("model_name_or_path: HuggingFaceTB/SmolLM2-1.7B-Instruct\ncutoff_len: 16384\n"
+            "per_device_train_batch_size: 1\n")
+    rep = json.loads(run("check", _cfg(tmp_path, text), "--gpu", "h100-sxm-80gb", "--json").output)
+    pit = next(p for p in rep["pitfalls"] if p["key"] == "cutoff_len")
+    assert "exceeds the model's context window (max_position_embeddings 8192)" in pit["problem"]
+    assert pit["fix"] == "set cutoff_len <= 8192"
+    assert any("max_position_embeddings 8192" in n for n in rep["estimate"]["notes"])
+    ok = json.loads(run("check", _cfg(tmp_path, text.replace("16384", "8192"), "ok.yaml"), "--gpu", GPU,
+                        "--json").output)
+    assert not any(p["key"] == "cutoff_len" for p in ok["pitfalls"])
+
+
+def test_liger_kernel_needs_its_package_in_check_and_in_the_emitted_header(tmp_path):
+    from optimizer.llamafactory.write import render_config
+    from optimizer.schema import Plan
+
+    text = "model_name_or_path: Qwen/Qwen2.5-3B-Instruct\nenable_liger_kernel: true\ncutoff_len: 256\n"
+    rep = json.loads(run("check", _cfg(tmp_path, text), "--gpu", GPU, "--json").output)
+    env = [p for p in rep["pitfalls"] if p["key"] == "(environment)" and "liger-kernel" in p["problem"]]
+    assert [p["fix"] for p in env] == ["pip install liger-kernel"]
+    kw = dict(model_name_or_path="Qwen/Qwen2.5-3B-Instruct", template="qwen", dataset="d", dataset_dir="data",
+              output_dir="saves/x", header=["a header"])
+    assert "# needs: pip install liger-kernel" in render_config(Plan(enable_liger_kernel=True, bf16=True), **kw)
+    assert "liger" not in render_config(Plan(bf16=True), **kw).split("### model")[0]

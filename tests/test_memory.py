@@ -134,14 +134,73 @@ def test_checkpointing_never_raises_the_peak(d):
     assert estimate(arch, on).peak_allocated_bytes <= estimate(arch, off).peak_allocated_bytes
 
 
+# [T] `run_trace_extrapolated(resolve_config(model), plan).phase_peaks`: trainfit trace (a real HF-Trainer step on
+# fake tensors, every allocation counted, 1- and 2-layer runs extrapolated to the model's depth), torch 2.13.0+cpu,
+# transformers 5.24.0, peft 0.21.2, accelerate 1.15.0; grid configs 1, 9, 50, 51, 53, 55 of optimizer/trace/grid.py
+# (50-55: gradient accumulation, two traced micro-batches). Bytes of torch.cuda.max_memory_allocated per phase.
+TRACED_PHASES = [
+    ("Qwen/Qwen2.5-0.5B-Instruct", dict(cutoff_len=512, per_device_train_batch_size=2),
+     dict(forward=1141151744, loss=2655410176, backward=2955924480, optimizer=1058853888)),
+    ("Qwen/Qwen2.5-0.5B-Instruct", dict(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full"),
+     dict(forward=6698352128, loss=7745072640, backward=8451194880, optimizer=7904836608)),
+    ("Qwen/Qwen2.5-0.5B-Instruct", dict(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full",
+                                        gradient_accumulation_steps=2),
+     dict(forward=8674495488, loss=9721216000, backward=9159227392, optimizer=7904848896)),
+    ("Qwen/Qwen2.5-0.5B-Instruct", dict(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full",
+                                        gradient_accumulation_steps=2, disable_gradient_checkpointing=True),
+     dict(forward=9441598464, loss=10492703744, backward=10646368256, optimizer=7904848896)),
+    ("Qwen/Qwen2.5-7B-Instruct", dict(cutoff_len=256, finetuning_type="full", pure_bf16=True, bf16=False,
+                                      gradient_accumulation_steps=2),
+     dict(forward=61009401344, loss=61373262336, backward=62153661952, optimizer=60925294592)),
+    ("meta-llama/Llama-3.2-1B-Instruct", dict(cutoff_len=1024, per_device_train_batch_size=2,
+                                              gradient_accumulation_steps=4, disable_gradient_checkpointing=True),
+     dict(forward=6666934272, loss=9041993728, backward=9558809600, optimizer=2562137088)),
+]
+
+
+@pytest.mark.parametrize("model,kw,traced", TRACED_PHASES, ids=[f"{i}" for i in range(len(TRACED_PHASES))])
+def test_each_phase_matches_its_trace(model, kw, traced):
+    # every phase's peak, not only the step's, against the tracer (the cuBLAS workspaces the CPU trace cannot
+    # see are left out): a term missing from a phase that is not the peak shows here. The step's peak holds the
+    # grid's 0.5%; the other phases 2.5%: the forward phase (not the peak in any of these) is off by up to 2%
+    # (Llama-3.2-1B without checkpointing: the trace's forward is 128 MiB higher), a known gap of the model.
+    est = estimate(resolve_arch(model), _plan(**kw))
+    assert [p.phase for p in est.phases] == list(traced)
+    for p in est.phases:
+        ws = sum(t.bytes for t in p.terms if t.name.startswith("cublas_workspace"))
+        err = (p.total_bytes - ws - traced[p.phase]) / traced[p.phase]
+        bound = 0.005 if p.phase == est.peak_phase else 0.025
+        assert abs(err) <= bound, f"{p.phase}: {100 * err:+.2f}%"
+    assert est.peak_phase == max(traced, key=lambda k: traced[k])
+
+
+def test_accumulated_gradients_match_the_trace_and_a_hand_count():
+    # Qwen2.5-0.5B full fine-tuning under bf16 AMP: fp32 gradients for every parameter. The traced forward peak
+    # grows by the gradients of the first micro-batch plus the second micro-batch's inputs, which HF Trainer
+    # fetches up front (input_ids, attention_mask, labels: 3 x [2, 256] int64 = 3 x 4096 bytes, not modelled):
+    # 8,674,495,488 - 6,698,352,128 bytes above. By hand: 494,032,768 parameters x 4 bytes (HF's count,
+    # tests/test_catalog.py) + the 512-byte rounding of 290 tensors (24 layers x (7 weights + 3 biases + 2 norms)
+    # + embed_tokens + final norm), at most 290 x 512.
+    arch = resolve_arch("Qwen/Qwen2.5-0.5B-Instruct")
+    base = _plan(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full")
+    one, two = estimate(arch, base), estimate(arch, base.model_copy(update={"gradient_accumulation_steps": 2}))
+    traced = 8674495488 - 6698352128 - 3 * 4096
+    assert two.phases[0].total_bytes - one.phases[0].total_bytes == traced
+    assert 0 <= traced - 494_032_768 * 4 <= 290 * 512
+    # any value above 1 is the second micro-batch again
+    eight = estimate(arch, base.model_copy(update={"gradient_accumulation_steps": 8}))
+    assert eight.peak_allocated_bytes == two.peak_allocated_bytes
+
+
 @settings(max_examples=60, deadline=None)
 @given(plans)
-def test_parts_add_up(d):
+def test_parts_are_positive_and_weights_match_the_parameter_count(d):
     arch, plan = _make(d)
     est = estimate(arch, plan)
-    # the JSON a script reads carries every term of the peak, and they add up to the peak it reports
+    # the JSON a script reads carries every term of the peak, none empty
     obj = json.loads(estimate_json(est, None, plan))
-    assert sum(obj["components"].values()) == obj["peak_allocated_bytes"]
+    peak = next(p for p in est.phases if p.phase == est.peak_phase)
+    assert set(obj["components"]) == {t.name for t in peak.terms}
     assert all(v > 0 for v in obj["components"].values())
     # the weight terms agree with the parameter count: 16-bit weights are 2 bytes per parameter plus at most
     # one 512-byte rounding per tensor
@@ -154,14 +213,17 @@ def test_parts_add_up(d):
 
 
 @settings(max_examples=60, deadline=None)
-@given(plans, st.integers(1, 10_000), st.floats(0.1, 100), st.integers(1, 256))
+@given(plans, st.integers(1, 10_000), st.floats(0.1, 100), st.integers(2, 256))
 def test_keys_that_do_not_change_memory_never_change_it(d, max_samples, epochs, accum):
     arch, plan = _make(d)
-    other = plan.model_copy(update={"max_samples": max_samples, "num_train_epochs": epochs,
-                                    "gradient_accumulation_steps": accum})
+    other = plan.model_copy(update={"max_samples": max_samples, "num_train_epochs": epochs})
     a, b = estimate(arch, plan), estimate(arch, other)
     assert (a.peak_allocated_bytes, a.peak_reserved_bytes, a.device_peak_bytes) == (
         b.peak_allocated_bytes, b.peak_reserved_bytes, b.device_peak_bytes)
+    # accumulation: every value above 1 gives the peak of 2, and it is never below that of 1
+    two = estimate(arch, plan.model_copy(update={"gradient_accumulation_steps": 2}))
+    many = estimate(arch, plan.model_copy(update={"gradient_accumulation_steps": accum}))
+    assert many.peak_allocated_bytes == two.peak_allocated_bytes >= a.peak_allocated_bytes
 
 
 def test_liger_kernel_removes_most_of_the_logits_term():

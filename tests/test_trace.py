@@ -470,3 +470,15 @@ def test_real_tensor_path_on_cpu():
         fake = run_trace(TINY, plan, layers=2)
         assert (r.trainable_params, r.all_params) == (fake.trainable_params, fake.all_params)
     assert math.isfinite(r.wall_s)
+
+
+def test_sub_phases_name_the_memory_models_phases_and_moments():
+    # one vocabulary: every traced sub-phase maps to a schema.Phase and a schema.Moment of that phase
+    from optimizer.schema import PHASES, Moment
+    from optimizer.trace import MOMENT_OF_SUB, TRACE_SUB_PHASES
+    from optimizer.trace.tracker import PHASE_OF_SUB
+
+    assert TRACE_PHASES == PHASES
+    assert set(MOMENT_OF_SUB) == set(TRACE_SUB_PHASES) == set(PHASE_OF_SUB) - {"setup"}
+    assert {PHASE_OF_SUB[s] for s in TRACE_SUB_PHASES} == set(PHASES)
+    assert all(isinstance(m, Moment) for m in MOMENT_OF_SUB.values())

@@ -424,6 +424,10 @@ def render_config(plan: Plan, *, model_name_or_path: str, template: str, dataset
     # new keys go after the defaults of their section, sorted: dict order above is insertion order, and
     # `sorted(extra)` makes it independent of the caller's dict order
 
+    if plan.enable_liger_kernel:
+        # [S] LLaMA-Factory hparams/parser.py::_check_extra_dependencies: check_version("liger-kernel",
+        # mandatory=True) stops the run without it ("To fix: run `pip install liger-kernel`")
+        header = [*header, "needs: pip install liger-kernel (LLaMA-Factory refuses enable_liger_kernel without it)"]
     lines = [("# " + part).rstrip() for line in header for part in str(line).splitlines() or [""]]
     if lines:
         lines.append("")

@@ -36,7 +36,7 @@ from .evaluation import eval_estimate
 from .layer import LayerActivations, layer_forward
 from .precision import Setting, lora_targets, setting_for
 from .static import count_params, quant4_bytes
-from .step import estimate
+from .step import context_window_problem, estimate
 
 __all__ = [
     "CUBLAS_WORKSPACE_BYTES",
@@ -45,6 +45,7 @@ __all__ = [
     "LayerActivations",
     "Setting",
     "budget_bytes",
+    "context_window_problem",
     "count_params",
     "device_peak_for",
     "estimate",

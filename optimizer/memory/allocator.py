@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-from ..schema import Arch, Plan
+from ..schema import Arch, Moment, Plan
 from ..units import MIB, alloc_bytes, round_up
 from .precision import FP32, setting_for
 
@@ -41,18 +41,19 @@ def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
     return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
 
 
-def large_blocks_at(arch: Arch, plan: Plan, moment: str, batch: int | None = None) -> list[int]:
-    """The big tensors live at a phase's peak, for the allocator's rounding ([T] the trace's largest live
+def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = None) -> list[int]:
+    """The big tensors live at a moment's peak, for the allocator's rounding ([T] the trace's largest live
     tensors): the cross-entropy backward holds three fp32 [N, V] blocks (saved log-softmax and two
-    gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; a layer's
-    peak holds its MLP factors ([N, I] in the compute dtype, three); the optimizer step none beyond weights."""
+    gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; every
+    other moment (a layer's forward or backward, the lm_head backward, the end of backward) is modelled by a
+    layer's MLP factors ([N, I] in the compute dtype, three); the optimizer step none beyond weights."""
     st = setting_for(arch, plan if batch is None else plan.model_copy(update={"per_device_train_batch_size": batch}))
     nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
-    if plan.enable_liger_kernel or moment == "optimizer":
+    if plan.enable_liger_kernel or moment is Moment.OPTIMIZER_STEP:
         return []
-    if moment == "cross-entropy backward":
+    if moment is Moment.CE_BACKWARD:
         return [nv4] * 3
-    if moment in ("loss", "eval"):
+    if moment in (Moment.LOSS_FORWARD, Moment.EVAL):
         return [nv4] * 2 + [alloc_bytes(st.tokens * arch.vocab_size * st.c)]
     return [alloc_bytes(st.tokens * arch.intermediate_size * st.c)] * 3
 

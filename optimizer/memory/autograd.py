@@ -84,9 +84,14 @@ class Walk:
     def saved_bytes(self) -> int:
         return sum(v for k, v in self.live.items() if self.savers.get(k))
 
-    def backward(self, out: str, held: frozenset[str] = frozenset()) -> tuple[int, int]:
+    def backward(self, out: str, held: frozenset[str] = frozenset(), accumulate: bool = False) -> tuple[int, int]:
         """(peak live bytes during the layer's backward, parameter-gradient bytes it leaves). At the start the
-        live set is the saved tensors plus `held` (tensors the caller keeps) plus the output's gradient."""
+        live set is the saved tensors plus `held` (tensors the caller keeps) plus the output's gradient.
+
+        `accumulate`: a later micro-batch of gradient accumulation. Each parameter already has a .grad (counted
+        by the caller), so a new parameter gradient lives only until AccumulateGrad adds it in place ([S] torch
+        csrc/autograd/functions/accumulate_grad.h, case 2.3 `variable_grad += new_grad`): transient at its op,
+        and the bytes left are 0."""
         live = {k: v for k, v in self.live.items() if self.savers.get(k) or k in held}
         savers = dict(self.savers)
         total = sum(live.values())
@@ -113,7 +118,10 @@ class Walk:
                     refs[sid] = 1
                     grad_of[i] = sid
                     sid += 1
-            param_grads += op.params
+            if accumulate:
+                transient += op.params
+            else:
+                param_grads += op.params
             peak = max(peak, total + sum(storage.values()) + transient + param_grads)
             refs[g] -= 1
             del grad_of[op.out]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..schema import Arch, PhasePeak, Plan
+from ..schema import Arch, Moment, Phase, PhasePeak, Plan
 from ..units import alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES
 from .head import head_activations, shared_forward_bytes
@@ -53,7 +53,8 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
         kv = 2 * L * alloc_bytes(eval_batch * (st.seq + max_new_tokens) * arch.kv_dim * st.c)
         detail = f"KV cache for {st.seq} + {max_new_tokens} tokens"
     work = max(layer_peak + kv, loss)
-    return PhasePeak(phase="eval", moment=f"evaluation batch of {eval_batch} ({detail})", terms=terms(
+    moment = f"evaluation batch of {eval_batch} ({detail})"
+    return PhasePeak(phase=Phase.EVAL, kind=Moment.EVAL, moment=moment, terms=terms(
         ("weights", weights, "model weights"),
         ("adapters", adapters, ""),
         ("optimizer_states", states, "kept during evaluation"),

@@ -20,23 +20,51 @@ class LayerActivations:
     input_bytes: int
     backward_peak_bytes: int  # peak of the layer's backward over its saved tensors + output gradient
     param_grad_bytes: int  # parameter gradients the layer's backward leaves
+    backward_peak_accum_bytes: int  # the same peak in a later micro-batch: new parameter gradients are transient
 
 
 @lru_cache(maxsize=8192)
 def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActivations:
     """Walk one decoder layer's forward (and, with grad, replay its backward). The layer input `x` is live at
-    start and held by the caller."""
-    b, s = st.batch, st.seq
-    N = b * s
-    H, I = arch.hidden_size, arch.intermediate_size
-    nh = arch.num_attention_heads
-    c = st.c
-    trainable = st.full
+    start and held by the caller: x -> attention block -> + x -> MLP block -> + (the first sum)."""
+    N, H = st.batch * st.seq, arch.hidden_size
     w = Walk(no_grad=no_grad)
     x = w.leaf("x", N * H * st.stream, requires_grad=True)
     lin = {m.name: m for m in layer_linears(arch)}
+    o_out, o_b = _attention_block(w, arch, st, lin, x)
+    res_b = promote(st.stream, o_b)
+    h1 = w.op("resid1", N * H * res_b, ins=(x, o_out), alias=True)
+    w.drop(o_out)
+    d_out, d_b = _mlp_block(w, arch, st, lin, h1, res_b)
+    out = w.op("resid2", N * H * promote(res_b, d_b), ins=(h1, d_out), alias=True)
+    w.drop(d_out, h1)
+    # After the layer returns, the caller drops its input: what stays is what autograd saved (the input
+    # too when a norm saved it as its own fp32 view) and the output.
+    saved = w.saved_bytes()
+    bwd_peak, pgrads = (0, 0) if no_grad else w.backward(out)
+    bwd_peak_accum = 0 if no_grad else w.backward(out, accumulate=True)[0]
+    return LayerActivations(
+        saved_bytes=saved,
+        peak_bytes=w.peak,
+        output_bytes=w.live[out],
+        input_bytes=alloc_bytes(N * H * st.stream),
+        backward_peak_bytes=bwd_peak,
+        param_grad_bytes=pgrads,
+        backward_peak_accum_bytes=bwd_peak_accum,
+    )
+
+
+def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tuple[str, int]:
+    """input_layernorm -> q/k/v projections (+ q/k norms) -> RoPE -> attention -> o_proj (+ Gemma's
+    post-attention norm). Returns the block's output and its element size; `x` stays live."""
+    b, s = st.batch, st.seq
+    N = b * s
+    H = arch.hidden_size
+    nh = arch.num_attention_heads
+    trainable = st.full
     h, h_b = norm_op(w, st, x, st.stream, N * H, N, trainable)
     qd, kvd = arch.q_dim, arch.kv_dim
+    qkv = None
     if arch.fused_qkv:
         qkv, qkv_b = linear_op(w, st, lin["qkv_proj"], h, h_b, N, from_norm=True)
         # Phi-3 slices q/k/v as views of the fused output: the fused tensor stays alive while any is used.
@@ -74,68 +102,91 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
     ke = rope(k, kvd)
     if not arch.fused_qkv or arch.qk_norm:
         w.drop(k)
-    a_b = c if st.amp else rope_b
+    a_b = st.c if st.amp else rope_b
     if st.attn == "sdpa":
-        # [S] transformers integrations/sdpa_attention.py: is_causal, no mask, GQA via enable_gqa; the
-        # CUDA flash kernel saves q, k, v, out and the fp32 logsumexp [b, nh, s]. Output is laid out
-        # [b, s, nh, hd] so `.transpose(1, 2).contiguous()` copies nothing.
-        ins = []
-        for t, dim, tb in ((qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b)):
-            if st.amp and tb != c:
-                t2 = w.op("sdpa_in_cast", N * dim * c, ins=(t,))
-                w.drop(t)
-                t = t2
-            ins.append(t)
-        lse = w.op("sdpa_lse", b * nh * s * FP32)
-        attn_out = w.op("sdpa_out", N * qd * a_b, ins=tuple(ins), saves=tuple(ins) + (lse,), save_out=True)
-        w.drop(lse, *ins)
+        attn_out = _sdpa(w, arch, st, (qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b), a_b)
     else:
-        # [S] transformers models/llama/modeling_llama.py::eager_attention_forward: repeat_kv copies K and V
-        # to nh heads (when GQA), scores = q @ k^T * scaling (+ the shared causal mask), softmax in fp32
-        # (saved), cast back (saved for probs @ v), dropout p=0 is a no-op, out.transpose(1,2).contiguous().
-        rep = nh // arch.num_key_value_heads
-        kr, vr = ke, v
-        if rep > 1:
-            kr = w.op("repeat_k", N * qd * rope_b, ins=(ke,))
-            vr = w.op("repeat_v", N * qd * v_b, ins=(v,))
-            w.drop(ke)
-            if not arch.fused_qkv:
-                w.drop(v)
-        sc = b * nh * s * s
-        s1 = w.op("scores", sc * a_b, ins=(qe, kr), saves=(qe, kr))
-        w.drop(qe, kr)
-        s2 = w.op("scores_scaled", sc * a_b, ins=(s1,))
-        w.drop(s1)
-        s3 = w.op("scores_masked", sc * a_b, ins=(s2,), alias=True)
-        w.drop(s2)
-        # softmax(..., dtype=float32) converts its input first ([S] aten/src/ATen/native/SoftMax.cpp::softmax:
-        # only fp16 input on CUDA takes the half_to_float path without a copy)
-        if a_b != FP32 and not st.fp16:
-            s4 = w.op("softmax_in_f32", sc * FP32, ins=(s3,))
-            w.drop(s3)
-            s3 = s4
-        p32 = w.op("probs_f32", sc * FP32, ins=(s3,), save_out=True)
-        w.drop(s3)
-        p16 = w.op("probs", sc * a_b, ins=(p32,))
-        w.drop(p32)
-        o = w.op("attn_matmul_out", N * qd * a_b, ins=(p16, vr), saves=(p16, vr))
-        w.drop(p16, vr)
-        attn_out = w.op("attn_out", N * qd * a_b, ins=(o,), alias=True)
-        w.drop(o)
-    if arch.fused_qkv:
+        attn_out = _eager_attention(w, arch, st, qe, ke, v, rope_b, v_b, a_b)
+    if qkv is not None:
         w.drop(qkv)
     o_out, o_b = linear_op(w, st, lin["o_proj"], attn_out, a_b, N)
     w.drop(attn_out)
-    res_b = promote(st.stream, o_b)
     if arch.norms_per_layer == 4:  # Gemma 2/3: post_attention_layernorm on the attention output
         o2, o_b = norm_op(w, st, o_out, o_b, N * H, N, trainable)
         w.drop(o_out)
         o_out = o2
-    h1 = w.op("resid1", N * H * res_b, ins=(x, o_out), alias=True)
-    w.drop(o_out)
+    return o_out, o_b
+
+
+def _sdpa(w: Walk, arch: Arch, st: Setting, q: tuple, k: tuple, v: tuple, a_b: int) -> str:
+    """[S] transformers integrations/sdpa_attention.py: is_causal, no mask, GQA via enable_gqa; the CUDA flash
+    kernel saves q, k, v, out and the fp32 logsumexp [b, nh, s]. Output is laid out [b, s, nh, hd] so
+    `.transpose(1, 2).contiguous()` copies nothing. `q`, `k`, `v`: (tensor, width, element size)."""
+    b, s, c = st.batch, st.seq, st.c
+    N = b * s
+    ins = []
+    for t, dim, tb in (q, k, v):
+        if st.amp and tb != c:
+            t2 = w.op("sdpa_in_cast", N * dim * c, ins=(t,))
+            w.drop(t)
+            t = t2
+        ins.append(t)
+    lse = w.op("sdpa_lse", b * arch.num_attention_heads * s * FP32)
+    out = w.op("sdpa_out", N * arch.q_dim * a_b, ins=tuple(ins), saves=tuple(ins) + (lse,), save_out=True)
+    w.drop(lse, *ins)
+    return out
+
+
+def _eager_attention(w: Walk, arch: Arch, st: Setting, qe: str, ke: str, v: str, rope_b: int, v_b: int,
+                     a_b: int) -> str:
+    """[S] transformers models/llama/modeling_llama.py::eager_attention_forward: repeat_kv copies K and V to
+    nh heads (when GQA), scores = q @ k^T * scaling (+ the shared causal mask), softmax in fp32 (saved), cast
+    back (saved for probs @ v), dropout p=0 is a no-op, out.transpose(1,2).contiguous()."""
+    b, s = st.batch, st.seq
+    N = b * s
+    nh, qd = arch.num_attention_heads, arch.q_dim
+    rep = nh // arch.num_key_value_heads
+    kr, vr = ke, v
+    if rep > 1:
+        kr = w.op("repeat_k", N * qd * rope_b, ins=(ke,))
+        vr = w.op("repeat_v", N * qd * v_b, ins=(v,))
+        w.drop(ke)
+        if not arch.fused_qkv:
+            w.drop(v)
+    sc = b * nh * s * s
+    s1 = w.op("scores", sc * a_b, ins=(qe, kr), saves=(qe, kr))
+    w.drop(qe, kr)
+    s2 = w.op("scores_scaled", sc * a_b, ins=(s1,))
+    w.drop(s1)
+    s3 = w.op("scores_masked", sc * a_b, ins=(s2,), alias=True)
+    w.drop(s2)
+    # softmax(..., dtype=float32) converts its input first ([S] aten/src/ATen/native/SoftMax.cpp::softmax:
+    # only fp16 input on CUDA takes the half_to_float path without a copy)
+    if a_b != FP32 and not st.fp16:
+        s4 = w.op("softmax_in_f32", sc * FP32, ins=(s3,))
+        w.drop(s3)
+        s3 = s4
+    p32 = w.op("probs_f32", sc * FP32, ins=(s3,), save_out=True)
+    w.drop(s3)
+    p16 = w.op("probs", sc * a_b, ins=(p32,))
+    w.drop(p32)
+    o = w.op("attn_matmul_out", N * qd * a_b, ins=(p16, vr), saves=(p16, vr))
+    w.drop(p16, vr)
+    out = w.op("attn_out", N * qd * a_b, ins=(o,), alias=True)
+    w.drop(o)
+    return out
+
+
+def _mlp_block(w: Walk, arch: Arch, st: Setting, lin: dict, h1: str, res_b: int) -> tuple[str, int]:
+    """post_attention_layernorm -> MLP (+ Gemma's post-feedforward norm). Returns the block's output and its
+    element size; the residual `h1` stays live.
+
+    [S] transformers llama `LlamaMLP.forward`: down(act(gate(x)) * up(x)); act saves its input, the product
+    saves both factors."""
+    N = st.batch * st.seq
+    H, I = arch.hidden_size, arch.intermediate_size
+    trainable = st.full
     h2, h2_b = norm_op(w, st, h1, res_b, N * H, N, trainable)
-    # MLP [S] transformers llama `LlamaMLP.forward`: down(act(gate(x)) * up(x)); act saves its input,
-    # the product saves both factors.
     if arch.fused_gate_up:
         gu, gu_b = linear_op(w, st, lin["gate_up_proj"], h2, h2_b, N, from_norm=True)
         w.drop(h2)
@@ -158,17 +209,4 @@ def layer_forward(arch: Arch, st: Setting, no_grad: bool = False) -> LayerActiva
         d2, d_b = norm_op(w, st, d_out, d_b, N * H, N, trainable)
         w.drop(d_out)
         d_out = d2
-    out = w.op("resid2", N * H * promote(res_b, d_b), ins=(h1, d_out), alias=True)
-    w.drop(d_out, h1)
-    # After the layer returns, the caller drops its input: what stays is what autograd saved (the input
-    # too when a norm saved it as its own fp32 view) and the output.
-    saved = w.saved_bytes()
-    bwd_peak, pgrads = (0, 0) if no_grad else w.backward(out)
-    return LayerActivations(
-        saved_bytes=saved,
-        peak_bytes=w.peak,
-        output_bytes=w.live[out],
-        input_bytes=alloc_bytes(N * H * st.stream),
-        backward_peak_bytes=bwd_peak,
-        param_grad_bytes=pgrads,
-    )
+    return d_out, d_b

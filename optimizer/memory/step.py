@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..models.arch import layer_linears
-from ..schema import Arch, Estimate, MemoryTerm, PhasePeak, Plan
+from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
 from ..units import MIB, alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at, reserved_bytes
 from .head import head_activations, shared_forward_bytes
@@ -68,21 +68,31 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     cache = 0
     if st.full and st.amp and st.gc and st.train_w != st.c:
         cache = L * sum(alloc_bytes(m.weight_numel * st.c) for m in layer_linears(arch))
-    forward = PhasePeak(phase="forward", moment="last decoder layer's forward", terms=static + terms(
+    # Gradient accumulation: from the second micro-batch on, every trainable tensor's .grad from the earlier
+    # micro-batches is live through the forward, the loss and the backward ([T] traced with two micro-batches;
+    # HF Trainer zeroes gradients only after the optimizer step). The third and later micro-batches repeat the
+    # second, and the later micro-batch's peaks are never below the first's, so they are the phases' peaks.
+    later = plan.gradient_accumulation_steps > 1
+    held = ("accumulated_grads", grads if later else 0, "gradients (.grad) of the earlier micro-batches")
+    forward = PhasePeak(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
+                        terms=static + terms(
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
+        held,
     ))
-    loss = PhasePeak(phase="loss", moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
+    loss = PhasePeak(phase=Phase.LOSS, kind=Moment.LOSS_FORWARD,
+                     moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
         ("final_norm_saved", head.final_norm_saved, "final RMSNorm saved tensors (+ lm_head input when it trains)"),
         ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
+        held,
     ))
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
-    ce = PhasePeak(phase="backward", moment="cross-entropy backward", terms=static + terms(
+    ce = PhasePeak(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward", terms=static + terms(
         bw_ws,
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
@@ -90,6 +100,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
         ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
+        held,
     ))
     # Decoder layers' backward, top layer first. The layer's own backward peak comes from replaying its
     # tape (`Walk.backward`); parameter gradients of the layers above persist (LoRA: small; full: large),
@@ -101,37 +112,48 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         # tied: the lm_head's share of the shared weight's gradient waits in autograd's input buffer for the
         # embedding's share; untied: lm_head.grad is already stored. Plus the final norm's weight gradient.
         head_grads = vh_grad + alloc_bytes(H * st.train_w)
+    # a later micro-batch: the layers' new parameter gradients are added into .grad as they appear (transient,
+    # `backward_peak_accum_bytes`), and only the tied lm_head share waiting for the embedding's is new
+    bwd_peak = lay.backward_peak_accum_bytes if later else lay.backward_peak_bytes
+    left = 0 if later else lay.param_grad_bytes
+    if later:
+        head_grads = vh_grad if st.full and arch.tie_word_embeddings else 0
     if st.gc:
         # reentrant checkpointing: recompute the layer (its input is the kept checkpoint), then backward
         # through it while the recomputed output is still referenced
-        per = max(lay.peak_bytes - lay.input_bytes, lay.backward_peak_bytes + lay.output_bytes)
+        per = max(lay.peak_bytes - lay.input_bytes, bwd_peak + lay.output_bytes)
         top = L * ckpt + per
-        bottom = ckpt + per + (L - 1) * lay.param_grad_bytes
+        bottom = ckpt + per + (L - 1) * left
         layer_moment = "a decoder layer's recompute + backward"
     else:
-        top = (L - 1) * lay.saved_bytes + lay.backward_peak_bytes
-        bottom = lay.backward_peak_bytes + (L - 1) * lay.param_grad_bytes
+        top = (L - 1) * lay.saved_bytes + bwd_peak
+        bottom = bwd_peak + (L - 1) * left
         layer_moment = "a decoder layer's backward"
     lb = max(
-        PhasePeak(phase="backward", moment=f"top {layer_moment}", terms=static + terms(
+        PhasePeak(phase=Phase.BACKWARD, kind=Moment.LAYER_BACKWARD_TOP, moment=f"top {layer_moment}",
+                  terms=static + terms(
             bw_ws, ("activations_shared", shared, ""),
             ("activations_layers", top, "saved activations + the layer's backward (gradients, freed inputs)"),
             ("grads", head_grads, "gradients of the lm_head/final norm"),
+            held,
         )),
-        PhasePeak(phase="backward", moment=f"bottom {layer_moment}", terms=static + terms(
+        PhasePeak(phase=Phase.BACKWARD, kind=Moment.LAYER_BACKWARD_BOTTOM, moment=f"bottom {layer_moment}",
+                  terms=static + terms(
             bw_ws, ("activations_shared", shared, ""),
             ("activations_layers", bottom, "the first layer's backward"),
             ("grads", head_grads, "gradients of the lm_head/final norm"),
+            held,
         )),
         key=lambda p: p.total_bytes,
     )
-    lmb = PhasePeak(phase="backward", moment="lm_head backward", terms=static + terms(
+    lmb = PhasePeak(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward", terms=static + terms(
         bw_ws,
         ("activations_shared", shared, ""),
         ("activations_layers", acts_all, what),
         ("final_norm_saved", head.final_norm_saved, ""),
         ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
         ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
+        held,
     ))
     candidates = [ce, lb, lmb]
     if st.full:
@@ -140,16 +162,22 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         # output of the weight cast's backward, exclusively owned, so autograd's InputBuffer adds in place (2
         # buffers); without autocast the sum is a new buffer (3). Untied, the gradient is stored directly.
         # All other gradients exist by then; the activations are gone.
-        emb = (2 if st.amp else 3) * vh_grad if arch.tie_word_embeddings else 0
-        end = PhasePeak(phase="backward", moment="embedding gradient (end of backward)", terms=static + terms(
+        # In a later micro-batch every .grad exists (`held`) and the new embedding gradient is added into it in
+        # place: tied, the same 2 (3) buffers; untied, the new [V, H] gradient is one more buffer.
+        emb = (2 if st.amp else 3) * vh_grad if arch.tie_word_embeddings else (vh_grad if later else 0)
+        end = PhasePeak(phase=Phase.BACKWARD, kind=Moment.EMBEDDING_GRAD_END,
+                        moment="embedding gradient (end of backward)", terms=static + terms(
             bw_ws,
-            ("grads", grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
-            ("embedding_grad_transient", emb, "tied weight: lm_head share + embedding share (+ their sum)"),
+            ("grads", 0 if later else grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
+            ("embedding_grad_transient", emb, "the new embedding gradient (tied: lm_head share + embedding share "
+             "(+ their sum))" if later else "tied weight: lm_head share + embedding share (+ their sum)"),
             ("hidden_grad", alloc_bytes(N * H * st.stream), "gradient of the embedding output"),
+            held,
         ))
         candidates.append(end)
     backward = max(candidates, key=lambda p: p.total_bytes)
-    optimizer = PhasePeak(phase="optimizer", moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
+    optimizer = PhasePeak(phase=Phase.OPTIMIZER, kind=Moment.OPTIMIZER_STEP,
+                          moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
         bw_ws,
         ("grads", grads, "one gradient per trainable tensor"),
         ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
@@ -157,8 +185,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     phases = [forward, loss, backward, optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
     trainable, all_params = count_params(arch, plan)
-    kind = {"loss": "loss", "optimizer": "optimizer"}.get(peak.phase, peak.moment)
-    large = large_blocks_at(arch, plan, kind)
+    large = large_blocks_at(arch, plan, peak.kind)
     reserved = reserved_bytes(peak.total_bytes, large)
     paged = paged_state_bytes(arch, plan, st)
     notes = _notes(arch, plan, st, grads)
@@ -190,14 +217,23 @@ def _weights_detail(st: Setting) -> str:
     return "decoder Linear weights, checkpoint dtype"
 
 
+def context_window_problem(cutoff_len: int, max_position_embeddings: int) -> str:
+    """The one wording (estimate's note, check's pitfall) for a cutoff_len past the trained context window."""
+    return (f"cutoff_len {cutoff_len} exceeds the model's context window (max_position_embeddings "
+            f"{max_position_embeddings}): positions past {max_position_embeddings} are untrained (RoPE), so samples "
+            f"that long train on positions the model never saw; set cutoff_len <= {max_position_embeddings}")
+
+
 def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
     notes = [f"sequence padded to {st.seq} tokens (cutoff_len {plan.cutoff_len} rounded up to a multiple of 8); "
              "the peak assumes a micro-batch of maximum-length samples"]
+    if arch.max_position_embeddings is not None and plan.cutoff_len > arch.max_position_embeddings:
+        notes.append(context_window_problem(plan.cutoff_len, arch.max_position_embeddings))
     if plan.gradient_accumulation_steps > 1:
         notes.append(
-            f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: the estimate is the same for any value; "
-            f"from the second micro-batch on, the {grads / MIB:,.1f} MiB of accumulated gradients stay live "
-            "(covered by the safety margin, not added)"
+            f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: from the second micro-batch on, the "
+            f"{grads / MIB:,.1f} MiB of accumulated gradients (.grad) stay live through forward, loss and backward "
+            "(counted in the peak; the same for any value > 1; gradient_accumulation_steps 1 saves them)"
         )
     if plan.per_device_train_batch_size > 1 and st.attn == "sdpa" and arch.num_key_value_heads < arch.num_attention_heads:
         notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "

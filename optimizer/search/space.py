@@ -233,7 +233,11 @@ def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[in
 
 
 def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
-    plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch})
+    # accumulation > 1 keeps the gradients live (memory.step): judge every combo by the domain's largest value,
+    # which bounds the others (conservative for accumulation 1 until the model makes accumulation a memory knob)
+    accum = max(inst.domains["gradient_accumulation_steps"])
+    plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch,
+                                          "gradient_accumulation_steps": accum})
     est = estimate(inst.arch, plan)
     inst.evaluated += 1
     if inst.min_peak is None or est.device_peak_bytes < inst.min_peak[0]:

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .result import TRACE_PHASES, TRACE_SUB_PHASES, TopTensor, TraceResult
+from .result import MOMENT_OF_SUB, TRACE_PHASES, TRACE_SUB_PHASES, TopTensor, TraceResult
 
 if TYPE_CHECKING:
     from ..schema import Plan
 
 __all__ = [
     "run_trace", "run_trace_extrapolated", "run_cuda",
-    "TraceResult", "TopTensor", "TRACE_PHASES", "TRACE_SUB_PHASES",
+    "TraceResult", "TopTensor", "TRACE_PHASES", "TRACE_SUB_PHASES", "MOMENT_OF_SUB",
 ]
 
 

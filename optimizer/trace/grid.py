@@ -3,7 +3,8 @@
 Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
 fused projections (Phi-3.5), qkv biases (Qwen2.5); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
-checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4.
+checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced
+micro-batches) for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -93,4 +94,17 @@ GRID += [
     (_Q05, _p(cutoff_len=256, additional_target="embed_tokens", pure_bf16=True, bf16=False)),
     (_M7, _p(cutoff_len=128, additional_target="lm_head")),
     (_L1, _p(cutoff_len=512, additional_target="lm_head,embed_tokens")),
+]
+GRID += [
+    # gradient accumulation: the tracer runs two micro-batches per optimizer step; from the second on every .grad
+    # is live (full fine-tuning: GBs; LoRA: the adapters'). Checkpointing on and off, tied and untied, AMP and not.
+    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full", gradient_accumulation_steps=2)),
+    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full", gradient_accumulation_steps=2,
+              disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=256, finetuning_type="full", bf16=False, gradient_accumulation_steps=2)),
+    (_Q7, _p(cutoff_len=256, finetuning_type="full", pure_bf16=True, bf16=False, gradient_accumulation_steps=2)),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, gradient_accumulation_steps=2)),
+    (_L1, _p(cutoff_len=1024, per_device_train_batch_size=2, gradient_accumulation_steps=4,
+             disable_gradient_checkpointing=True)),
+    (_M7, _p(cutoff_len=128, additional_target="lm_head", gradient_accumulation_steps=2)),
 ]

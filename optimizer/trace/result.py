@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TraceResult", "TopTensor", "TRACE_PHASES", "TRACE_SUB_PHASES"]
+from ..schema import PHASES, Moment
 
-TRACE_PHASES = ("forward", "loss", "backward", "optimizer")
+__all__ = ["TraceResult", "TopTensor", "TRACE_PHASES", "TRACE_SUB_PHASES", "MOMENT_OF_SUB"]
+
+# The phases of a step, as the memory model names them (schema.Phase).
+TRACE_PHASES = PHASES
 # Finer instants, in step order, each inside one of TRACE_PHASES (see optimizer/trace/tracker.py).
 TRACE_SUB_PHASES = (
     "fwd",          # forward: step start (inputs) .. the lm_head is called
@@ -21,6 +24,21 @@ TRACE_SUB_PHASES = (
     "opt_step",     # optimizer: optimizer.step()
     "opt_zero_grad",  # optimizer: zero_grad(set_to_none=True)
 )
+# The memory model's moment (schema.Moment) each sub-phase's peak stands for. bwd_layers spans the decoder
+# layers' backward and, under full fine-tuning, the embedding gradient at its end.
+MOMENT_OF_SUB: dict[str, Moment] = {
+    "fwd": Moment.FORWARD_LAST_LAYER,
+    "lm_head": Moment.LOSS_FORWARD,
+    "loss_ce": Moment.LOSS_FORWARD,
+    "out_fp32": Moment.LOSS_FORWARD,
+    "bwd_loss": Moment.CE_BACKWARD,
+    "bwd_lm_head": Moment.LM_HEAD_BACKWARD,
+    "bwd_layers": Moment.LAYER_BACKWARD_TOP,
+    "opt_unscale": Moment.OPTIMIZER_STEP,
+    "opt_clip": Moment.OPTIMIZER_STEP,
+    "opt_step": Moment.OPTIMIZER_STEP,
+    "opt_zero_grad": Moment.OPTIMIZER_STEP,
+}
 
 
 class TopTensor(BaseModel):

@@ -26,6 +26,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from ..schema import Phase
 from ..units import alloc_bytes
 
 __all__ = ["StorageTracker", "AllocRecord", "StepStats", "PHASE_OF_SUB", "tracking_fake_mode", "tracked_backward"]
@@ -39,20 +40,21 @@ def _dense(t: torch.Tensor) -> bool:
     return bool(is_non_overlapping_and_dense_or_false(t))
 
 
-# Sub-phase -> phase. The step walks through them in this order.
+_F, _L, _B, _O = (p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, Phase.OPTIMIZER))
+# Sub-phase -> phase (schema.Phase, as the memory model names them). The step walks through them in this order.
 PHASE_OF_SUB: dict[str, str] = {
     "setup": "setup",
-    "fwd": "forward",
-    "lm_head": "loss",
-    "loss_ce": "loss",
-    "out_fp32": "loss",
-    "bwd_loss": "backward",
-    "bwd_lm_head": "backward",
-    "bwd_layers": "backward",
-    "opt_unscale": "optimizer",
-    "opt_clip": "optimizer",
-    "opt_step": "optimizer",
-    "opt_zero_grad": "optimizer",
+    "fwd": _F,
+    "lm_head": _L,
+    "loss_ce": _L,
+    "out_fp32": _L,
+    "bwd_loss": _B,
+    "bwd_lm_head": _B,
+    "bwd_layers": _B,
+    "opt_unscale": _O,
+    "opt_clip": _O,
+    "opt_step": _O,
+    "opt_zero_grad": _O,
 }
 
 

@@ -7,6 +7,8 @@ What is mirrored (transformers trainer.py, trainer_optimizer.py; accelerate acce
   come back as an fp32 copy (dropped with the outputs before backward, as `compute_loss` keeps only the loss);
 - `compute_loss`: labels and `num_items_in_batch` passed to the model (CE with reduction=sum, then divided);
 - fp16: GradScaler loss scaling, unscale before clipping, scale update;
+- gradient accumulation: forward + backward per micro-batch, the optimizer step after the last (two
+  micro-batches stand for any gradient_accumulation_steps > 1, see `TrainerStep.micro_batches`);
 - `clip_grad_norm_(model.parameters(), max_grad_norm)` when max_grad_norm > 0, `optimizer.step()`,
   `model.zero_grad()` (set_to_none=True).
 """
@@ -204,20 +206,35 @@ class TrainerStep:
         self.probe.set_sub_phase("opt_zero_grad")
         self.model.zero_grad(set_to_none=True)
 
+    def micro_batches(self) -> int:
+        """Micro-batches run per optimizer step: 1, or 2 under gradient accumulation. HF Trainer's inner loop runs
+        forward + `loss.backward()` per micro-batch and the optimizer after the last; from the second micro-batch
+        on, every parameter's .grad from the earlier ones is live and AccumulateGrad adds the new gradient into it
+        in place ([S] torch/csrc/autograd/functions/accumulate_grad.h, case 2.3). The third and later
+        micro-batches repeat the second, so two measure the peak of any gradient_accumulation_steps > 1."""
+        return min(self.plan.gradient_accumulation_steps, 2)
+
     def step(self, index: int) -> Any:
         self.probe.begin_step(index)
-        inputs = self._batch()
-        num_items = inputs["labels"].ne(-100).sum()
-        loss = self._forward(inputs, num_items)
-        self.probe.set_sub_phase("bwd_loss")
-        if self.scaler is not None:
-            self.scaler.scale(loss).backward()
-        else:
-            loss.backward()
-        self.tr_loss = self.tr_loss + loss.detach()
-        del loss
+        # [S] transformers trainer.py::get_batch_samples: the step's micro-batches are fetched up front and
+        # num_items_in_batch counts the labels of all of them
+        batches = [self._batch() for _ in range(self.micro_batches())]
+        counts = [b["labels"].ne(-100).sum() for b in batches]
+        num_items = counts[0] if len(counts) == 1 else torch.stack(counts).sum()
+        del counts
+        for micro, inputs in enumerate(batches):
+            if micro:
+                self.probe.set_sub_phase("fwd")
+            loss = self._forward(inputs, num_items)
+            self.probe.set_sub_phase("bwd_loss")
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            self.tr_loss = self.tr_loss + loss.detach()
+            del loss
         self.optimizer_phase()
-        del inputs, num_items
+        del inputs, batches, num_items
         return self.probe.end_step()
 
     def prime_step(self, index: int) -> Any:
