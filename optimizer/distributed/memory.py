@@ -24,7 +24,7 @@ from ..memory.static import (
     trainable_tensor_numels,
 )
 from ..models.arch import layer_linears, param_counts
-from ..schema import Arch, Estimate, MemoryTerm, PhasePeak, Plan
+from ..schema import Arch, Estimate, MemoryTerm, Moment, PhasePeak, Plan
 from ..units import alloc_bytes, ceil_div
 from .engines import DEEPSPEED, DistSettings, validate, zero_values
 
@@ -337,11 +337,11 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
             if t.name in _STATE_TERMS or (eng != "ddp" and t.name in _CAST_TERMS):
                 continue
             b = t.bytes
-            if sharded_grads and st.full and t.name == "activations_layers" and ph.moment.startswith("bottom"):
+            if sharded_grads and st.full and t.name == "activations_layers" and ph.kind == Moment.LAYER_BACKWARD_BOTTOM:
                 b -= (L - 1) * lay.param_grad_bytes  # the layers' gradients above are in the sharded grads term
             keep.append(MemoryTerm(name=t.name, bytes=b, detail=t.detail))
         kind = {"forward": "fwd", "loss": "loss"}.get(ph.phase, "bwd")
-        if ph.phase == "backward" and ("cross-entropy" in ph.moment or "lm_head" in ph.moment):
+        if ph.kind in (Moment.CE_BACKWARD, Moment.LM_HEAD_BACKWARD):
             kind = "loss"
         extra = list(static)
         if ph.phase in ("backward", "optimizer"):
@@ -351,7 +351,7 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
         elif ws[kind]:
             extra.append(("gathered_params", ws[kind], f"all-gathered 16-bit weights held at this moment ({eng})"))
         terms = [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in extra if b] + keep
-        out.append(PhasePeak(phase=ph.phase, moment=ph.moment, terms=terms))
+        out.append(PhasePeak(phase=ph.phase, kind=ph.kind, moment=ph.moment, terms=terms))
     return out
 
 
