@@ -147,9 +147,11 @@ def train_text(rec: Record, log: str) -> str:
     mib = 2 ** 20
 
     def row(name: str, p: float | None, m: float | None, unit: str, scale: float) -> str:
-        ps = f"{p / scale:,.2f} {unit}" if p is not None else "-"
-        ms = f"{m / scale:,.2f} {unit}" if m is not None else "- (no CUDA)" if unit == "MiB" else "-"
-        err = f"{(p - m) / m:+.1%}" if p is not None and m else ""
+        cpu_time = unit == "s" and rec.device_name == "cpu"  # a CPU run against a GPU prediction: no error
+        fmt = ",.2f" if unit == "MiB" else ".4f"
+        ps = f"{p / scale:{fmt}} {unit}" if p is not None else "-"
+        ms = f"{m / scale:{fmt}} {unit}" if m is not None else "- (no CUDA)" if unit == "MiB" else "-"
+        err = f"{(p - m) / m:+.1%}" if p is not None and m and not cpu_time else ""
         return f"  {name:<16} {ps:>16} {ms:>16} {err:>8}"
 
     p, m = rec.predicted, rec.measured
@@ -160,6 +162,10 @@ def train_text(rec: Record, log: str) -> str:
              row("peak reserved", p.peak_reserved_bytes, m.peak_reserved_bytes, "MiB", mib),
              row("device peak", p.device_peak_bytes, m.device_peak_bytes, "MiB", mib),
              row("step time", p.step_s, m.step_s, "s", 1.0)]
+    for name, v in (("forward+backward", "forward_backward_s"), ("optimizer", "optimizer_s")):
+        vals = [getattr(s, v) for s in rec.per_step[1:] or rec.per_step if getattr(s, v) is not None]
+        if vals:
+            lines.append(f"  {name + ' (measured)':<33} {statistics.median(vals):>13.4f} s")
     if m.tokens_per_s:
         lines.append(f"  tokens/s (measured): {m.tokens_per_s:,.0f}")
     if m.loss is not None:
