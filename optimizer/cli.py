@@ -159,7 +159,8 @@ def estimate(
     try:
         arch, plan = _resolve(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
-        est = run_estimate(arch, plan)
+        with _calibrated(gpu):
+            est = run_estimate(arch, plan)
         dist = _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init)
         if report:
             if dist is not None:
@@ -283,7 +284,8 @@ def check(
             raise ConfigError("no model given. Pass --model or set model_name_or_path.")
         arch = catalog.resolve_arch(name)
         spec = catalog.get_gpu(gpu)
-        rep = run_check(data, plan, arch, spec, margin=margin, config_path=config, optimize=optimize)
+        with _calibrated(gpu):
+            rep = run_check(data, plan, arch, spec, margin=margin, config_path=config, optimize=optimize)
         if write:
             if rep.fix is None:
                 raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass --optimize.")
@@ -401,7 +403,8 @@ def solve(
         from .search.solve import solve_problem
 
         try:
-            result = solve_problem(problem, base, solver.value)
+            with _calibrated(problem.gpu if isinstance(problem.gpu, str) else None):
+                result = solve_problem(problem, base, solver.value)
         except TrainfitError as exc:
             _fail(exc)
             return
@@ -435,6 +438,80 @@ def solve(
         typer.echo(summary_matrix(results))
     if any(r is None for *_, r, _e in results):
         raise typer.Exit(3)
+
+
+def _calibrated(gpu_id: Optional[str]):
+    """The calibration profile's allocator overheads for this GPU, when a profile exists (optimizer/train/calibrate.py);
+    otherwise a no-op. Says so on stderr when one applies."""
+    from .memory.allocator import calibrated
+    from .train.calibrate import active_calibration
+
+    cal, note = active_calibration(gpu_id)
+    if note:
+        typer.echo(note, err=True)
+    return calibrated(cal)
+
+
+@app.command()
+def train(
+    config: str = typer.Argument(..., help="A LLaMA-Factory training YAML (e.g. one `trainfit solve` wrote)."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the check and the predictions "
+                                      "(default: GPU 0's NVML name; none on a machine without a GPU)."),
+    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free."),
+    force: bool = typer.Option(False, "--force", help="Train even when the check says it does not fit."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after N optimizer steps (a short "
+                                            "measuring run)."),
+    log: Optional[str] = typer.Option(None, "--log", help="Calibration log to append to (default "
+                                      "$TRAINFIT_CACHE/calibration.jsonl, ~/.cache/trainfit)."),
+) -> None:
+    """Check the config, train it with LLaMA-Factory, and log predicted vs measured memory and time.
+    Exit codes: 0 trained, 3 does not fit (nothing loaded; --force trains anyway), 1 bad input."""
+    from .report import check_text
+    from .train.record import append_record, default_log_path
+    from .train.run import preflight, run_training, train_text
+
+    try:
+        with _calibrated(gpu):
+            pre = preflight(config, gpu, margin)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    if pre.note:
+        typer.echo(pre.note, err=True)
+    if pre.report is not None and pre.report.verdict == "does_not_fit":
+        typer.echo(check_text(pre.report), err=not force)
+        if not force:
+            raise typer.Exit(3)
+        typer.echo("--force: training anyway", err=True)
+    try:
+        rec = run_training(pre, max_steps=max_steps)
+        path = log or str(default_log_path())
+        append_record(rec, path)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    typer.echo(train_text(rec, path))
+
+
+@app.command()
+def calibrate(
+    log: str = typer.Argument(..., help="A calibration log (JSON lines that `trainfit train` appends)."),
+    out: Optional[str] = typer.Option(None, "--out", help="Profile to write (default $TRAINFIT_CACHE/"
+                                      "calibration_profile.json, which estimate, check and solve read)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the profile if it exists."),
+) -> None:
+    """Fit per-GPU allocator overheads (reserved - allocated, CUDA context) and a time factor from measured runs."""
+    from .io import write_text_atomic
+    from .train.calibrate import calibrate_log, calibration_text, default_profile_path
+
+    try:
+        profile = calibrate_log(log)
+        path = out or str(default_profile_path())
+        write_text_atomic(path, profile.text(), force=force)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
+    typer.echo(calibration_text(profile, path))
 
 
 def main() -> None:

@@ -56,7 +56,9 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         present = record_keys(data_file)
     info = {ds.name: dataset_info_entry(file_name, ds.formatting, present)}
     files["dataset_info.json"] = json.dumps(info, indent=2, sort_keys=True) + "\n"
-    template = template_for(result.model, _model_type(result))
+    # A model read from a folder's config.json is loaded by LLaMA-Factory from the folder (and named by it).
+    model_ref = os.path.dirname(result.model) if os.path.basename(result.model) == "config.json" else result.model
+    template = template_for(model_ref, _model_type(result))
     epochs = problem.objective.num_train_epochs
     for i in picked(result, pick):
         s = result.front[i]
@@ -77,7 +79,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         n = min(result.num_samples, s.max_samples or result.num_samples)
         extra = {"warmup_steps": warmup_steps_for(n, s.plan, epochs)}
         files[f"{stem}.yaml"] = render_config(
-            s.plan, model_name_or_path=result.model, template=template, dataset=ds.name, dataset_dir=out_dir.rstrip("/"),
+            s.plan, model_name_or_path=model_ref, template=template, dataset=ds.name, dataset_dir=out_dir.rstrip("/"),
             output_dir=f"saves/{result.problem}/{stem}", header=header, num_train_epochs=epochs, extra=extra,
         )
     return files

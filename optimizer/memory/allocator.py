@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Literal
 
 from ..schema import Arch, Moment, Plan
@@ -36,6 +40,9 @@ def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
     largest single block, which is what a request sequence like the CE backward (same-size fp32 [N, V]
     blocks) leaves. Not calibrated on a GPU yet (no GPU was available): treat it as a model, not a fact.
     """
+    cal = _calibration.get()
+    if cal is not None:
+        return cal.reserved_bytes(peak_allocated)
     rounding = sum(round_up(b, ROUND_LARGE) - b for b in large_blocks if b > 10 * MIB)
     cached = max([b for b in large_blocks] + [0])
     return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
@@ -61,7 +68,44 @@ def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = 
 def device_peak_for(peak_allocated: int, large_blocks: list[int], managed: int = 0) -> int:
     """nvidia-smi's view of a phase: reserved (`reserved_bytes`) + CUDA managed memory (paged optimizer
     states) + the CUDA context."""
-    return reserved_bytes(peak_allocated, large_blocks) + managed + CUDA_CONTEXT_BYTES
+    cal = _calibration.get()
+    context = CUDA_CONTEXT_BYTES if cal is None else cal.cuda_context_bytes
+    return reserved_bytes(peak_allocated, large_blocks) + managed + context
+
+
+# ---------------------------------------------------------------------------------------------------
+# Calibration hook: a profile measured on one GPU (`trainfit calibrate`, optimizer/train/calibrate.py)
+# replaces the two overheads above while it is active. Without one (the default) nothing changes.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AllocatorCalibration:
+    """Measured overheads of one GPU: reserved - allocated = intercept + slope * allocated (a least-squares fit
+    of torch.cuda.max_memory_reserved - max_memory_allocated over recorded runs), and the CUDA context
+    (NVML device memory - max_memory_reserved)."""
+
+    gpu: str
+    reserved_intercept_bytes: int
+    reserved_slope: float
+    cuda_context_bytes: int
+
+    def reserved_bytes(self, peak_allocated: int) -> int:
+        overhead = max(0, round(self.reserved_intercept_bytes + self.reserved_slope * peak_allocated))
+        return round_up(peak_allocated + overhead, ROUND_LARGE)
+
+
+_calibration: ContextVar[AllocatorCalibration | None] = ContextVar("trainfit_allocator_calibration", default=None)
+
+
+@contextmanager
+def calibrated(cal: AllocatorCalibration | None) -> Iterator[None]:
+    """Within the block, `reserved_bytes` and `device_peak_for` use `cal` (None: the sourced model)."""
+    token = _calibration.set(cal)
+    try:
+        yield
+    finally:
+        _calibration.reset(token)
 
 
 # Keep at least this share of the card free by default (estimate, check and solve use it alike).
