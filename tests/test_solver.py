@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from optimizer.errors import InfeasibleError, ProblemError
 from optimizer.memory import estimate
-from optimizer.search.brute import solve_brute
+from optimizer.search.brute import non_dominated, solve_brute
 from optimizer.search.cpsat import solve_cpsat
-from optimizer.search.pareto import non_dominated
 from optimizer.search.problem import CustomGpu, DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
 from optimizer.search.solve import solve_problem
 from optimizer.search.space import build_instance

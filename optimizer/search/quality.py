@@ -21,11 +21,9 @@ Limits: the score ranks configs of one model on one dataset; it says nothing acr
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["QualityWeights", "TARGET_SCORE", "QUANT_PENALTY", "quality_score", "coverage"]
+__all__ = ["QualityWeights", "TARGET_SCORE", "QUANT_PENALTY", "coverage"]
 
 
 class QualityWeights(BaseModel):
@@ -71,17 +69,3 @@ def coverage(cutoff_len: int, percentiles: dict[int, int], response_share: float
             kept += resp * cutoff_len / length
         total += resp
     return kept / total if total else 1.0
-
-
-def quality_score(
-    weights: QualityWeights, *, finetuning_type: str, lora_target: str | None, lora_rank: int | None,
-    coverage_share: float, samples_used: int, samples_total: int, effective_batch: int,
-) -> float:
-    w = weights
-    full = finetuning_type == "full"
-    t = 1.0 if full else TARGET_SCORE[lora_target or "all"]
-    r = 1.0 if full else min(1.0, math.log2(max(1, lora_rank or 1)) / math.log2(RANK_MAX))
-    s = math.log1p(samples_used) / math.log1p(samples_total) if samples_total else 1.0
-    b = 0.0 if effective_batch <= 32 else min(1.0, math.log2(effective_batch / 32) / 2)
-    p = QUANT_PENALTY[finetuning_type]
-    return w.target * t + w.rank * r + w.cutoff * coverage_share + w.samples * s - w.quant * p - w.batch * b

@@ -14,9 +14,10 @@ from ..schema import Plan
 from ..units import GIB
 from .brute import solve_brute
 from .cpsat import SolveStats, solve_cpsat
+from .objectives import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS
 from .perf import time_band
 from .problem import Problem
-from .space import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, Instance, build_instance, plan_for
+from .space import Instance, build_instance, plan_for
 
 __all__ = ["Solution", "SolveResult", "solve_problem", "PICKS"]
 
@@ -101,7 +102,7 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
     front: list[Solution] = []
     for q, t, _key, (pos, accum, samples) in raw:
         c = inst.combos[pos]
-        knobs = dict(zip(MEM_KNOBS, c.knobs))
+        knobs = c.knobs()
         knobs["gradient_accumulation_steps"] = accum
         knobs["max_samples"] = samples
         plan = plan_for(inst.arch, inst.gpu, knobs)
@@ -114,10 +115,9 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
             epoch_s=round(t * TIME_UNIT_MS / 1000 / problem.objective.num_train_epochs, 1),
         ))
     rec = _balanced([(q, t) for q, t, _, _ in raw])
-    labels = {0: ["best-quality"], len(front) - 1: ["fastest"]}
-    labels.setdefault(rec, []).append("balanced")
-    if rec in (0, len(front) - 1) and len(labels[rec]) == 1:
-        labels[rec] = ["balanced"]
+    labels: dict[int, list[str]] = {}
+    for i, label in ((0, "best-quality"), (len(front) - 1, "fastest"), (rec, "balanced")):
+        labels.setdefault(i, []).append(label)  # a one-point front carries all three
     front = [s.model_copy(update={"labels": labels.get(i, [])}) for i, s in enumerate(front)]
     why = ("balanced: the front point with the largest normalized quality gain minus normalized time cost "
            "(the knee of the quality/time front)")

@@ -1,8 +1,8 @@
 """Problem + catalog -> an instance: finite sorted domains and the integer tables both solvers use.
 
-Every memory number comes from `memory.estimate` (the single source of truth); quality from `quality`,
-time from `perf`. Floats become integers once, here, rounded conservatively (memory up, quality to the
-nearest 1e-4, time up to the millisecond), so CP-SAT and brute force see identical numbers.
+Every memory number comes from `memory.estimate` (the single source of truth); the objectives from
+`objectives` (quality, time, optimizer steps). Floats become integers once, rounded conservatively (memory up,
+quality to the nearest 1e-4, time up to the millisecond), so CP-SAT and brute force see identical numbers.
 """
 
 from __future__ import annotations
@@ -17,28 +17,12 @@ from ..memory import budget_bytes, count_params, estimate
 from ..models import catalog
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec, Plan
+from .objectives import MEM_KNOBS, Candidate, batch_penalty, candidate_quality, samples_quality
 from .perf import expected_padded_len, expected_padded_len_samples, micro_batch_seconds, optimizer_step_seconds
 from .problem import CustomGpu, DatasetSummary, Problem
-from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
+from .quality import coverage
 
-__all__ = ["Instance", "MemCombo", "build_instance", "plan_for", "QUALITY_SCALE"]
-
-QUALITY_SCALE = 10_000
-TIME_UNIT_MS = 1000
-MEM_KNOBS = ("finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
-             "gradient_checkpointing", "flash_attn", "optim", "enable_liger_kernel")
-
-
-@dataclass(frozen=True)
-class MemCombo:
-    """One feasible setting of the memory-relevant knobs, with everything the objectives need from it."""
-
-    knobs: tuple  # values in MEM_KNOBS order
-    index: tuple[int, ...]  # positions in the instance's domains (tie-break key)
-    quality: int  # scaled target + rank + cutoff - quant terms
-    micro_ms: int  # one micro-batch, ms (ceil)
-    opt_ms: int  # one optimizer step, ms (ceil)
-
+__all__ = ["Instance", "build_instance", "plan_for"]
 
 
 @dataclass
@@ -48,7 +32,7 @@ class Instance:
     gpu: GpuSpec
     budget_bytes: int
     domains: dict[str, list]
-    combos: list[MemCombo]
+    combos: list[Candidate]
     samples_quality: dict[int | None, int]  # scaled samples term per max_samples value
     samples_used: dict[int | None, int]
     batch_penalty: dict[tuple[int, int], int]  # (batch, accumulation) -> scaled penalty
@@ -57,18 +41,6 @@ class Instance:
     evaluated: int = 0
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
-
-    def micro_batches(self, n: int, batch: int) -> int:
-        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(n / batch))
-
-    def optimizer_steps(self, n: int, batch: int, accum: int) -> int:
-        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(math.ceil(n / batch) / accum))
-
-    def time_units(self, n: int, batch: int, accum: int, c: MemCombo) -> int:
-        """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie
-        and the tie-break decides."""
-        ms = self.micro_batches(n, batch) * c.micro_ms + self.optimizer_steps(n, batch, accum) * c.opt_ms
-        return -(-ms // TIME_UNIT_MS)
 
 
 def resolve_gpu(problem: Problem) -> GpuSpec:
@@ -192,11 +164,9 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     for n in domains["max_samples"]:
         used = ds.num_samples if n is None else min(n, ds.num_samples)
         inst.samples_used[n] = used
-        inst.samples_quality[n] = round(QUALITY_SCALE * w.samples * math.log1p(used) / math.log1p(ds.num_samples))
+        inst.samples_quality[n] = samples_quality(w, used, ds.num_samples)
     for b, a in itertools.product(domains["per_device_train_batch_size"], domains["gradient_accumulation_steps"]):
-        ebs = b * a
-        pen = 0.0 if ebs <= 32 else min(1.0, math.log2(ebs / 32) / 2)
-        inst.batch_penalty[(b, a)] = round(QUALITY_SCALE * w.batch * pen)
+        inst.batch_penalty[(b, a)] = batch_penalty(w, b * a)
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
              "enable_liger_kernel"]
@@ -246,12 +216,9 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[i
     full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
     plan = plan_for(inst.arch, inst.gpu, full)
     ds = inst.summary
-    w = inst.problem.objective.quality_weights
     ft = knobs["finetuning_type"]
     is_full = ft == "full"
-    t = 1.0 if is_full else TARGET_SCORE[knobs["lora_target"]]
-    r = 1.0 if is_full else min(1.0, math.log2(knobs["lora_rank"]) / math.log2(RANK_MAX))
-    q = round(QUALITY_SCALE * (w.target * t + w.rank * r + w.cutoff * cov[cutoff] - w.quant * QUANT_PENALTY[ft]))
+    q = candidate_quality(inst.problem.objective.quality_weights, knobs, cov[cutoff])
     trainable, _ = count_params(inst.arch, plan)
     if inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
@@ -263,7 +230,7 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[i
     index = tuple(
         0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
     )
-    inst.combos.append(MemCombo(
-        knobs=tuple(full[k] for k in MEM_KNOBS), index=index, quality=q, micro_ms=math.ceil(micro_s * 1000),
+    inst.combos.append(Candidate(
+        **{k: full[k] for k in MEM_KNOBS}, index=index, quality=q, micro_ms=math.ceil(micro_s * 1000),
         opt_ms=math.ceil(opt_s * 1000),
     ))
