@@ -40,12 +40,12 @@ def _key_int(index: tuple[int, ...], sizes: list[int]) -> int:
 
 
 def _groups(inst: Instance) -> list[tuple[int, int]]:
-    """Combos that are identical for both objectives (quality, micro-batch time, optimizer time, batch size)
+    """Combos that are identical for both objectives at every (accumulation, max_samples) (Candidate.signature)
     collapse to the one with the smallest key: it is the one the tie-break would pick. (position, key int)"""
     sizes, _, _ = _radix(inst)
     best: dict[tuple, tuple[int, int]] = {}
     for pos, c in enumerate(inst.combos):
-        sig = (c.quality, c.micro_ms, c.opt_ms, c.per_device_train_batch_size)
+        sig = c.signature()
         k = _key_int(c.index, sizes)
         if sig not in best or k < best[sig][1]:
             best[sig] = (pos, k)

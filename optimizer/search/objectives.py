@@ -1,12 +1,14 @@
-"""The two objectives of a point of the search space, in the integers both solvers read. PURE.
+"""The two objectives of a point of the search space, in the integers both solvers read, and the recommendation
+rule over the front. PURE.
 
 A point is (candidate, gradient_accumulation_steps, max_samples): a `Candidate` is one memory-feasible setting of
-the memory knobs (built by `space`), and accumulation and max_samples do not change memory. CP-SAT (`cpsat`) and
-the exhaustive oracle (`brute`) both call `point_objectives`, so they optimize the same numbers by construction.
+the memory knobs (built by `space`); accumulation and max_samples do not change memory. CP-SAT (`cpsat`) and the
+exhaustive oracle (`brute`) both call `point_objectives`, so they optimize the same numbers by construction.
 
-- quality: the documented score of `quality.py`, scaled by QUALITY_SCALE and rounded to an integer once here.
+- quality: `quality.quality(plan, context)`, the evidence-based score (each term with its source in quality.py),
+  scaled by QUALITY_SCALE and rounded to an integer once, here.
 - time: micro-batches x t_micro + optimizer steps x t_opt (perf.py), in whole seconds (TIME_UNIT_MS), ceil.
-- steps: transformers' count of optimizer steps, the one formula the emitted warmup_steps also uses.
+- optimizer steps: transformers' count, the one formula the emitted warmup_steps also uses.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, QualityWeights
+from . import quality as qm
 
 if TYPE_CHECKING:
     from .space import Instance
 
 __all__ = ["Candidate", "MEM_KNOBS", "QUALITY_SCALE", "TIME_UNIT_MS", "micro_batches", "optimizer_steps",
-           "candidate_quality", "samples_quality", "batch_penalty", "point_objectives", "point_time"]
+           "point_plan", "point_quality", "point_time", "point_objectives", "recommend", "Recommendation"]
 
 QUALITY_SCALE = 10_000
 TIME_UNIT_MS = 1000
@@ -43,13 +45,17 @@ class Candidate:
     optim: str
     enable_liger_kernel: bool
     index: tuple[int, ...]  # positions in the instance's domains, MEM_KNOBS order (the tie-break key)
-    quality: int  # scaled quality terms of the memory knobs (target, rank, cutoff, quantization)
     micro_ms: int  # one micro-batch, ms (ceil)
     opt_ms: int  # one optimizer step, ms (ceil)
 
     def knobs(self) -> dict:
         """The memory knobs by name."""
         return {k: getattr(self, k) for k in MEM_KNOBS}
+
+    def signature(self) -> tuple:
+        """What both objectives depend on: candidates with equal signatures score equally at every point."""
+        return (self.finetuning_type, self.lora_rank, self.lora_target, self.cutoff_len,
+                self.per_device_train_batch_size, self.micro_ms, self.opt_ms)
 
 
 def micro_batches(epochs: float, samples: int, batch: int) -> int:
@@ -62,37 +68,112 @@ def optimizer_steps(epochs: float, samples: int, batch: int, accumulation: int) 
     return math.ceil(epochs * math.ceil(math.ceil(samples / batch) / accumulation))
 
 
-def candidate_quality(w: QualityWeights, knobs: dict, coverage_share: float) -> int:
-    """Scaled w_target*T + w_rank*R + w_cutoff*C - w_quant*P of quality.py (the memory knobs' terms)."""
-    ft = knobs["finetuning_type"]
-    full = ft == "full"
-    t = 1.0 if full else TARGET_SCORE[knobs["lora_target"]]
-    r = 1.0 if full else min(1.0, math.log2(knobs["lora_rank"]) / math.log2(RANK_MAX))
-    return round(QUALITY_SCALE * (w.target * t + w.rank * r + w.cutoff * coverage_share - w.quant * QUANT_PENALTY[ft]))
+def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> dict:
+    """The plan dict `quality.quality` scores (its keys are documented there)."""
+    n, b = inst.samples_used[samples], c.per_device_train_batch_size
+    return {"finetuning_type": c.finetuning_type, "lora_rank": c.lora_rank, "lora_target": c.lora_target,
+            "effective_batch": b * accumulation, "num_train_epochs": inst.epochs,
+            "optimizer_steps": optimizer_steps(inst.epochs, n, b, accumulation),
+            "kept_token_share": inst.coverage[c.cutoff_len], "samples_used": n}
 
 
-def samples_quality(w: QualityWeights, used: int, total: int) -> int:
-    """Scaled w_samples*S, S = log(1 + n) / log(1 + N)."""
-    return round(QUALITY_SCALE * w.samples * math.log1p(used) / math.log1p(total))
-
-
-def batch_penalty(w: QualityWeights, effective_batch: int) -> int:
-    """Scaled w_batch*B, B = 0 up to 32, then log2(ebs/32)/2, at most 1."""
-    pen = 0.0 if effective_batch <= 32 else min(1.0, math.log2(effective_batch / 32) / 2)
-    return round(QUALITY_SCALE * w.batch * pen)
+def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
+    """round(QUALITY_SCALE * quality), cached on the instance by what the score depends on."""
+    key = (c.finetuning_type, c.lora_rank, c.lora_target, c.cutoff_len, c.per_device_train_batch_size,
+           accumulation, samples)
+    q = inst.quality_cache.get(key)
+    if q is None:
+        q = inst.quality_cache[key] = round(QUALITY_SCALE * qm.quality(point_plan(inst, c, accumulation, samples),
+                                                                       inst.context))
+    return q
 
 
 def point_time(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
     """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie and the
     tie-break decides."""
-    epochs = inst.problem.objective.num_train_epochs
     n, b = inst.samples_used[samples], c.per_device_train_batch_size
-    ms = micro_batches(epochs, n, b) * c.micro_ms + optimizer_steps(epochs, n, b, accumulation) * c.opt_ms
+    ms = micro_batches(inst.epochs, n, b) * c.micro_ms + optimizer_steps(inst.epochs, n, b, accumulation) * c.opt_ms
     return -(-ms // TIME_UNIT_MS)
 
 
 def point_objectives(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> tuple[int, int]:
     """(scaled quality, time units) of one point of the search space."""
-    b = c.per_device_train_batch_size
-    q = c.quality + inst.samples_quality[samples] - inst.batch_penalty[(b, accumulation)]
-    return q, point_time(inst, c, accumulation, samples)
+    return point_quality(inst, c, accumulation, samples), point_time(inst, c, accumulation, samples)
+
+
+# --- the recommendation rule ------------------------------------------------------------------------------------
+# POLICY, stated so it can be argued: a point that gives up more than MAX_TOKEN_LOSS of the supervised tokens (or of
+# the optimizer steps) of the best-quality point within the time budget is recommended only if it saves a large
+# time, both relative (>= MIN_SAVING_SHARE) and absolute (>= MIN_SAVING_S). Among the points that pass, `balanced`
+# takes the fastest one whose score is within quality.TIE_TOL of that best point (the score's resolution: no known
+# reason to expect a worse result), `quality` the best point itself, `speed` the fastest point that passes.
+MAX_TOKEN_LOSS = 0.10
+MIN_SAVING_SHARE = 0.20
+MIN_SAVING_S = 15 * 60
+
+
+@dataclass(frozen=True)
+class FrontRow:
+    """What the rule reads of a front point."""
+
+    quality: float
+    time_s: float
+    supervised_tokens: float  # supervised tokens trained on per epoch
+    optimizer_steps: int
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    index: int  # the recommended point (by the problem's preference)
+    balanced: int  # the point the balanced rule picks (the `balanced` label)
+    reason: str
+
+
+def _passes(r: FrontRow, a: FrontRow) -> tuple[bool, str]:
+    """May r be recommended instead of the anchor a? (verdict, what it gives up)"""
+    lost_tok = 1 - r.supervised_tokens / a.supervised_tokens if a.supervised_tokens else 0.0
+    lost_steps = 1 - r.optimizer_steps / a.optimizer_steps if a.optimizer_steps else 0.0
+    saved = a.time_s - r.time_s
+    gives_up = lost_tok > MAX_TOKEN_LOSS or lost_steps > MAX_TOKEN_LOSS
+    big_saving = saved >= MIN_SAVING_S and saved >= MIN_SAVING_SHARE * a.time_s
+    what = (f"keeps {1 - lost_tok:.0%} of the supervised tokens and {1 - lost_steps:.0%} of the optimizer steps of "
+            "the best point")
+    return (not gives_up or big_saving), what
+
+
+def recommend(rows: list[FrontRow], *, max_s: float | None = None, prefer: str = "balanced") -> Recommendation:
+    """The recommended front point (rows in front order: quality descending, time descending) and why."""
+    last = len(rows) - 1
+    budget = [i for i, r in enumerate(rows) if max_s is None or r.time_s <= max_s]
+    if not budget:
+        why = (f"no front point fits the time budget of {max_s / 3600:g} h: the fastest ({rows[last].time_s / 60:.0f} "
+               "min) is recommended; raise objective.max_hours or shrink the data")
+        return Recommendation(last, last, why)
+    a = budget[0]
+    anchor = rows[a]
+    passing = [i for i in budget if _passes(rows[i], anchor)[0]]
+    close = [i for i in passing if rows[i].quality >= anchor.quality - qm.TIE_TOL]
+    balanced = close[-1]
+    pick = {"quality": a, "balanced": balanced, "speed": passing[-1]}[prefer]
+    head = f"best score within the {max_s / 3600:g} h budget" if max_s is not None and a > 0 else "best score"
+    if pick == a:
+        why = f"{prefer}: the {head}"
+        if a < last:
+            faster = rows[a + 1]
+            ok, what = _passes(faster, anchor)
+            if not ok:
+                why += (f"; the next faster point saves only {(anchor.time_s - faster.time_s) / 60:.0f} min and "
+                        f"{what}")
+            else:
+                why += (f"; the next faster point scores {anchor.quality - faster.quality:.3f} lower (more than the "
+                        f"score's resolution {qm.TIE_TOL})")
+    else:
+        r = rows[pick]
+        why = (f"{prefer}: {(anchor.time_s - r.time_s) / 60:.0f} min faster than the {head} (#{a + 1}), scoring "
+               f"{anchor.quality - r.quality:.3f} lower" + (f" (within the score's resolution {qm.TIE_TOL})"
+                                                            if prefer == "balanced" else ""))
+        ok, what = _passes(r, anchor)
+        why += f"; it {what}"
+    why += (f" (rule: a point giving up > {MAX_TOKEN_LOSS:.0%} of supervised tokens or optimizer steps must save "
+            f">= {MIN_SAVING_SHARE:.0%} and >= {MIN_SAVING_S // 60} min)")
+    return Recommendation(pick, balanced, why)
