@@ -133,7 +133,8 @@ def front_table(result) -> str:
         f"{result.model} on {result.gpu} ({result.gpu_total_bytes / MIB:,.0f} MiB; device-peak bound "
         f"{result.budget_bytes / MIB:,.0f} MiB = {1 - result.margin:.0%})",
         f"{'#':>2s} {'type':7s} {'rank':>4s} {'target':9s} {'cutoff':>6s} {'batch':>5s} {'accum':>5s} {'samples':>7s} "
-        f"{'kept':>4s} {'steps':>5s} {'GC':>3s} {'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} {'/epoch':>7s} {'quality':>7s}  pick",
+        f"{'kept':>4s} {'steps':>5s} {'GC':>3s} {'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} "
+        f"{'/epoch':>7s} {'quality':>7s}  pick",
     ]
     for i, s in enumerate(result.front, 1):
         lines.append(
