@@ -2,7 +2,7 @@
 
 Run: python benchmarks/quality.py [--evidence benchmarks/quality_evidence.yaml]
 
-Scores config_a and config_b of each row of the evidence file with `optimizer.quality_model.quality` and prints
+Scores config_a and config_b of each row of the evidence file with `optimizer.search.quality.quality` and prints
 id, knob, the paper's winner, both scores, the score's winner and whether they agree. A paper "tie" agrees when
 |score_a - score_b| <= the file's tie_tolerance_score; a paper winner agrees when the score prefers it by more than
 that tolerance. The last line is the agreement share (goal: >= 0.9). Constants were set while reading these rows,
@@ -24,7 +24,8 @@ EVIDENCE = ROOT / "benchmarks" / "quality_evidence.yaml"
 
 def _quality_model():
     # Load the module by path: optimizer/__init__ pulls in the whole package (pydantic, ortools), this must not.
-    spec = importlib.util.spec_from_file_location("trainfit_quality_model", ROOT / "optimizer" / "quality_model.py")
+    path = ROOT / "optimizer" / "search" / "quality.py"
+    spec = importlib.util.spec_from_file_location("trainfit_quality_model", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)

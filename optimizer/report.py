@@ -132,18 +132,21 @@ def front_table(result) -> str:
     lines = [
         f"{result.model} on {result.gpu} ({result.gpu_total_bytes / MIB:,.0f} MiB; device-peak bound "
         f"{result.budget_bytes / MIB:,.0f} MiB = {1 - result.margin:.0%})",
-        f"{'#':>2s} {'type':7s} {'rank':>4s} {'target':9s} {'cutoff':>6s} {'batch':>5s} {'accum':>5s} {'samples':>7s} {'GC':>3s} "
-        f"{'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} {'/epoch':>7s} {'quality':>7s}  pick",
+        f"{'#':>2s} {'type':7s} {'rank':>4s} {'target':9s} {'cutoff':>6s} {'batch':>5s} {'accum':>5s} {'samples':>7s} "
+        f"{'kept':>4s} {'steps':>5s} {'GC':>3s} {'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} "
+        f"{'/epoch':>7s} {'quality':>7s}  pick",
     ]
     for i, s in enumerate(result.front, 1):
         lines.append(
             f"{i:2d} {s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} {s.cutoff_len:6d} "
             f"{s.per_device_train_batch_size:5d} {s.gradient_accumulation_steps:5d} {str(s.max_samples or 'all'):>7s} "
-            f"{'on' if s.gradient_checkpointing else 'off':>3s} "
+            f"{s.kept_token_share:4.0%} {s.optimizer_steps:5d} {'on' if s.gradient_checkpointing else 'off':>3s} "
             f"{s.optim:17s} {'on' if s.enable_liger_kernel else 'off':5s} {s.device_peak_bytes / GIB:6.2f} GiB "
             f"{s.headroom_bytes / GIB:5.2f} GiB {_dur(s.time_s):>7s} {_dur(s.epoch_s):>7s} {s.quality:7.4f}  {','.join(s.labels)}"
         )
     lines.append(f"recommended: #{result.recommended + 1} ({result.why})")
+    lines.append(f"epochs: {result.num_train_epochs:g} ({result.epochs_source}); kept = share of supervised tokens "
+                 "kept at cutoff_len")
     proof = "proven optimal" if result.proven_optimal else "NOT proven optimal (time limit hit)"
     lines.append(f"front: {len(result.front)} points, {proof} ({result.method}), {result.evaluated_plans} plans "
                  f"evaluated by the memory model, {result.solve_s:.1f} s; peak = device peak (nvidia-smi)")

@@ -89,3 +89,19 @@ def test_infeasible_solve_exits_1_with_the_smallest_peak(tmp_path):
     assert res.exit_code == 1
     assert res.output.startswith("Error: no plan of the search space fits ")
     assert "the smallest device peak is " in res.output and "Relax:" in res.output
+
+
+@pytest.mark.parametrize("pick", ["best-quality", "fastest", "balanced", "all"])
+def test_one_point_front_writes_a_config_for_every_pick(pick):
+    from optimizer.search.problem import DatasetSpec, DatasetSummary, Problem, SearchSpace
+
+    space = SearchSpace(finetuning_type=["lora"], lora_rank=[8], lora_target=["all"], cutoff_len=[512],
+                        per_device_train_batch_size=[1], gradient_accumulation_steps=[4], gradient_checkpointing=[True],
+                        optim=["adamw_torch_fused"], enable_liger_kernel=[False])
+    data = DatasetSpec(summary=DatasetSummary(num_samples=200, token_length_percentiles={50: 300, 100: 800}))
+    problem = Problem(name="one", model="Qwen/Qwen2.5-0.5B-Instruct", gpu="rtx-3060-12gb", dataset=data, search=space)
+    result = solve_problem(problem)
+    assert len(result.front) == 1
+    assert result.front[0].labels == ["best-quality", "fastest", "balanced"]
+    files = config_files(result, problem, "p.yaml", "out", pick, None)
+    assert sorted(files) == ["dataset_info.json", "p01_lora_r8_all_c512_b1x4.yaml"]

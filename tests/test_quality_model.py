@@ -1,4 +1,4 @@
-"""Properties of the evidence-based quality model (optimizer/quality_model.py) and its agreement with papers."""
+"""Properties of the evidence-based quality model (optimizer/search/quality.py) and its agreement with papers."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def _load(name: str, path: Path):
     return mod
 
 
-qm = _load("trainfit_quality_model", ROOT / "optimizer" / "quality_model.py")
+qm = _load("trainfit_quality_model", ROOT / "optimizer" / "search" / "quality.py")
 bench = _load("trainfit_quality_benchmark", ROOT / "benchmarks" / "quality.py")
 
 # Llama-3.1-8B dimensions (HF config.json); the dataset size is drawn.
@@ -144,3 +144,22 @@ def test_evidence_covers_each_knob_twice():
     assert len({r["id"] for r in rows}) == len(rows)
     for r in rows:
         assert r["winner"] in ("a", "b", "tie") and r["source"] and r["trace"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, targets, epochs, st.sampled_from([16, 20, 24, 32]), st.sampled_from([16, 32]))
+def test_flat_in_effective_batch_within_the_recipe_band(ctx, ft, r, tgt, ep, b1, b2):
+    """Batch 16-32 is the band the recipes use (QLoRA 16, TRL < 32): no batch term there (steps held fixed)."""
+    a = qm.quality_terms(_plan(ft, r, tgt, b1, ep, optimizer_steps=1000), ctx)
+    b = qm.quality_terms(_plan(ft, r, tgt, b2, ep, optimizer_steps=1000), ctx)
+    assert a["batch"] == b["batch"] == 0.0 and math.isclose(sum(a.values()), sum(b.values()))
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, targets, epochs, batches, batches)
+def test_lora_never_gains_from_a_batch_above_32(ctx, ft, r, tgt, ep, b1, b2):
+    """Schulman et al. 2025: LoRA pays for large batches (steps held fixed, so only the batch term moves)."""
+    lo, hi = sorted((max(32, b1), max(32, b2)))
+    q_lo = qm.quality(_plan(ft, r, tgt, lo, ep, optimizer_steps=1000), ctx)
+    q_hi = qm.quality(_plan(ft, r, tgt, hi, ep, optimizer_steps=1000), ctx)
+    assert q_hi <= q_lo

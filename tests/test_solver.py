@@ -10,9 +10,8 @@ from hypothesis import strategies as st
 
 from optimizer.errors import InfeasibleError, ProblemError
 from optimizer.memory import estimate
-from optimizer.search.brute import solve_brute
+from optimizer.search.brute import non_dominated, solve_brute
 from optimizer.search.cpsat import solve_cpsat
-from optimizer.search.pareto import non_dominated
 from optimizer.search.problem import CustomGpu, DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
 from optimizer.search.solve import solve_problem
 from optimizer.search.space import build_instance
@@ -128,3 +127,52 @@ def test_problem_errors_are_collected(tmp_path):
     assert "margn: Extra inputs are not permitted" in msg
     assert "dataset.summary.num_samples" in msg
     assert msg.endswith("Fix the problem file.")
+
+
+def _rows(*pts):
+    from optimizer.search.objectives import FrontRow
+
+    return [FrontRow(quality=q, time_s=t, supervised_tokens=tok, optimizer_steps=st) for q, t, tok, st in pts]
+
+
+def test_recommend_keeps_tokens_unless_the_saving_is_large():
+    from optimizer.search.objectives import recommend
+
+    # the faster point drops a third of the supervised tokens to save 4 minutes: not recommended, whatever the
+    # preference, and the reason says so
+    small = _rows((1.30, 540, 1000, 100), (1.29, 300, 650, 100))
+    for prefer in ("quality", "balanced", "speed"):
+        rec = recommend(small, prefer=prefer)
+        assert rec.index == 0, prefer
+    assert "saves only 4 min and keeps 65% of the supervised tokens" in recommend(small).reason
+    # the same loss for an hour and a half saved: the speed preference may take it; balanced (score 0.05 lower,
+    # beyond the score's resolution) does not
+    big = _rows((1.30, 9000, 1000, 100), (1.25, 3600, 650, 100))
+    assert recommend(big, prefer="speed").index == 1
+    assert recommend(big, prefer="balanced").index == 0
+    # balanced: the fastest point within TIE_TOL that keeps the tokens
+    tie = _rows((1.30, 900, 1000, 100), (1.29, 700, 990, 100), (1.10, 100, 990, 100))
+    assert recommend(tie).index == 1
+
+
+def test_recommend_respects_the_time_budget():
+    from optimizer.search.objectives import recommend
+
+    rows = _rows((1.30, 7200, 1000, 100), (1.28, 3000, 1000, 100), (1.0, 600, 500, 50))
+    assert recommend(rows, max_s=3600, prefer="quality").index == 1
+    over = recommend(rows, max_s=300)
+    assert over.index == 2 and "no front point fits the time budget" in over.reason
+
+
+def test_reference_recommendation_keeps_the_supervised_tokens():
+    """Issue 12's acceptance: the reference problem's recommendation keeps >= 90% of supervised tokens (it has
+    a 1 h budget that every point meets) and says why, including why this accumulation."""
+    problem, base = load_problem("problems/qwen2.5-3b-rtx5060ti-16gb.yaml")
+    res = solve_problem(problem, base)
+    rec = res.front[res.recommended]
+    assert rec.kept_token_share >= 0.9
+    assert "balanced" in rec.labels and res.why.startswith("balanced: ")
+    assert f"Accumulation {rec.gradient_accumulation_steps}: effective batch" in res.why
+    assert res.data_lengths == sorted(res.data_lengths) and len(res.data_lengths) == res.num_samples
+    assert list(res.cutoff_coverage) == sorted(problem.search.cutoff_len)
+    assert all(0 < v <= 1 for v in res.cutoff_coverage.values())

@@ -12,7 +12,7 @@ from ..io import write_text_atomic
 from ..search.problem import Problem
 from ..search.solve import Solution, SolveResult
 from ..units import GIB
-from .write import dataset_info_entry, render_config, template_for, warmup_steps_for
+from .write import dataset_info_entry, format_float, render_config, template_for
 
 __all__ = ["config_files", "write_configs", "picked"]
 
@@ -59,7 +59,6 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
     # A model read from a folder's config.json is loaded by LLaMA-Factory from the folder (and named by it).
     model_ref = os.path.dirname(result.model) if os.path.basename(result.model) == "config.json" else result.model
     template = template_for(model_ref, _model_type(result))
-    epochs = problem.objective.num_train_epochs
     for i in picked(result, pick):
         s = result.front[i]
         stem = _stem(i, s)
@@ -70,17 +69,26 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
             f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): device {s.device_peak_bytes / GIB:.2f} GiB "
             f"(allocated {s.peak_allocated_bytes / GIB:.2f} GiB), headroom {s.headroom_bytes / GIB:.2f} GiB "
             f"({100 * s.headroom_bytes / result.gpu_total_bytes:.0f}%)",
-            f"estimated training time: {_dur(s.time_s)} for {epochs:g} epochs ({_dur(s.epoch_s)} per epoch); quality score {s.quality:.4f}",
+            f"estimated training time: {_dur(s.time_s)} for {s.num_train_epochs:g} epochs ({_dur(s.epoch_s)} per epoch); "
+            f"quality score {s.quality:.4f}; keeps {s.kept_token_share:.0%} of the supervised tokens",
             f"run (in the folder trainfit solve ran in): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
             f"regenerate: trainfit solve {problem_path}",
         ]
         if not data_file:
             header.append(f"data: put your {ds.formatting} file at {out_dir.rstrip('/')}/{file_name}")
-        n = min(result.num_samples, s.max_samples or result.num_samples)
-        extra = {"warmup_steps": warmup_steps_for(n, s.plan, epochs)}
+        if i == result.recommended:
+            header.append(f"recommended: {result.why}")
+        header.append("hyperparameters (recipe values, search/quality.py recommended_hparams):")
+        for key, value in s.hparams.items():
+            shown = format_float(value) if isinstance(value, float) else str(value).lower()
+            header.append(f"  {key}: {shown} - {s.hparam_sources[key]}")
+        extra: dict = {"warmup_steps": s.hparams["warmup_steps"]}
+        if s.hparams.get("use_rslora"):
+            extra["use_rslora"] = True
         files[f"{stem}.yaml"] = render_config(
             s.plan, model_name_or_path=model_ref, template=template, dataset=ds.name, dataset_dir=out_dir.rstrip("/"),
-            output_dir=f"saves/{result.problem}/{stem}", header=header, num_train_epochs=epochs, extra=extra,
+            output_dir=f"saves/{result.problem}/{stem}", header=header, learning_rate=s.hparams["learning_rate"],
+            num_train_epochs=s.num_train_epochs, extra=extra,
         )
     return files
 

@@ -32,6 +32,7 @@ import yaml
 
 from ..errors import ConfigError
 from ..schema import Plan
+from ..search.objectives import optimizer_steps
 from .read import accepted_keys, plan_from_dict
 
 __all__ = [
@@ -263,8 +264,7 @@ def warmup_steps_for(num_samples: int, plan: Plan, num_train_epochs: float | Non
         raise ConfigError(f"num_samples {num_samples} must be positive. Count the training samples.")
     n = min(num_samples, plan.max_samples) if plan.max_samples else num_samples
     epochs = plan.num_train_epochs if num_train_epochs is None else num_train_epochs
-    micro = math.ceil(n / plan.per_device_train_batch_size)
-    steps = math.ceil(epochs * math.ceil(micro / plan.gradient_accumulation_steps))
+    steps = optimizer_steps(epochs, n, plan.per_device_train_batch_size, plan.gradient_accumulation_steps)
     return math.ceil(steps * ratio)
 
 

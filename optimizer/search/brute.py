@@ -1,13 +1,18 @@
-"""Exhaustive oracle: every point of the instance, the same integer tables as the CP-SAT model."""
+"""Exhaustive oracle (`--solver brute`): every point of the instance, through the same `objectives` as CP-SAT,
+and Pareto dominance for two objectives: quality (maximize) and time (minimize)."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterable
+from typing import TypeVar
 
-from .pareto import non_dominated
+from .objectives import point_objectives
 from .space import Instance
 
-__all__ = ["all_points", "solve_brute"]
+__all__ = ["all_points", "solve_brute", "non_dominated"]
+
+P = TypeVar("P")
 
 
 def point_key(inst: Instance, combo_pos: int, accum: int, samples) -> tuple:
@@ -15,21 +20,32 @@ def point_key(inst: Instance, combo_pos: int, accum: int, samples) -> tuple:
     return inst.combos[combo_pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples))
 
 
-def evaluate_point(inst: Instance, combo_pos: int, accum: int, samples) -> tuple[int, int]:
-    c = inst.combos[combo_pos]
-    b = c.knobs[4]
-    n = inst.samples_used[samples]
-    q = c.quality + inst.samples_quality[samples] - inst.batch_penalty[(b, accum)]
-    return q, inst.time_units(n, b, accum, c)
-
-
 def all_points(inst: Instance):
     d = inst.domains
     for pos, accum, samples in itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"]):
-        q, t = evaluate_point(inst, pos, accum, samples)
+        q, t = point_objectives(inst, inst.combos[pos], accum, samples)
         yield q, t, point_key(inst, pos, accum, samples), (pos, accum, samples)
 
 
 def solve_brute(inst: Instance):
     """The Pareto front as [(quality, time_ms, key, (combo position, accumulation, max_samples))]."""
     return non_dominated(all_points(inst))
+
+
+def non_dominated(points: Iterable[tuple[int, int, tuple, P]]) -> list[tuple[int, int, tuple, P]]:
+    """Points (quality, time, key, payload) not weakly dominated by another objective vector. Among points
+    with equal (quality, time) the one with the smallest key stays (the documented tie-break). The result is
+    sorted by quality descending (time descending with it)."""
+    best: dict[tuple[int, int], tuple[int, int, tuple, P]] = {}
+    for p in points:
+        k = (p[0], p[1])
+        if k not in best or p[2] < best[k][2]:
+            best[k] = p
+    ordered = sorted(best.values(), key=lambda p: (-p[0], p[1]))
+    front = []
+    best_time = None
+    for p in ordered:  # quality descending; a point survives if it is strictly faster than every better one
+        if best_time is None or p[1] < best_time:
+            front.append(p)
+            best_time = p[1]
+    return front

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ortools.sat.python import cp_model
 
+from .objectives import MEM_KNOBS, point_objectives
 from .space import Instance
 
 __all__ = ["solve_cpsat", "SolveStats"]
@@ -27,9 +28,7 @@ class SolveStats:
 
 def _radix(inst: Instance) -> tuple[list[int], int, int]:
     d = inst.domains
-    sizes = [len(d[k]) for k in ("finetuning_type", "lora_rank", "lora_target", "cutoff_len",
-                                 "per_device_train_batch_size", "gradient_checkpointing", "flash_attn", "optim",
-                                 "enable_liger_kernel")]
+    sizes = [len(d[k]) for k in MEM_KNOBS]
     return sizes, len(d["gradient_accumulation_steps"]), len(d["max_samples"])
 
 
@@ -41,12 +40,12 @@ def _key_int(index: tuple[int, ...], sizes: list[int]) -> int:
 
 
 def _groups(inst: Instance) -> list[tuple[int, int]]:
-    """Combos that are identical for both objectives (quality, micro-batch time, optimizer time, batch size)
+    """Combos that are identical for both objectives at every (accumulation, max_samples) (Candidate.signature)
     collapse to the one with the smallest key: it is the one the tie-break would pick. (position, key int)"""
     sizes, _, _ = _radix(inst)
     best: dict[tuple, tuple[int, int]] = {}
     for pos, c in enumerate(inst.combos):
-        sig = (c.quality, c.micro_ms, c.opt_ms, c.knobs[4])
+        sig = c.signature()
         k = _key_int(c.index, sizes)
         if sig not in best or k < best[sig][1]:
             best[sig] = (pos, k)
@@ -66,14 +65,13 @@ def _build(inst: Instance):
     q_coef, t_coef, k_coef = [], [], []
     for gi, (pos, gk) in enumerate(groups):
         c = inst.combos[pos]
-        b = c.knobs[4]
         for ai, a in enumerate(accums):
             for ni, n in enumerate(samples):
                 var = m.new_bool_var(f"x{gi}_{ai}_{ni}")
                 x[gi, a, n] = var
-                used = inst.samples_used[n]
-                q_coef.append(c.quality + inst.samples_quality[n] - inst.batch_penalty[(b, a)])
-                t_coef.append(inst.time_units(used, b, a, c))
+                q, t = point_objectives(inst, c, a, n)
+                q_coef.append(q)
+                t_coef.append(t)
                 k_coef.append(gk * (na * ns) + ai * ns + ni)
     xs = list(x.values())
     m.add_exactly_one(xs)

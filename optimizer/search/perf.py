@@ -1,7 +1,7 @@
 """Throughput and training-time model. PURE.
 
 t_micro = flops_per_token * tokens / (peak_flops * mfu(tokens)) + dequant_s     (per micro-batch)
-time    = epochs * ceil(samples / b) * t_micro + optimizer_steps * t_optimizer
+time    = micro_batches * t_micro + optimizer_steps * t_optimizer   (counted in search/objectives.py)
 
 - FLOPs per token (Kaplan et al. 2020 6N convention, split by pass): with N the matmul parameters (decoder
   Linear layers + lm_head), A = 4 * (s/2) * (heads*head_dim) * L the causal attention FLOPs of a forward
@@ -29,8 +29,7 @@ from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec
 from ..units import round_up
 
-__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples",
-           "training_seconds"]
+__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples"]
 
 # Fitted by benchmarks/throughput.py --fit (least squares of relative error): datacenter cards on the Qwen-7B
 # A100 rows; GeForce cards on the one published consumer point with a known setup (Qwen2.5-1.5B LoRA on an
@@ -141,13 +140,3 @@ def _expected_from_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int
 def optimizer_step_seconds(trainable_params: int, gpu: GpuSpec) -> float:
     """One optimizer step: fused AdamW streams ADAMW_BYTES_PER_PARAM per trainable parameter through memory."""
     return ADAMW_BYTES_PER_PARAM * trainable_params / (gpu.bandwidth_gbps * 1e9)
-
-
-def training_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: bool, batch: int, seq_len: int,
-                     lora_params: int, trainable_params: int, samples: int, epochs: float, accumulation: int) -> float:
-    micro = math.ceil(samples / batch)
-    steps = math.ceil(micro / accumulation)
-    t_micro = micro_batch_seconds(arch, gpu, finetuning_type=finetuning_type, gc=gc, batch=batch, seq_len=seq_len,
-                                  lora_params=lora_params)
-    t_opt = optimizer_step_seconds(trainable_params, gpu)
-    return epochs * (micro * t_micro + steps * t_opt)

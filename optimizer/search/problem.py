@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ..errors import ProblemError
 from ..io import read_mapping
 from ..memory import DEFAULT_MARGIN
-from .quality import QualityWeights
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
 
@@ -107,8 +106,14 @@ class SearchSpace(BaseModel):
 
 class Objective(BaseModel):
     model_config = _STRICT
-    quality_weights: QualityWeights = Field(default_factory=QualityWeights, description="Weights of the quality score's terms.")
-    num_train_epochs: float = Field(default=3.0, gt=0, description="Epochs (for the training-time objective).")
+    num_train_epochs: float | None = Field(default=None, gt=0, description="Epochs (time objective and configs); "
+                                           "null: the recipe for the data size (search/quality.py recipe_epochs).")
+    max_hours: float | None = Field(default=None, gt=0, description="Time budget: the recommendation trains within "
+                                    "it when any front point does.")
+    prefer: Literal["quality", "balanced", "speed"] = Field(
+        default="balanced", description="Which front point to recommend: the best score (quality), the fastest point "
+        "within the score's resolution of it (balanced), or the fastest defensible point (speed); see "
+        "search/objectives.py recommend.")
 
 
 class Problem(BaseModel):

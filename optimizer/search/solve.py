@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -12,11 +13,13 @@ from ..errors import InfeasibleError
 from ..memory import estimate
 from ..schema import Plan
 from ..units import GIB
+from . import quality as qm
 from .brute import solve_brute
 from .cpsat import SolveStats, solve_cpsat
+from .objectives import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, FrontRow, point_plan, recommend
 from .perf import time_band
 from .problem import Problem
-from .space import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, Instance, build_instance, plan_for
+from .space import Instance, build_instance, hparams_for, plan_fields, plan_for
 
 __all__ = ["Solution", "SolveResult", "solve_problem", "PICKS"]
 
@@ -42,9 +45,17 @@ class Solution(BaseModel):
     peak_allocated_bytes: int = Field(description="Predicted max_memory_allocated.")
     device_peak_bytes: int = Field(description="Predicted nvidia-smi peak.")
     headroom_bytes: int = Field(description="GPU total minus the device peak.")
-    quality: float = Field(description="The quality score (0-1, higher is better).")
+    quality: float = Field(description="The quality score (search/quality.py; higher is better, differences below "
+                           "its TIE_TOL are no difference).")
+    quality_terms: dict[str, float] = Field(description="The score's terms by name (they add up to `quality`).")
     time_s: float = Field(description="Estimated training time for all epochs, seconds.")
     epoch_s: float = Field(description="Estimated time of one epoch, seconds.")
+    num_train_epochs: float = Field(description="Epochs (the problem's, or the recipe's for the data size).")
+    optimizer_steps: int = Field(description="Optimizer steps of the whole run (transformers' count).")
+    kept_token_share: float = Field(description="Share of the supervised (response) tokens kept at cutoff_len.")
+    supervised_tokens: int = Field(description="Supervised tokens trained on per epoch (samples used x kept share).")
+    hparams: dict[str, float | int | bool] = Field(description="Recipe hyperparameters the emitted config carries.")
+    hparam_sources: dict[str, str] = Field(description="Where each value of `hparams` comes from.")
     labels: list[str] = Field(default_factory=list, description="best-quality, fastest, balanced.")
 
 
@@ -59,22 +70,19 @@ class SolveResult(BaseModel):
     method: Literal["cpsat", "brute"]
     proven_optimal: bool
     front: list[Solution]
-    recommended: int = Field(description="Index of the recommended (balanced) point in `front`.")
-    why: str
+    recommended: int = Field(description="Index of the recommended point in `front` (objective.prefer).")
+    why: str = Field(description="Why the recommended point: the rule and what it gives up (objectives.recommend).")
+    num_train_epochs: float = Field(description="Epochs of every front point.")
+    epochs_source: str = Field(description="Where num_train_epochs comes from.")
+    max_hours: float | None = Field(description="The time budget of the problem, if any.")
+    prefer: str = Field(description="The problem's preference: quality, balanced or speed.")
+    data_lengths: list[int] | None = Field(description="Measured tokens per sample (prompt + response), sorted; None "
+                                           "when the problem gives a summary instead of a data file.")
+    cutoff_coverage: dict[int, float] = Field(description="cutoff_len -> share of supervised (response) tokens kept.")
     evaluated_plans: int
     num_samples: int = Field(description="Training samples of the data (given or measured).")
     solve_s: float
     notes: list[str]
-
-
-def _balanced(front: list[tuple[int, int]]) -> int:
-    """The knee: maximize (Q - Qmin)/(Qmax - Qmin) - (T - Tmin)/(Tmax - Tmin); ties -> higher quality."""
-    qs = [q for q, _ in front]
-    ts = [t for _, t in front]
-    qr = (max(qs) - min(qs)) or 1
-    tr = (max(ts) - min(ts)) or 1
-    scores = [((q - min(qs)) / qr - (t - min(ts)) / tr, q) for q, t in front]
-    return max(range(len(front)), key=lambda i: scores[i])
 
 
 def _infeasible(inst: Instance) -> InfeasibleError:
@@ -99,31 +107,71 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
     if not raw:
         raise _infeasible(inst)
     front: list[Solution] = []
+    rows: list[FrontRow] = []
+    total_tokens = inst.context["supervised_tokens_total"]
     for q, t, _key, (pos, accum, samples) in raw:
         c = inst.combos[pos]
-        knobs = dict(zip(MEM_KNOBS, c.knobs))
-        knobs["gradient_accumulation_steps"] = accum
-        knobs["max_samples"] = samples
-        plan = plan_for(inst.arch, inst.gpu, knobs)
+        knobs = {**c.knobs(), "gradient_accumulation_steps": accum, "max_samples": samples}
+        ft = c.finetuning_type
+        point = point_plan(inst, c, accum, samples)
+        steps = point["optimizer_steps"]
+        h = hparams_for(inst, ft, c.lora_rank, steps)
+        src = h.pop("sources")
+        hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": inst.epochs,
+              "warmup_steps": math.ceil(steps * h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
+        hsrc = {"learning_rate": src["learning_rate"], "num_train_epochs": inst.epochs_source,
+                "warmup_steps": f"ceil({h['warmup_ratio']} x {steps} optimizer steps); " + src["warmup_ratio"],
+                "max_grad_norm": src["max_grad_norm"]}
+        if ft != "full":
+            for k in ("lora_alpha", "use_rslora", "lora_dropout"):
+                hp[k], hsrc[k] = h[k], src[k]
+        plan = plan_for(inst.arch, inst.gpu, knobs, plan_fields(inst, ft, c.lora_rank))
         est = estimate(inst.arch, plan)
         if est.device_peak_bytes > inst.budget_bytes:  # re-validation against the memory model
             raise AssertionError(f"solver returned an infeasible plan: {knobs}")  # pragma: no cover
+        n = inst.samples_used[samples]
+        tokens = round(total_tokens * n / inst.summary.num_samples * point["kept_token_share"])
+        time_s = t * TIME_UNIT_MS / 1000
+        terms = {k: round(v, 4) for k, v in qm.quality_terms(point, inst.context).items()}
         front.append(Solution(
             **knobs, plan=plan, peak_allocated_bytes=est.peak_allocated_bytes, device_peak_bytes=est.device_peak_bytes,
-            headroom_bytes=inst.gpu.memory_bytes - est.device_peak_bytes, quality=q / QUALITY_SCALE, time_s=t * TIME_UNIT_MS / 1000,
-            epoch_s=round(t * TIME_UNIT_MS / 1000 / problem.objective.num_train_epochs, 1),
+            headroom_bytes=inst.gpu.memory_bytes - est.device_peak_bytes, quality=q / QUALITY_SCALE,
+            quality_terms=terms, time_s=time_s, epoch_s=round(time_s / inst.epochs, 1), num_train_epochs=inst.epochs,
+            optimizer_steps=steps, kept_token_share=round(point["kept_token_share"], 4), supervised_tokens=tokens,
+            hparams=hp, hparam_sources=hsrc,
         ))
-    rec = _balanced([(q, t) for q, t, _, _ in raw])
-    labels = {0: ["best-quality"], len(front) - 1: ["fastest"]}
-    labels.setdefault(rec, []).append("balanced")
-    if rec in (0, len(front) - 1) and len(labels[rec]) == 1:
-        labels[rec] = ["balanced"]
+        rows.append(FrontRow(quality=q / QUALITY_SCALE, time_s=time_s, supervised_tokens=tokens, optimizer_steps=steps))
+    obj = problem.objective
+    rec = recommend(rows, max_s=obj.max_hours * 3600 if obj.max_hours else None, prefer=obj.prefer)
+    labels: dict[int, list[str]] = {}
+    for i, label in ((0, "best-quality"), (len(front) - 1, "fastest"), (rec.balanced, "balanced")):
+        labels.setdefault(i, []).append(label)  # a one-point front carries all three
     front = [s.model_copy(update={"labels": labels.get(i, [])}) for i, s in enumerate(front)]
-    why = ("balanced: the front point with the largest normalized quality gain minus normalized time cost "
-           "(the knee of the quality/time front)")
+    r = front[rec.index]
+    ebs = r.per_device_train_batch_size * r.gradient_accumulation_steps
+    why = f"{rec.reason}. {_accumulation_reason(r, ebs)}"
     return SolveResult(
         problem=problem.name, model=inst.arch.name, gpu=inst.gpu.id, gpu_total_bytes=inst.gpu.memory_bytes,
         budget_bytes=inst.budget_bytes, margin=problem.margin, method=method, proven_optimal=stats.proven,
-        front=front, recommended=rec, why=why, evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
+        front=front, recommended=rec.index, why=why, num_train_epochs=inst.epochs, epochs_source=inst.epochs_source,
+        max_hours=obj.max_hours, prefer=obj.prefer, data_lengths=list(inst.lengths) if inst.lengths else None,
+        cutoff_coverage={c: round(v, 4) for c, v in sorted(inst.coverage.items())},
+        evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
         solve_s=round(time.perf_counter() - t0, 3), notes=inst.notes + [time_band(inst.gpu)],
     )
+
+
+def _accumulation_reason(s: Solution, ebs: int) -> str:
+    """Why this accumulation: the effective batch and step count against the quality model's evidence."""
+    head = (f"Accumulation {s.gradient_accumulation_steps}: effective batch {s.per_device_train_batch_size} x "
+            f"{s.gradient_accumulation_steps} = {ebs}, {s.optimizer_steps} optimizer steps")
+    if ebs > qm.BATCH_OK:
+        return head + f" (above {qm.BATCH_OK}: the large-batch penalty is paid for speed)"
+    band = f"{qm.BATCH_LOW}-{qm.BATCH_OK}"
+    if ebs < qm.BATCH_LOW:
+        return head + (f" (below the recipes' {band}: a larger one would leave fewer than {qm.MIN_STEPS} steps "
+                       "or cost time; the score counts both)")
+    if s.optimizer_steps < qm.MIN_STEPS:
+        return head + f" (fewer than {qm.MIN_STEPS}; the small data allows no more in the {band} band)"
+    return head + (f": in the {band} band the recipes use (QLoRA 16; TRL's LoRA guide < 32, Schulman et al. "
+                   f"2025) with >= {qm.MIN_STEPS} optimizer steps")

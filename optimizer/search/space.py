@@ -1,8 +1,8 @@
 """Problem + catalog -> an instance: finite sorted domains and the integer tables both solvers use.
 
-Every memory number comes from `memory.estimate` (the single source of truth); quality from `quality`,
-time from `perf`. Floats become integers once, here, rounded conservatively (memory up, quality to the
-nearest 1e-4, time up to the millisecond), so CP-SAT and brute force see identical numbers.
+Every memory number comes from `memory.estimate` (the single source of truth); the objectives from
+`objectives` (quality, time, optimizer steps). Floats become integers once, rounded conservatively (memory up,
+quality to the nearest 1e-4, time up to the millisecond), so CP-SAT and brute force see identical numbers.
 """
 
 from __future__ import annotations
@@ -17,28 +17,18 @@ from ..memory import budget_bytes, count_params, estimate
 from ..models import catalog
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec, Plan
-from .perf import expected_padded_len, expected_padded_len_samples, micro_batch_seconds, optimizer_step_seconds
+from . import quality as qm
+from .objectives import MEM_KNOBS, Candidate
+from .perf import (
+    _quantile,
+    expected_padded_len,
+    expected_padded_len_samples,
+    micro_batch_seconds,
+    optimizer_step_seconds,
+)
 from .problem import CustomGpu, DatasetSummary, Problem
-from .quality import QUANT_PENALTY, RANK_MAX, TARGET_SCORE, coverage
 
-__all__ = ["Instance", "MemCombo", "build_instance", "plan_for", "QUALITY_SCALE"]
-
-QUALITY_SCALE = 10_000
-TIME_UNIT_MS = 1000
-MEM_KNOBS = ("finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
-             "gradient_checkpointing", "flash_attn", "optim", "enable_liger_kernel")
-
-
-@dataclass(frozen=True)
-class MemCombo:
-    """One feasible setting of the memory-relevant knobs, with everything the objectives need from it."""
-
-    knobs: tuple  # values in MEM_KNOBS order
-    index: tuple[int, ...]  # positions in the instance's domains (tie-break key)
-    quality: int  # scaled target + rank + cutoff - quant terms
-    micro_ms: int  # one micro-batch, ms (ceil)
-    opt_ms: int  # one optimizer step, ms (ceil)
-
+__all__ = ["Instance", "build_instance", "plan_for"]
 
 
 @dataclass
@@ -48,27 +38,18 @@ class Instance:
     gpu: GpuSpec
     budget_bytes: int
     domains: dict[str, list]
-    combos: list[MemCombo]
-    samples_quality: dict[int | None, int]  # scaled samples term per max_samples value
-    samples_used: dict[int | None, int]
-    batch_penalty: dict[tuple[int, int], int]  # (batch, accumulation) -> scaled penalty
+    combos: list[Candidate]
+    samples_used: dict[int | None, int]  # max_samples value -> samples trained on
+    epochs: float = 3.0  # the problem's num_train_epochs, or the recipe's for the data size
+    epochs_source: str = "the problem file"
+    context: dict = field(default_factory=dict)  # what quality.quality needs of the model and the data
+    coverage: dict[int, float] = field(default_factory=dict)  # cutoff_len -> share of supervised tokens kept
+    quality_cache: dict[tuple, int] = field(default_factory=dict)
     summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
     lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
     evaluated: int = 0
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
-
-    def micro_batches(self, n: int, batch: int) -> int:
-        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(n / batch))
-
-    def optimizer_steps(self, n: int, batch: int, accum: int) -> int:
-        return math.ceil(self.problem.objective.num_train_epochs * math.ceil(math.ceil(n / batch) / accum))
-
-    def time_units(self, n: int, batch: int, accum: int, c: MemCombo) -> int:
-        """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie
-        and the tie-break decides."""
-        ms = self.micro_batches(n, batch) * c.micro_ms + self.optimizer_steps(n, batch, accum) * c.opt_ms
-        return -(-ms // TIME_UNIT_MS)
 
 
 def resolve_gpu(problem: Problem) -> GpuSpec:
@@ -96,11 +77,34 @@ def _target_names(arch: Arch, target: str) -> str:
     return ",".join(m.name for m in layer_linears(arch) if m.group == ("attn" if target == "attention" else "mlp"))
 
 
-def plan_for(arch: Arch, gpu: GpuSpec, knobs: dict) -> Plan:
-    """The LLaMA-Factory plan of one point of the search space."""
+def model_family(arch: Arch) -> str:
+    """The family quality.recommended_hparams knows (its learning-rate exponent): qwen or llama (the default)."""
+    return "qwen" if arch.model_type.startswith("qwen") else "llama"
+
+
+def hparams_for(inst: Instance, finetuning_type: str, lora_rank: int | None,
+                optimizer_steps: float | None = None) -> dict:
+    """quality.recommended_hparams for a plan of this instance (values and `sources`)."""
+    ctx = inst.context
+    return qm.recommended_hparams(finetuning_type, ctx["model_params"], ctx["model_family"], lora_rank or 8,
+                                  ctx["samples_total"], hidden_size=ctx["hidden_size"],
+                                  optimizer_steps=optimizer_steps)
+
+
+def plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> dict:
+    """The Plan fields the recipe sets (lora_dropout has a memory effect, so the search plans with it)."""
+    h = hparams_for(inst, finetuning_type, lora_rank)
+    out = {"max_grad_norm": h["max_grad_norm"], "num_train_epochs": inst.epochs}
+    if finetuning_type != "full":
+        out.update(lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"])
+    return out
+
+
+def plan_for(arch: Arch, gpu: GpuSpec, knobs: dict, fields: dict | None = None) -> Plan:
+    """The LLaMA-Factory plan of one point of the search space (`fields`: recipe values, see plan_fields)."""
     ft = knobs["finetuning_type"]
     full = ft == "full"
-    return Plan(
+    return Plan(**(fields or {}),
         finetuning_type="full" if full else "lora",
         quantization_bit={"qlora4": 4, "qlora8": 8}.get(ft),
         lora_rank=knobs.get("lora_rank") or 8,
@@ -157,8 +161,7 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     gpu = resolve_gpu(problem)
     domains, notes = _domains(problem, arch, gpu)
     budget = budget_bytes(gpu.memory_bytes, problem.margin)
-    w = problem.objective.quality_weights
-    inst = Instance(problem, arch, gpu, budget, domains, [], {}, {}, {}, notes=notes)
+    inst = Instance(problem, arch, gpu, budget, domains, [], {}, notes=notes)
     measured = None
     if problem.dataset.file:
         from ..data.dataset import analyze_dataset
@@ -187,16 +190,24 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     ds = inst.summary
     if measured is not None:
         cov = {c: measured.coverage(c).response_kept_share for c in domains["cutoff_len"]}
+        supervised = float(sum(sm.response for sm in measured.samples))
     else:
-        cov = {c: coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
+        cov = {c: qm.coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
+        mean_len = sum(_quantile(ds.token_length_percentiles, (i + 0.5) / 200) for i in range(200)) / 200
+        supervised = ds.num_samples * ds.response_token_share * mean_len
+    inst.coverage = cov
+    inst.context = {
+        "model_params": count_params(arch, Plan(finetuning_type="full"))[1], "num_layers": arch.num_hidden_layers,
+        "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
+        "kv_size": arch.num_key_value_heads * arch.head_dim, "samples_total": ds.num_samples,
+        "supervised_tokens_total": supervised, "model_family": model_family(arch),
+    }
+    if problem.objective.num_train_epochs is not None:
+        inst.epochs = problem.objective.num_train_epochs
+    else:
+        inst.epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
     for n in domains["max_samples"]:
-        used = ds.num_samples if n is None else min(n, ds.num_samples)
-        inst.samples_used[n] = used
-        inst.samples_quality[n] = round(QUALITY_SCALE * w.samples * math.log1p(used) / math.log1p(ds.num_samples))
-    for b, a in itertools.product(domains["per_device_train_batch_size"], domains["gradient_accumulation_steps"]):
-        ebs = b * a
-        pen = 0.0 if ebs <= 32 else min(1.0, math.log2(ebs / 32) / 2)
-        inst.batch_penalty[(b, a)] = round(QUALITY_SCALE * w.batch * pen)
+        inst.samples_used[n] = ds.num_samples if n is None else min(n, ds.num_samples)
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
              "enable_liger_kernel"]
@@ -211,12 +222,12 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
             seen_full.add(key)
             knobs["lora_rank"] = None
             knobs["lora_target"] = None
-        _staircase(inst, knobs, cutoffs, batches, cov)
+        _staircase(inst, knobs, cutoffs, batches)
     inst.combos.sort(key=lambda c: c.index)
     return inst
 
 
-def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int], cov: dict[int, float]) -> None:
+def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int]) -> None:
     """Feasible (cutoff, batch) pairs for fixed other knobs. The peak is monotone in both (property-tested in
     tests/test_memory.py), so the feasible set is a staircase: walk it with |C| + |B| estimates."""
     j = len(batches) - 1
@@ -229,7 +240,7 @@ def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[in
         if j < 0:
             break
         for jj in range(j + 1):
-            _add_combo(inst, knobs, cutoffs[i], batches[jj], cov)
+            _add_combo(inst, knobs, cutoffs[i], batches[jj])
 
 
 def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
@@ -237,7 +248,8 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
     # which bounds the others (conservative for accumulation 1 until the model makes accumulation a memory knob)
     accum = max(inst.domains["gradient_accumulation_steps"])
     plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch,
-                                          "gradient_accumulation_steps": accum})
+                                          "gradient_accumulation_steps": accum},
+                    plan_fields(inst, knobs["finetuning_type"], knobs["lora_rank"]))
     est = estimate(inst.arch, plan)
     inst.evaluated += 1
     if inst.min_peak is None or est.device_peak_bytes < inst.min_peak[0]:
@@ -246,16 +258,12 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
     return est
 
 
-def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[int, float]) -> None:
+def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int) -> None:
     full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
-    plan = plan_for(inst.arch, inst.gpu, full)
-    ds = inst.summary
-    w = inst.problem.objective.quality_weights
     ft = knobs["finetuning_type"]
+    plan = plan_for(inst.arch, inst.gpu, full, plan_fields(inst, ft, knobs["lora_rank"]))
+    ds = inst.summary
     is_full = ft == "full"
-    t = 1.0 if is_full else TARGET_SCORE[knobs["lora_target"]]
-    r = 1.0 if is_full else min(1.0, math.log2(knobs["lora_rank"]) / math.log2(RANK_MAX))
-    q = round(QUALITY_SCALE * (w.target * t + w.rank * r + w.cutoff * cov[cutoff] - w.quant * QUANT_PENALTY[ft]))
     trainable, _ = count_params(inst.arch, plan)
     if inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
@@ -267,7 +275,7 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, cov: dict[i
     index = tuple(
         0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
     )
-    inst.combos.append(MemCombo(
-        knobs=tuple(full[k] for k in MEM_KNOBS), index=index, quality=q, micro_ms=math.ceil(micro_s * 1000),
+    inst.combos.append(Candidate(
+        **{k: full[k] for k in MEM_KNOBS}, index=index, micro_ms=math.ceil(micro_s * 1000),
         opt_ms=math.ceil(opt_s * 1000),
     ))
