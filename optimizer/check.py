@@ -36,6 +36,7 @@ from .memory import (
     large_blocks_at,
     lora_targets,
 )
+from .models.families import family_of
 from .schema import Arch, Estimate, GpuSpec, Moment, PhasePeak, Plan
 from .units import MIB, round_up
 
@@ -64,7 +65,6 @@ NO_EFFECT_KEYS = {
 
 FIX_COSTS = {"liger": 1, "gc": 1, "optim8": 2, "batch_halving": 2, "quant8to4": 3, "quant16to4": 4,
              "rank_halving": 3, "cutoff": {0.75: 4, 0.5: 6, 0.25: 8}, "target_mlp": 6, "target_attention": 8}
-LIGER_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3")
 
 
 class Pitfall(BaseModel):
@@ -263,7 +263,7 @@ def fix_options(data: dict[str, Any], plan: Plan, arch: Arch, budget: int, evalu
     """The fitting combinations of the cheap changes (see the module docstring for the costs)."""
     opts: dict[str, list[tuple[Any, int]]] = {}
     opts["enable_liger_kernel"] = [(plan.enable_liger_kernel, 0)] + (
-        [(True, FIX_COSTS["liger"])] if not plan.enable_liger_kernel and arch.model_type in LIGER_TYPES else [])
+        [(True, FIX_COSTS["liger"])] if not plan.enable_liger_kernel and family_of(arch.model_type).liger else [])
     opts["disable_gradient_checkpointing"] = [(plan.disable_gradient_checkpointing, 0)] + (
         [(False, FIX_COSTS["gc"])] if plan.disable_gradient_checkpointing else [])
     opts["optim"] = [(plan.optim, 0)] + ([("adamw_8bit", FIX_COSTS["optim8"])] if plan.optim in ("adamw_torch", "adamw_torch_fused") else [])

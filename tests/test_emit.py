@@ -20,16 +20,15 @@ from optimizer.errors import ConfigError, TrainfitError
 from optimizer.io import write_text_atomic
 from optimizer.llamafactory.read import accepted_keys, plan_from_dict
 from optimizer.llamafactory.write import (
-    CATALOG_TEMPLATES,
     SECTIONS,
-    _template_by_rules,
     dataset_info_entry,
     format_float,
     render_config,
-    template_for,
     warmup_steps_for,
 )
 from optimizer.models.catalog import model_configs
+from optimizer.models.families import CATALOG_TEMPLATES, template_for
+from optimizer.models.families import template_by_rules as _template_by_rules
 from optimizer.schema import Plan
 
 # --------------------------------------------------------------------------------------------------------------

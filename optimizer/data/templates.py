@@ -23,7 +23,7 @@ Tool definitions (``tools``) and tool-call turns are rendered approximately (the
 template's tool slots with a short preamble), not with LLaMA-Factory's exact tool prompts.
 
 Template names are LLaMA-Factory's. :func:`template_for_model` maps a model id / ``model_type`` to one, through
-the same table the config emitter uses (``optimizer.emit.template_for``), with :data:`FALLBACK` for unknown
+the same table the config emitter uses (``optimizer.models.families.template_for``), with :data:`FALLBACK` for unknown
 models.
 """
 
@@ -315,11 +315,8 @@ def template_for_model(model_id: str, model_type: str | None = None) -> str:
     """LLaMA-Factory template name for a model id (catalog id, hub id or local folder named after it), using the
     emitter's table and rules; :data:`FALLBACK` when nothing matches."""
     from ..errors import TrainfitError
+    from ..models.families import template_for
 
-    try:
-        from ..llamafactory.write import template_for
-    except Exception:  # pragma: no cover - the emitter is part of the package; stay usable without it
-        template_for = None
     mtype = model_type
     model_id, local_type = _local_model(model_id)
     mtype = mtype or local_type
@@ -331,14 +328,11 @@ def template_for_model(model_id: str, model_type: str | None = None) -> str:
             mtype = entry["config"].get("model_type") if entry else None
         except Exception:
             mtype = None
-    if template_for is not None:
-        try:
-            name = template_for(model_id, mtype or "")
-            if name in TEMPLATES:
-                return name
-        except TrainfitError:
-            pass
-    return FALLBACK
+    try:
+        name = template_for(model_id, mtype or "")
+    except TrainfitError:
+        return FALLBACK
+    return name if name in TEMPLATES else FALLBACK
 
 
 def _local_model(model: str) -> tuple[str, str | None]:

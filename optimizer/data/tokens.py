@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import TrainfitError
+from ..models.families import FAMILIES
 
 __all__ = [
     "TokenizerError",
@@ -643,12 +644,12 @@ def tokenizer_family(model: str | None = None, model_type: str | None = None, te
         return "cl100k"
     if name.startswith(("phi-3", "phi3")) or mt == "phi3":
         return "sp32k" if "phi-4" not in name else "cl100k"
-    if name.startswith("mistral") or mt == "mistral":
+    if name.startswith("mistral"):
         return "sp32k"
-    if name.startswith("gemma") or mt.startswith("gemma"):
+    if name.startswith("gemma"):
         return "gemma"
-    if mt == "llama":
-        return "llama3"
+    if mt in FAMILIES and FAMILIES[mt].tokenizer:
+        return FAMILIES[mt].tokenizer
     if template and template in _TEMPLATE_FAMILY:
         return _TEMPLATE_FAMILY[template]
     return "qwen"

@@ -9,10 +9,11 @@ from pathlib import Path
 from .. import __version__
 from ..errors import TrainfitError
 from ..io import write_text_atomic
+from ..models.families import template_for
 from ..search.problem import Problem
 from ..search.solve import Solution, SolveResult
 from ..units import GIB
-from .write import dataset_info_entry, format_float, render_config, template_for
+from .write import dataset_info_entry, format_float, render_config
 
 __all__ = ["config_files", "write_configs", "picked"]
 

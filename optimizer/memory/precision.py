@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 from ..models.arch import layer_linears
+from ..models.families import family_of
 from ..schema import Arch, Plan
 from ..units import round_up
 
@@ -89,7 +90,6 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
     if "embed_tokens" in additional_targets(plan):
         stream = train_w  # the trainable copy PEFT makes is upcast like every trainable param
     c = 2 if amp else (train_w if full else ckpt_w)
-    family = arch.model_type.replace("_text", "")
     # [S] LLaMA-Factory >= 0.9.4 model/loader.py loads with torch_dtype="auto" (the checkpoint dtype), so
     # `fp16: true` on a bf16 checkpoint runs fp16 autocast over bf16 weights.
     mixed16 = amp and plan.fp16 and arch.torch_dtype == "bfloat16" and not full
@@ -106,7 +106,7 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         attn=_attention(arch, plan),
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
         rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
-        gemma_norm=family in ("gemma", "gemma2", "gemma3"), mixed16=mixed16, fp16=amp and plan.fp16,
+        gemma_norm=family_of(arch.model_type).gemma_norm, mixed16=mixed16, fp16=amp and plan.fp16,
     )
 
 

@@ -16,6 +16,7 @@ from ..errors import ProblemError
 from ..memory import budget_bytes, count_params, estimate
 from ..models import catalog
 from ..models.arch import layer_linears
+from ..models.families import family_of
 from ..schema import Arch, GpuSpec, Plan
 from . import quality as qm
 from .objectives import MEM_KNOBS, Candidate
@@ -131,7 +132,7 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
     if not attn:
         raise ProblemError(f"search.flash_attn allows only fa2, which {gpu.name} lacks. Add auto or sdpa.")
     liger = list(s.enable_liger_kernel)
-    if arch.model_type not in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"):
+    if not family_of(arch.model_type).liger:
         liger = [False]
     # Domains keep the problem file's order (duplicates dropped): ties between plans with equal quality and
     # time go to the values listed first, dimension by dimension in MEM_KNOBS order, then accumulation and

@@ -1,0 +1,163 @@
+"""Model families: one row per config.json `model_type` holding every per-family fact trainfit uses, and the
+LLaMA-Factory chat template of each catalog model (with name rules for other ids of the same families).
+
+A row's fields and their sources:
+- tied_by_default: transformers v5 config classes default `tie_word_embeddings` to True only for the Gemma
+  family (GemmaConfig, Gemma2Config, Gemma3TextConfig); LlamaConfig, Qwen2Config, Qwen3Config, MistralConfig,
+  Phi3Config and GraniteConfig default to False.
+- qwen2_biases: Qwen2Attention.__init__ gives q/k/v `bias=True` and o_proj `bias=False` whatever config.json says
+  (it has no `attention_bias` key); other families take `config.attention_bias`.
+- qk_norm: qwen3 and gemma3 have `q_norm`/`k_norm` RMSNorm(head_dim) per layer.
+- norms_per_layer: gemma2 and gemma3 have four RMSNorms per layer (input, post_attention, pre/post_feedforward).
+- fused: phi3 fuses `qkv_proj` (H -> (nh + 2 kv) hd) and `gate_up_proj` (H -> 2 I).
+- gemma_norm: Gemma's RMSNorm computes `x * (1 + w)` in fp32 (modeling_gemma*.py GemmaRMSNorm.forward), which
+  changes what the memory model's norm op saves.
+- liger: Liger kernels patch the family (liger_kernel.transformers.monkey_patch MODEL_TYPE_TO_APPLY_LIGER_FN, the
+  families LLaMA-Factory's `enable_liger_kernel` applies through apply_liger_kernel_to_<family>).
+- tokenizer: the approximate token counter's family when the model's name says nothing (optimizer/data/tokens.py;
+  None: decided by the chat template).
+- template_hint: what to suggest when no chat template is known for a model id of the family.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+__all__ = ["Family", "FAMILIES", "family_of", "CATALOG_TEMPLATES", "template_for", "template_by_rules"]
+
+
+@dataclass(frozen=True)
+class Family:
+    tied_by_default: bool = False
+    qwen2_biases: bool = False
+    qk_norm: bool = False
+    norms_per_layer: int = 2
+    fused: bool = False
+    gemma_norm: bool = False
+    liger: bool = False
+    tokenizer: str | None = None
+    template_hint: str = ""
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(liger=True, tokenizer="llama3",
+                    template_hint="`llama3` for Llama 3.x, `smollm2` for SmolLM2, `llama2` for Llama 2"),
+    "mistral": Family(liger=True, tokenizer="sp32k", template_hint="`mistral` for Mistral-7B, `ministral` for "
+                      "Mistral-Nemo, `mistral_small` for Mistral-Small"),
+    "qwen2": Family(qwen2_biases=True, liger=True, tokenizer="qwen",
+                    template_hint="`qwen` for Qwen2/Qwen2.5, `deepseekr1` for the DeepSeek-R1 distills"),
+    "qwen3": Family(qk_norm=True, liger=True, tokenizer="qwen",
+                    template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
+    "gemma": Family(tied_by_default=True, gemma_norm=True, liger=True, tokenizer="gemma"),
+    "gemma2": Family(tied_by_default=True, norms_per_layer=4, gemma_norm=True, liger=True, tokenizer="gemma",
+                     template_hint="`gemma2`"),
+    "gemma3": Family(tied_by_default=True, qk_norm=True, norms_per_layer=4, gemma_norm=True, liger=True,
+                     tokenizer="gemma", template_hint="`gemma3`"),
+    "gemma3_text": Family(tied_by_default=True, qk_norm=True, norms_per_layer=4, gemma_norm=True, liger=True,
+                          tokenizer="gemma",
+                          template_hint="`gemma2` for the text-only Gemma 3 (270M/1B), `gemma3` otherwise"),
+    "phi3": Family(fused=True, liger=True, tokenizer="sp32k",
+                   template_hint="`phi` for Phi-3/3.5, `phi4` for phi-4, `phi4_mini` for Phi-4-mini"),
+    "granite": Family(),
+}
+
+
+def family_of(model_type: str) -> Family:
+    """The row of a supported model_type (models.arch rejects the others before anything asks)."""
+    return FAMILIES.get(model_type, Family())
+
+
+# Catalog id -> the template LLaMA-Factory 0.9.5 registers for that hub id (extras/constants.py). The same names
+# are registered in 0.9.4. In 0.9.3 `gemma2` does not exist yet (Gemma 2 and Gemma-3-1B used `gemma`, whose
+# EOS handling 0.9.4 fixed in PR #8480); every other name below exists in 0.9.3 too.
+CATALOG_TEMPLATES: dict[str, str] = {
+    "Qwen/Qwen2.5-0.5B-Instruct": "qwen",
+    "Qwen/Qwen2.5-1.5B-Instruct": "qwen",
+    "Qwen/Qwen2.5-3B-Instruct": "qwen",
+    "Qwen/Qwen2.5-7B-Instruct": "qwen",
+    "Qwen/Qwen2.5-14B-Instruct": "qwen",
+    "Qwen/Qwen2.5-32B-Instruct": "qwen",
+    "Qwen/Qwen2.5-72B-Instruct": "qwen",
+    # a Qwen2 architecture, but DeepSeek's tokenizer and chat format (<｜User｜>/<｜Assistant｜>, <think>)
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B": "deepseekr1",
+    # the hybrid-thinking Qwen3 releases: `qwen3` (a ReasoningTemplate); `qwen3_nothink` is registered only for
+    # the *-Instruct-2507 releases (and does not exist in 0.9.3)
+    "Qwen/Qwen3-0.6B": "qwen3",
+    "Qwen/Qwen3-1.7B": "qwen3",
+    "Qwen/Qwen3-4B": "qwen3",
+    "Qwen/Qwen3-8B": "qwen3",
+    "Qwen/Qwen3-14B": "qwen3",
+    "Qwen/Qwen3-32B": "qwen3",
+    # LLaMA-Factory registers the 3.1 models under their old repo names (meta-llama/Meta-Llama-3.1-*)
+    "meta-llama/Llama-3.1-8B-Instruct": "llama3",
+    "meta-llama/Llama-3.1-70B-Instruct": "llama3",
+    "meta-llama/Llama-3.2-1B-Instruct": "llama3",
+    "meta-llama/Llama-3.2-3B-Instruct": "llama3",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "smollm2",
+    "mistralai/Mistral-7B-Instruct-v0.3": "mistral",
+    # Nemo's tokenizer (Tekken) writes [INST] without the space `mistral` puts after it
+    "mistralai/Mistral-Nemo-Instruct-2407": "ministral",
+    "google/gemma-2-2b-it": "gemma2",
+    "google/gemma-2-9b-it": "gemma2",
+    "google/gemma-2-27b-it": "gemma2",
+    # the text-only Gemma 3 (Gemma3ForCausalLM) is registered with the Gemma 2 template; the 4B-27B repos are
+    # Gemma3ForConditionalGeneration and use `gemma3` (which carries the image plugin)
+    "google/gemma-3-1b-it": "gemma2",
+    "google/gemma-3-4b-it": "gemma3",
+    "google/gemma-3-12b-it": "gemma3",
+    "google/gemma-3-27b-it": "gemma3",
+    "microsoft/Phi-3.5-mini-instruct": "phi",
+    "microsoft/phi-4": "phi4",
+}
+
+# For ids outside the catalog (other sizes, base models, a local folder named after its hub repo): rules on the
+# last path component, lower-cased, in order. Each holds for every LLaMA-Factory 0.9.5 registration it matches
+# (checked against extras/constants.py); `model_type` must be one of the listed ones, which keeps out the VL,
+# Omni, MoE and "small" siblings that have other templates.
+_RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
+    (re.compile(pattern), frozenset(types), template)
+    for pattern, types, template in (
+        (r"^deepseek-r1-distill-(qwen|llama)-", ("qwen2", "llama"), "deepseekr1"),
+        (r"^qwen3-.*-instruct-2507", ("qwen3", "qwen3_moe"), "qwen3_nothink"),
+        (r"^qwen3-", ("qwen3", "qwen3_moe"), "qwen3"),
+        (r"^qwen2\.5-", ("qwen2",), "qwen"),
+        (r"^(meta-)?llama-3", ("llama",), "llama3"),
+        (r"^smollm2-", ("llama",), "smollm2"),
+        (r"^mistral-7b-", ("mistral",), "mistral"),
+        (r"^mistral-nemo-", ("mistral",), "ministral"),
+        (r"^gemma-2-", ("gemma2",), "gemma2"),
+        (r"^gemma-3-(270m|1b)", ("gemma3_text",), "gemma2"),
+        (r"^gemma-3-", ("gemma3", "gemma3_text"), "gemma3"),
+        (r"^phi-3(\.5)?-(mini|medium)-", ("phi3",), "phi"),
+        (r"^phi-4$", ("phi3",), "phi4"),
+    )
+)
+
+
+def template_by_rules(model_id: str, model_type: str) -> str | None:
+    base = model_id.replace("\\", "/").rstrip("/").split("/")[-1].lower()
+    for pattern, types, template in _RULES:
+        if pattern.search(base) and model_type in types:
+            return template
+    return None
+
+
+def template_for(model_id: str, model_type: str) -> str:
+    """LLaMA-Factory `template` for a model: the catalog table, then name rules for other ids of the same
+    families. Raises ConfigError when neither knows the model (a wrong chat template trains silently wrong)."""
+    lowered = {k.lower(): v for k, v in CATALOG_TEMPLATES.items()}
+    key = model_id.strip().rstrip("/").lower()
+    if key in lowered:
+        return lowered[key]
+    found = template_by_rules(model_id.strip(), model_type)
+    if found is not None:
+        return found
+    hint = family_of(model_type).template_hint
+    usually = f" For model_type {model_type} it is usually {hint}." if hint else ""
+    raise ConfigError(
+        f"no LLaMA-Factory chat template known for model {model_id!r} (model_type {model_type!r}).{usually} "
+        "Set the template explicitly: the 'Supported Models' table of LLaMA-Factory's README names it."
+    )
