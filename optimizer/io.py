@@ -39,9 +39,9 @@ import yaml
 
 from .errors import TrainfitError
 
-__all__ = ["read_mapping", "read_text", "read_json", "parse_json", "parse_yaml", "regular_file", "write_text_atomic",
-           "join_problems", "WriteError", "MAX_SETTINGS_BYTES", "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES", "MAX_DEPTH",
-           "MAX_YAML_NODES"]
+__all__ = ["read_mapping", "read_text", "read_bytes", "read_json", "parse_json", "check_json_depth", "json_loads",
+           "parse_yaml", "regular_file", "write_text_atomic", "join_problems", "WriteError", "MAX_SETTINGS_BYTES",
+           "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES", "MAX_DEPTH", "MAX_YAML_NODES"]
 
 MIB = 1 << 20
 MAX_SETTINGS_BYTES = 4 * MIB  # configs, problems, config.json, dataset_info.json (see the module docstring)
@@ -191,19 +191,35 @@ def _json_constant(s: str) -> float:
     raise _Refused(f"{s} is not a finite number (JSON has no {s})", "Write a finite number.")
 
 
-def parse_json(text: str, *, error: type[TrainfitError], where: str, fix: str = "Fix the file.") -> Any:
-    """`json.loads` with the depth bound, finite floats and 64-bit integers; `where` names the file in messages."""
+def check_json_depth(text: str, *, error: type[TrainfitError], where: str) -> None:
+    """Refuse JSON (or JSON Lines) text that nests deeper than MAX_DEPTH, before any parser recurses into it."""
     if _json_too_deep(text, MAX_DEPTH):
         raise error(f"{where} nests arrays/objects deeper than {MAX_DEPTH} levels. Flatten it: no config or data "
                     "file of LLaMA-Factory needs more than 5 levels.")
+
+
+def json_loads(text: str) -> Any:
+    """`json.loads` with finite floats and 64-bit integers. Raises json.JSONDecodeError for bad syntax and
+    ValueError (str: "what. How to fix.") for a refused number. Call `check_json_depth` first."""
     try:
         return json.loads(text, parse_float=_json_float, parse_int=_json_int, parse_constant=_json_constant)
     except _Refused as exc:
-        raise error(f"{where}: {exc.message}. {exc.fix}") from None
+        raise ValueError(f"{exc.message}. {exc.fix}") from None
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:  # RecursionError cannot pass check_json_depth
+        raise ValueError(f"it is not valid JSON ({str(exc)[:200]}). Fix the syntax.") from None
+
+
+def parse_json(text: str, *, error: type[TrainfitError], where: str, fix: str = "Fix the file.") -> Any:
+    """`json_loads` with the depth bound; `where` names the file in messages, `fix` ends a syntax error's."""
+    check_json_depth(text, error=error, where=where)
+    try:
+        return json_loads(text)
     except json.JSONDecodeError as exc:
         raise error(f"{where} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}. {fix}") from None
-    except (ValueError, RecursionError) as exc:  # int() digit limits; RecursionError cannot pass the depth bound
-        raise error(f"{where} is not valid JSON ({str(exc)[:200]}). {fix}") from None
+    except ValueError as exc:
+        raise error(f"{where}: {exc}") from None
 
 
 def read_json(path: str | os.PathLike[str], *, error: type[TrainfitError], what: str,
