@@ -233,7 +233,7 @@ def check(
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
     from .check import check as run_check
     from .check import patch_yaml
-    from .io import write_text_atomic
+    from .io import read_text, write_text_atomic
     from .report import check_text
 
     try:
@@ -248,9 +248,7 @@ def check(
         if write:
             if rep.fix is None:
                 raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass --optimize.")
-            from pathlib import Path
-
-            text = Path(config).read_text(encoding="utf-8")
+            text = read_text(config, error=ConfigError, what="a LLaMA-Factory training YAML")
             write_text_atomic(write, patch_yaml(text, rep.fix.changes), force=force)
     except TrainfitError as exc:
         _fail(exc)
@@ -394,6 +392,10 @@ def main() -> None:
         app()
     except TrainfitError as exc:  # pragma: no cover - commands catch their own
         print(f"Error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RecursionError) as exc:  # pragma: no cover - the readers bound what they accept
+        print(f"Error: trainfit ran out of {'memory' if isinstance(exc, MemoryError) else 'stack'} on this input. "
+              "Pass a smaller file, and report it as a bug (the readers should have refused it).", file=sys.stderr)
         sys.exit(1)
 
 

@@ -40,8 +40,9 @@ import yaml
 from .errors import TrainfitError
 
 __all__ = ["read_mapping", "read_text", "read_bytes", "read_json", "parse_json", "check_json_depth", "json_loads",
-           "parse_yaml", "regular_file", "write_text_atomic", "join_problems", "WriteError", "MAX_SETTINGS_BYTES",
-           "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES", "MAX_DEPTH", "MAX_YAML_NODES"]
+           "parse_yaml", "regular_file", "write_text_atomic", "make_parents", "remove_folders", "os_error_message",
+           "join_problems", "WriteError", "MAX_SETTINGS_BYTES", "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES", "MAX_DEPTH",
+           "MAX_YAML_NODES"]
 
 MIB = 1 << 20
 MAX_SETTINGS_BYTES = 4 * MIB  # configs, problems, config.json, dataset_info.json (see the module docstring)
