@@ -41,8 +41,8 @@ from .errors import TrainfitError
 
 __all__ = ["read_mapping", "read_text", "read_bytes", "read_json", "parse_json", "check_json_depth", "json_loads",
            "parse_yaml", "regular_file", "write_text_atomic", "make_parents", "remove_folders", "os_error_message",
-           "join_problems", "WriteError", "MAX_SETTINGS_BYTES", "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES", "MAX_DEPTH",
-           "MAX_YAML_NODES"]
+           "join_problems", "shown", "WriteError", "MAX_SETTINGS_BYTES", "MAX_DATA_BYTES", "MAX_TOKENIZER_BYTES",
+           "MAX_DEPTH", "MAX_YAML_NODES"]
 
 MIB = 1 << 20
 MAX_SETTINGS_BYTES = 4 * MIB  # configs, problems, config.json, dataset_info.json (see the module docstring)
@@ -56,6 +56,12 @@ MAX_LISTED = 10  # problems listed in one error message; the rest are counted
 
 class WriteError(TrainfitError, OSError):
     """An OS error while writing (also an OSError, for callers that catch those)."""
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """`repr(value)`, cut to `limit` characters: a message quotes what the user typed, not all of it."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
 
 
 def join_problems(problems: list[str], limit: int = MAX_LISTED) -> str:
@@ -261,6 +267,14 @@ class _BoundedLoader(yaml.SafeLoader):
         _measure(node)
         return super().construct_document(node)
 
+    def construct_yaml_str(self, node: Any) -> str:
+        value = super().construct_yaml_str(node)
+        bad = next((c for c in value if c not in "\t\n\r" and not c.isprintable() and ord(c) < 0xA0), None)
+        if bad is not None:
+            raise _YamlRefused(f"a string holds the control character U+{ord(bad):04X}", node.start_mark,
+                               "Remove it (settings are plain text).")
+        return value
+
     def construct_yaml_float(self, node: Any) -> float:
         value = super().construct_yaml_float(node)
         if not math.isfinite(value):
@@ -279,6 +293,7 @@ class _BoundedLoader(yaml.SafeLoader):
         return value
 
 
+_BoundedLoader.add_constructor("tag:yaml.org,2002:str", _BoundedLoader.construct_yaml_str)
 _BoundedLoader.add_constructor("tag:yaml.org,2002:float", _BoundedLoader.construct_yaml_float)
 _BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
@@ -325,8 +340,9 @@ def _measure(root: Any) -> None:
 
 def parse_yaml(text: str, *, error: type[TrainfitError], where: str) -> Any:
     """One YAML document through the bounded SafeLoader; `where` names the file in messages."""
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # its Reader refuses control characters here
         return loader.get_single_data()
     except _YamlRefused as exc:
         line = f" at line {exc.mark.line + 1}" if exc.mark is not None else ""
@@ -336,7 +352,8 @@ def parse_yaml(text: str, *, error: type[TrainfitError], where: str) -> Any:
         line = f" at line {mark.line + 1}" if mark else ""
         raise error(f"{where} is not valid YAML{line}. Fix the syntax.") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_mapping(path: str | Path, *, error: type[TrainfitError], what: str, missing: str,

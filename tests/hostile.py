@@ -73,6 +73,7 @@ class Case:
     argv: list[str] = field(default_factory=list)
     setup: Callable[[Path], None] | None = None  # extra setup (a FIFO, a read-only folder)
     subprocess_only: bool = False  # a hang or runaway memory must be caught from outside
+    needs_permissions: bool = False  # a read-only folder: meaningless as root (root writes anyway)
 
 
 def _cfg(**over) -> str:
@@ -127,7 +128,8 @@ def cases() -> list[Case]:
                         "hidden not divisible by heads": {"hidden_size": 900},
                         "heads not divisible by kv heads": {"num_key_value_heads": 3},
                         "dtype number": {"torch_dtype": 16}, "tie string": {"tie_word_embeddings": "yes"},
-                        "hidden_act list": {"hidden_act": ["silu"]}, "softcapping string": {"final_logit_softcapping": "x"},
+                        "hidden_act list": {"hidden_act": ["silu"]},
+                        "softcapping string": {"final_logit_softcapping": "x"},
                         "text_config list": {"text_config": [1, 2]},
                         "text_config bad": {"model_type": "gemma3", "text_config": {"hidden_size": -1}}}.items():
         out.append(Case("config.json values", label, {"cfg.json": _cfg(**over)}, est))
@@ -149,21 +151,24 @@ def cases() -> list[Case]:
 
     # 2. OS errors when writing
     solve_out = ["solve", "p.yaml"]
+    # does not fit, so check proposes a fix to write
+    too_long = {"c.yaml": BASE_YAML.replace("cutoff_len: 384", "cutoff_len: 9000")}
     out += [
         Case("write errors", "--out onto a file", {"p.yaml": BASE_PROBLEM, "f": "x"}, solve_out + ["--out", "f"]),
         Case("write errors", "--out below a file", {"p.yaml": BASE_PROBLEM, "f": "x"}, solve_out + ["--out", "f/sub"]),
         Case("write errors", "--out in a read-only folder", {"p.yaml": BASE_PROBLEM}, solve_out + ["--out", "ro/x"],
-             setup=_readonly("ro")),
+             setup=_readonly("ro"), needs_permissions=True),
         Case("write errors", "--out is a read-only folder", {"p.yaml": BASE_PROBLEM}, solve_out + ["--out", "ro"],
-             setup=_readonly("ro")),
+             setup=_readonly("ro"), needs_permissions=True),
         Case("write errors", "300-character problem name", {"p.yaml": _problem(**{"name:__p": "name: " + "n" * 300})},
              solve_out),
         Case("write errors", "300-character --out", {"p.yaml": BASE_PROBLEM}, solve_out + ["--out", "o" * 300]),
-        Case("write errors", "check --write below a file", {"c.yaml": BASE_YAML.replace("cutoff_len: 384", "cutoff_len: 9000"), "f": "x"},
+        Case("write errors", "check --write below a file", {**too_long, "f": "x"},
              ["check", "c.yaml", "--gpu", "rtx-3060-12gb", "--write", "f/out.yaml"]),
-        Case("write errors", "check --write in a read-only folder", {"c.yaml": BASE_YAML.replace("cutoff_len: 384", "cutoff_len: 9000")},
-             ["check", "c.yaml", "--gpu", "rtx-3060-12gb", "--write", "ro/out.yaml"], setup=_readonly("ro")),
-        Case("write errors", "check --write 300-character name", {"c.yaml": BASE_YAML.replace("cutoff_len: 384", "cutoff_len: 9000")},
+        Case("write errors", "check --write in a read-only folder", too_long,
+             ["check", "c.yaml", "--gpu", "rtx-3060-12gb", "--write", "ro/out.yaml"], setup=_readonly("ro"),
+             needs_permissions=True),
+        Case("write errors", "check --write 300-character name", too_long,
              ["check", "c.yaml", "--gpu", "rtx-3060-12gb", "--write", "w" * 300 + ".yaml"]),
     ]
 
@@ -224,7 +229,8 @@ def cases() -> list[Case]:
         Case("deep nesting", "problem YAML {a: {a: ...", {"p.yaml": "name: " + "{a: " * deep + "1" + "}" * deep + "\n"},
              ["solve", "p.yaml", "--no-write"]),
         Case("deep nesting", "config.json [[[...", {"cfg.json": "[" * deep + "]" * deep}, est),
-        Case("deep nesting", "config.json in a value", {"cfg.json": _raw_cfg("rope_scaling", "[" * deep + "]" * deep)}, est),
+        Case("deep nesting", "config.json in a value", {"cfg.json": _raw_cfg("rope_scaling", "[" * deep + "]" * deep)},
+             est),
         Case("deep nesting", "data .json [[[...", {"d.json": "[" * deep + "]" * deep}, ["data", "d.json"]),
         Case("deep nesting", "data .jsonl line", {"d.jsonl": '{"a": ' + "[" * deep + "]" * deep + "}\n"},
              ["data", "d.jsonl"]),
@@ -259,7 +265,8 @@ def cases() -> list[Case]:
 
     # 6. YAML alias bombs
     out += [
-        Case("alias bomb", "config", {"c.yaml": alias_bomb()}, ["estimate", "--config", "c.yaml"], subprocess_only=True),
+        Case("alias bomb", "config", {"c.yaml": alias_bomb()}, ["estimate", "--config", "c.yaml"],
+             subprocess_only=True),
         Case("alias bomb", "check config", {"c.yaml": alias_bomb()}, ["check", "c.yaml", "--gpu", "rtx-5060-ti-16gb"],
              subprocess_only=True),
         Case("alias bomb", "problem", {"p.yaml": alias_bomb().replace("lora_target", "name")}, ["solve", "p.yaml"],
@@ -275,7 +282,8 @@ def cases() -> list[Case]:
         Case("special files", "data /dev/zero", {}, ["data", "/dev/zero"], subprocess_only=True),
         Case("special files", "data /dev/zero as .json", {}, ["data", "z.json"],
              setup=lambda ws: os.symlink("/dev/zero", ws / "z.json"), subprocess_only=True),
-        Case("special files", "data FIFO .jsonl", {}, ["data", "f.jsonl"], setup=_mkfifo("f.jsonl"), subprocess_only=True),
+        Case("special files", "data FIFO .jsonl", {}, ["data", "f.jsonl"], setup=_mkfifo("f.jsonl"),
+             subprocess_only=True),
         Case("special files", "config FIFO", {}, ["estimate", "--config", "f.yaml"], setup=_mkfifo("f.yaml"),
              subprocess_only=True),
         Case("special files", "check config FIFO", {}, ["check", "f.yaml", "--gpu", "rtx-5060-ti-16gb"],
@@ -294,7 +302,7 @@ def cases() -> list[Case]:
         Case("special files", "problem folder", {}, ["solve", "."]),
         Case("special files", "data folder", {}, ["data", "."]),
         Case("special files", "config unreadable", {"c.yaml": BASE_YAML}, ["estimate", "--config", "c.yaml"],
-             setup=lambda ws: (ws / "c.yaml").chmod(0)),
+             setup=lambda ws: (ws / "c.yaml").chmod(0), needs_permissions=True),
     ]
 
     # 8. sizes and message length
@@ -307,9 +315,9 @@ def cases() -> list[Case]:
         Case("large inputs", "20,000 unknown config.json-like keys in dataset_info",
              {"dataset_info.json": json.dumps({f"d{i}": {"file_name": "x.json"} for i in range(20_000)})},
              ["data", "dataset_info.json"]),
-        Case("large inputs", "80 MB config YAML", {"c.yaml": BASE_YAML + "# " + "x" * 80_000_000 + "\n"},
+        Case("large inputs", "5 MB config YAML", {"c.yaml": BASE_YAML + "# " + "x" * 5_000_000 + "\n"},
              ["estimate", "--config", "c.yaml"], subprocess_only=True),
-        Case("large inputs", "80 MB config.json", {"cfg.json": _raw_cfg("pad", '"' + "x" * 80_000_000 + '"')}, est,
+        Case("large inputs", "5 MB config.json", {"cfg.json": _raw_cfg("pad", '"' + "x" * 5_000_000 + '"')}, est,
              subprocess_only=True),
         Case("large inputs", "binary config", {"c.yaml": bytes(range(256)) * 10}, ["estimate", "--config", "c.yaml"]),
         Case("large inputs", "binary config.json", {"cfg.json": bytes(range(256)) * 10}, est),
@@ -372,7 +380,7 @@ def verdict(code: int | None, stderr: str, before: dict, after: dict, exception:
         return "traceback"
     if code not in (0, 1, 3):
         return f"exit {code}"
-    if after != before:
+    if code != 0 and after != before:  # a successful solve writes its configs
         return "files changed"
     if code == 1:
         errors = [ln for ln in stderr.splitlines() if ln.startswith("Error:")]
@@ -388,7 +396,9 @@ def tally() -> None:
     from collections import Counter, defaultdict
     from concurrent.futures import ThreadPoolExecutor
 
-    all_cases = cases()
+    all_cases = [c for c in cases() if not (c.needs_permissions and os.geteuid() == 0)]
+    if len(all_cases) < len(cases()):
+        print(f"(skipped {len(cases()) - len(all_cases)} permission cases: running as root)", file=sys.stderr)
 
     def one(case: Case) -> tuple[Case, str]:
         with tempfile.TemporaryDirectory() as tmp:

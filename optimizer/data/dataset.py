@@ -375,7 +375,8 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
         if not isinstance(system, str):
-            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string.")
+            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
+                               "Write the system prompt as text.")
         msgs = msgs[1:]
     else:
         system = _system(rec, fmt, where)
@@ -507,7 +508,8 @@ def validate_info_entry(entry: dict[str, Any]) -> list[str]:
             continue
         for k, v in value.items():
             if k not in known:
-                problems.append(f"{group}.{k} is not a LLaMA-Factory {group[:-1]} name (known: {', '.join(known)})")
+                problems.append(f"{group} names {_short(k)}, not a LLaMA-Factory {group[:-1]} name (known: "
+                                f"{', '.join(known)})")
             elif v is not None and not isinstance(v, str):
                 problems.append(f"{group}.{k} must be a string, found {_short(v)}")
     return problems

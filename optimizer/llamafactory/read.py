@@ -73,17 +73,16 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
     problems: list[str] = []
     known = accepted_keys()
     unknown = [key for key in data if key not in known]
-    for key in unknown[:MAX_LISTED]:  # difflib per key is slow: the message lists the first few anyway
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"key {key!r} is not a LLaMA-Factory 0.9.5 train argument{hint}; LLaMA-Factory stops with "
-                            "'Some keys are not used by the HfArgumentParser'")
-    if len(unknown) > MAX_LISTED:
-        problems.append(f"{len(unknown) - MAX_LISTED} more keys are not LLaMA-Factory train arguments")
+    for n, key in enumerate(unknown):
+        near = difflib.get_close_matches(str(key), sorted(known), n=1) if n < MAX_LISTED else []  # only those shown
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        problems.append(f"key {_short(key)} is not a LLaMA-Factory 0.9.5 train argument{hint}; LLaMA-Factory stops "
+                        "with 'Some keys are not used by the HfArgumentParser'")
     for key, value in data.items():  # flags arrive here unchecked; YAML numbers are checked by the reader
         if isinstance(value, float) and not math.isfinite(value):
             problems.append(f"{key}: {value!r} is not a finite number")
+        elif isinstance(value, int) and abs(value) >= 1 << 63:
+            problems.append(f"{key}: {_short(value)} does not fit in 64 bits")
     for key, harmless in NOT_MODELLED.items():
         if key in data and data[key] not in (harmless, None, False, "", "none"):
             problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; remove it to estimate")

@@ -128,7 +128,8 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
     model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CatalogError(
-            f"{name}: model_type {_show(model_type)} is not modelled. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"{name}: model_type {_show(model_type)} is not modelled. Use a model of a supported type "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}), or run `trainfit models` for the catalog."
         )
     if any(cfg.get(k) for k in _MOE_KEYS):
         raise CatalogError(

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 
 from ..errors import CatalogError
-from ..io import read_json
+from ..io import read_json, shown
 from ..schema import Arch, GpuSpec
 from .arch import arch_from_config
 
@@ -61,7 +61,7 @@ def get_gpu(gpu_id: str) -> GpuSpec:
         return table[gpu_id]
     near = _closest(gpu_id, list(table))
     hint = f" Closest: {near}." if near else ""
-    raise CatalogError(f"unknown GPU {gpu_id!r}.{hint} Run `trainfit gpus` for the list.")
+    raise CatalogError(f"unknown GPU {shown(gpu_id)}.{hint} Run `trainfit gpus` for the list.")
 
 
 def resolve_arch(model: str) -> Arch:
@@ -78,7 +78,7 @@ def resolve_arch(model: str) -> Arch:
     near = _closest(model, list(table))
     hint = f" Closest: {near}." if near else ""
     raise CatalogError(
-        f"unknown model {model!r}: not a catalog id and no such file.{hint} "
+        f"unknown model {shown(model)}: not a catalog id and no such file.{hint} "
         "Run `trainfit models`, or pass a path to a config.json."
     )
 
@@ -102,7 +102,7 @@ def _config_path(model: str) -> Path | None:
         if path.is_dir():
             path = path / "config.json"
             if not os.path.lexists(path):
-                raise CatalogError(f"folder {model!r} holds no config.json. Point --model at a model folder or a "
+                raise CatalogError(f"folder {shown(model)} holds no config.json. Point --model at a model folder or a "
                                    "config.json.")
         return path if os.path.lexists(path) else None
     except (OSError, ValueError):  # a name too long or with a NUL byte: not a path
