@@ -46,8 +46,16 @@ class FinetuningType(str, Enum):
     full = "full"
 
 
+def _one_line(text: str) -> str:
+    """A message as one readable line, whatever the input put into it: control characters escaped, a token longer
+    than 120 characters (a pasted value) cut in its middle, and at most 2,000 characters, keeping the end (the fix)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    text = " ".join(w if len(w) <= 120 else f"{w[:80]}...{w[-30:]}" for w in text.split(" "))
+    return text if len(text) <= 2000 else f"{text[:1200]} ... {text[-700:]}"
+
+
 def _fail(exc: Exception) -> None:
-    typer.echo(f"Error: {exc}", err=True)
+    typer.echo(f"Error: {_one_line(str(exc))}", err=True)
     raise typer.Exit(1)
 
 
@@ -273,7 +281,7 @@ def check(
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
     from .check import check as run_check
     from .check import patch_yaml
-    from .io import write_text_atomic
+    from .io import read_text, write_text_atomic
     from .report import check_text
 
     try:
@@ -289,9 +297,7 @@ def check(
         if write:
             if rep.fix is None:
                 raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass --optimize.")
-            from pathlib import Path
-
-            text = Path(config).read_text(encoding="utf-8")
+            text = read_text(config, error=ConfigError, what="a LLaMA-Factory training YAML")
             write_text_atomic(write, patch_yaml(text, rep.fix.changes), force=force)
         if report:
             from .report_html import estimate_report
@@ -518,7 +524,11 @@ def main() -> None:
     try:
         app()
     except TrainfitError as exc:  # pragma: no cover - commands catch their own
-        print(f"Error: {exc}", file=sys.stderr)
+        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        sys.exit(1)
+    except (MemoryError, RecursionError) as exc:  # pragma: no cover - the readers bound what they accept
+        print(f"Error: trainfit ran out of {'memory' if isinstance(exc, MemoryError) else 'stack'} on this input. "
+              "Pass a smaller file, and report it as a bug (the readers should have refused it).", file=sys.stderr)
         sys.exit(1)
 
 

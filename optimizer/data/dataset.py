@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import TrainfitError
+from ..io import MAX_DATA_BYTES, check_json_depth, join_problems, json_loads, read_json, read_text, regular_file
 from ..search.problem import DatasetSummary
 from .templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
 from .tokens import TokenCounter, count_with_specials, resolve_counter
@@ -153,17 +154,15 @@ class Conversation:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _read_text(path: Path) -> str:
-    try:
-        raw = path.read_bytes()
-    except IsADirectoryError:
-        raise DatasetError(f"{path} is a folder. Pass a .json or .jsonl data file.") from None
-    except OSError as exc:
-        raise DatasetError(f"cannot read {path} ({exc.strerror}). Check the path.") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise DatasetError(f"{path} is not UTF-8 text (bad byte at offset {exc.start}). Save it as UTF-8.") from None
+_DATA_FILE = "a .json or .jsonl data file"
+
+
+def _read_text(path: Path, limit_bytes: int = MAX_DATA_BYTES) -> str:
+    """The text of a data file (or dataset_info.json) through `optimizer.io`: a regular file, within the size limit
+    (1 GiB for data, see optimizer.io), UTF-8, nesting at most MAX_DEPTH levels."""
+    text = read_text(path, error=DatasetError, what=_DATA_FILE, limit_bytes=limit_bytes)
+    check_json_depth(text, error=DatasetError, where=str(path))
+    return text
 
 
 def _rows(path: Path) -> list[tuple[str, Any]]:
@@ -179,8 +178,10 @@ def _rows(path: Path) -> list[tuple[str, Any]]:
         raise DatasetError(f"{path} is empty. Put the training samples in it (a JSON list or one JSON record a line).")
     if suffix == ".json":
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
+            data = json_loads(text)
+        except ValueError as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                raise DatasetError(f"{path}: {exc}") from None
             lines = [ln for ln in text.splitlines() if ln.strip()]
             if len(lines) > 1 and lines[0].lstrip().startswith("{"):
                 return _jsonl_rows(path, text)  # JSON Lines in a .json file: the datasets loader reads it too
@@ -205,8 +206,10 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[str, Any]]:
         if not line.strip():
             continue
         try:
-            out.append((f"line {n}", json.loads(line)))
-        except json.JSONDecodeError as exc:
+            out.append((f"line {n}", json_loads(line)))
+        except ValueError as exc:
+            if not isinstance(exc, json.JSONDecodeError):
+                raise DatasetError(f"{path}: line {n}: {exc}") from None
             raise DatasetError(
                 f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno}). "
                 "Each line of a .jsonl file must be one complete JSON record."
@@ -372,7 +375,8 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
         if not isinstance(system, str):
-            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string.")
+            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
+                               "Write the system prompt as text.")
         msgs = msgs[1:]
     else:
         system = _system(rec, fmt, where)
@@ -426,19 +430,15 @@ def _resolve_source(
     if p.is_dir() and (p / "dataset_info.json").is_file() and dataset is not None:
         p = p / "dataset_info.json"
     if p.name == "dataset_info.json":
-        text = _read_text(p)
-        try:
-            info = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DatasetError(f"{p} is not valid JSON: {exc.msg} at line {exc.lineno}. Fix the syntax.") from None
+        info = read_json(p, error=DatasetError, what="a dataset_info.json", fix="Fix the syntax.")
         if not isinstance(info, dict) or not info:
             raise DatasetError(f"{p} has no dataset entries. Add one: {{\"name\": {{\"file_name\": \"data.json\"}}}}.")
         if dataset is None:
             if len(info) != 1:
-                raise DatasetError(f"{p} defines {len(info)} datasets ({', '.join(sorted(info))}). Name one.")
+                raise DatasetError(f"{p} defines {len(info)} datasets ({_names(info)}). Name one with --dataset.")
             dataset = next(iter(info))
         if dataset not in info:
-            raise DatasetError(f"Undefined dataset {dataset!r} in {p} (it has: {', '.join(sorted(info))}). "
+            raise DatasetError(f"Undefined dataset {dataset!r} in {p} (it has: {_names(info)}). "
                                "Use one of those names.")
         entry = info[dataset]
         where = f"{p} entry {dataset!r}"
@@ -450,25 +450,74 @@ def _resolve_source(
                                    "data and point file_name at the local file.")
         if "file_name" not in entry:
             raise DatasetError(f"{where} has no file_name. Add the data file's name.")
+        problems = validate_info_entry(entry)
+        if problems:
+            raise DatasetError(f"{where}: {join_problems(problems)}. Fix the entry (LLaMA-Factory's data/README.md "
+                               "describes each field).")
         fmt = DatasetFormat.from_dataset_info(entry, where)
         target = (p.parent / entry["file_name"]).resolve()
         if target.is_dir():
             files = sorted(f for f in target.iterdir() if f.suffix.lower() in (".json", ".jsonl"))
             if not files:
                 raise DatasetError(f"{target} holds no .json or .jsonl files. Put the data files there.")
-        elif target.is_file():
-            files = [target]
+        elif os.path.lexists(target):
+            files = [regular_file(target, error=DatasetError, what=_DATA_FILE, limit_bytes=MAX_DATA_BYTES)]
         else:
             raise DatasetError(f"{where}: file_name {entry['file_name']!r} does not exist ({target}). Fix the "
                                "path; it is relative to the folder of dataset_info.json.")
         return files, fmt, f"{p}:{dataset}"
-    if not p.exists():
+    if not os.path.lexists(p):
         raise DatasetError(f"data file {str(path)!r} does not exist. Check the path.")
     if p.is_dir():
         raise DatasetError(f"{p} is a folder. Pass a .json or .jsonl data file, or its dataset_info.json with a "
                            "dataset name.")
+    p = regular_file(p, error=DatasetError, what=_DATA_FILE, limit_bytes=MAX_DATA_BYTES)
     fmt = DatasetFormat.for_file(formatting) if formatting else None
     return [p], fmt, str(p)
+
+
+def _names(info: dict[str, Any], limit: int = 10) -> str:
+    names = sorted(map(str, info))
+    return ", ".join(names[:limit]) + (f", ... and {len(names) - limit} more" if len(names) > limit else "")
+
+
+# LLaMA-Factory 0.9.5 data/README.md: the `columns` and `tags` names a dataset_info.json entry may set.
+_COLUMNS = ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "videos", "audios",
+            "chosen", "rejected", "kto_tag")
+_TAGS = ("role_tag", "content_tag", "user_tag", "assistant_tag", "observation_tag", "function_tag", "system_tag")
+
+
+def validate_info_entry(entry: dict[str, Any]) -> list[str]:
+    """Everything wrong with the types of a dataset_info.json entry (empty when it reads), per LLaMA-Factory's
+    data/README.md: file_name a non-empty string, formatting alpaca|sharegpt|openai, ranking a boolean, columns and
+    tags objects of known names whose values are strings (or null)."""
+    problems: list[str] = []
+    name = entry.get("file_name")
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        problems.append(f"file_name must be a non-empty path string, found {_short(name)}")
+    if "formatting" in entry and entry["formatting"] not in ("alpaca", "sharegpt", "openai"):
+        problems.append(f"formatting must be alpaca, sharegpt or openai, found {_short(entry['formatting'])}")
+    if "ranking" in entry and not isinstance(entry["ranking"], bool):
+        problems.append(f"ranking must be true or false, found {_short(entry['ranking'])}")
+    for group, known in (("columns", _COLUMNS), ("tags", _TAGS)):
+        value = entry.get(group)
+        if value is None:
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{group} must be an object, found {_short(value)}")
+            continue
+        for k, v in value.items():
+            if k not in known:
+                problems.append(f"{group} names {_short(k)}, not a LLaMA-Factory {group[:-1]} name (known: "
+                                f"{', '.join(known)})")
+            elif v is not None and not isinstance(v, str):
+                problems.append(f"{group}.{k} must be a string, found {_short(v)}")
+    return problems
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = json.dumps(value) if isinstance(value, (str, bool, type(None), int, float)) else repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def read_dataset(

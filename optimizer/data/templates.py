@@ -343,9 +343,12 @@ def _local_model(model: str) -> tuple[str, str | None]:
     cfg = p if p.is_file() else p / "config.json"
     if not cfg.is_file():
         return model, None
+    from ..errors import TrainfitError
+    from ..io import read_json
+
     try:
-        mtype = json.loads(cfg.read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
+        mtype = read_json(cfg, error=TrainfitError, what="a config.json").get("model_type")
+    except (TrainfitError, AttributeError):
         mtype = None
     return str(cfg.parent.resolve()), mtype if isinstance(mtype, str) else None
 
@@ -373,7 +376,10 @@ def _apply(slots: Iterable[str], content: str) -> list[Element]:
 def _tool_calls_text(content: str, style: str) -> str:
     """A function-call message (JSON: one call or a list of {"name", "arguments"}) as the model would write it.
     LLaMA-Factory rejects content that is not JSON; so does this (ValueError)."""
-    calls = json.loads(content)
+    from ..io import check_json_depth, json_loads
+
+    check_json_depth(content, error=ValueError, where="the function call")
+    calls = json_loads(content)
     if not isinstance(calls, list):
         calls = [calls]
     parts = []

@@ -52,7 +52,6 @@ The interface every counter has: ``count_batch(texts) -> list[int]`` (each as
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import re
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Protocol
 
 from ..errors import TrainfitError
+from ..io import MAX_TOKENIZER_BYTES, read_json, regular_file
 from ..models.families import FAMILIES
 
 __all__ = [
@@ -124,8 +124,9 @@ class HFTokenizerCounter:
         p = Path(path)
         if p.is_dir():
             p = p / "tokenizer.json"
-        if not p.is_file():
-            raise TokenizerError(f"{p} does not exist. Pass a tokenizer.json file or a model folder that has one.")
+        p = regular_file(p, error=TokenizerError, what="a tokenizer.json file or a model folder that has one",
+                         limit_bytes=MAX_TOKENIZER_BYTES,
+                         missing=f"{p} does not exist. Pass a tokenizer.json file or a model folder that has one.")
         try:
             import tokenizers
         except ImportError:
@@ -159,10 +160,10 @@ def _config_has_bos(folder: Path) -> bool:
     if not cfg.is_file():
         return True
     try:
-        data = json.loads(cfg.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        data = read_json(cfg, error=TokenizerError, what="a tokenizer_config.json")
+    except TokenizerError:
         return True
-    return data.get("bos_token") not in (None, "")
+    return not isinstance(data, dict) or data.get("bos_token") not in (None, "")
 
 
 def hf_cache_dirs() -> list[Path]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import TrainfitError
-from ..io import write_text_atomic
+from ..io import WriteError, make_parents, os_error_message, remove_folders, write_text_atomic
 from ..models.families import template_for
 from ..search.problem import Problem
 from ..search.solve import Solution, SolveResult
@@ -103,33 +103,54 @@ def _model_type(result: SolveResult) -> str:
 def write_configs(files: dict[str, str], out_dir: str, *, force: bool, root: Path | None = None) -> tuple[int, int]:
     """Write the files under root/out_dir. A file with identical content is left alone (no overwrite); a file
     with other content, or a trainfit config of an earlier front that the new front lacks, needs `force` (which
-    replaces or removes it). All conflicts are checked before anything is written. (written, unchanged)"""
+    replaces or removes it). All conflicts are checked before anything is written. On an OS error (a read-only
+    folder, a file in the way, a name too long) it raises `cannot write <path>: <reason>. <fix>` and removes the
+    files and folders this call created (a file replaced under `force` stays replaced). (written, unchanged)"""
     base = (root or Path.cwd()) / out_dir
     conflicts = []
     todo = {}
-    for name, text in files.items():
-        p = base / name
-        if p.is_file():
-            if p.read_text(encoding="utf-8") == text:
-                continue
-            if not force:
-                conflicts.append(str(Path(out_dir) / name))
-                continue
-        todo[p] = text
     stale = []
-    if base.is_dir():
-        for p in sorted(base.glob("p[0-9][0-9]_*.yaml")):
-            if p.name not in files and p.read_text(encoding="utf-8").startswith("# trainfit"):
-                stale.append(p)
+    try:
+        for name, text in files.items():
+            p = base / name
+            if p.is_file():
+                if p.read_text(encoding="utf-8") == text:
+                    continue
                 if not force:
-                    conflicts.append(f"{Path(out_dir) / p.name} (from an earlier front)")
+                    conflicts.append(str(Path(out_dir) / name))
+                    continue
+            todo[p] = text
+        if base.is_dir():
+            for p in sorted(base.glob("p[0-9][0-9]_*.yaml")):
+                if p.name not in files and p.is_file() and p.read_text(encoding="utf-8").startswith("# trainfit"):
+                    stale.append(p)
+                    if not force:
+                        conflicts.append(f"{Path(out_dir) / p.name} (from an earlier front)")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc if isinstance(exc, UnicodeDecodeError) else exc.strerror
+        raise WriteError(f"cannot write {out_dir}: reading what is there failed ({reason}). Pass --out DIR to write "
+                         "elsewhere.") from None
     if conflicts:
         raise TrainfitError(
             f"{len(conflicts)} file(s) under {out_dir} exist with other content ({', '.join(conflicts[:3])}"
             f"{', ...' if len(conflicts) > 3 else ''}). Pass --force to overwrite them or --out DIR to write elsewhere."
         )
-    for p, text in todo.items():
-        write_text_atomic(p, text, force=force)
-    for p in stale:  # with --force: configs of an earlier front that is no longer current
-        p.unlink()
+    created = make_parents(base) if todo else []
+    new: list[Path] = []
+    try:
+        for p, text in todo.items():
+            existed = p.exists()
+            write_text_atomic(p, text, force=force)
+            if not existed:
+                new.append(p)
+        for p in stale:  # with --force: configs of an earlier front that is no longer current
+            try:
+                p.unlink()
+            except OSError as exc:
+                raise WriteError(os_error_message(p, exc)) from None
+    except TrainfitError:
+        for p in new:
+            p.unlink(missing_ok=True)
+        remove_folders(created)
+        raise
     return len(todo), len(files) - len(todo)

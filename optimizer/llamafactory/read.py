@@ -9,6 +9,7 @@ LLaMA-Factory parses the YAML with `HfArgumentParser(...).parse_dict(args, allow
 from __future__ import annotations
 
 import difflib
+import math
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -18,7 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..errors import ConfigError
-from ..io import read_mapping
+from ..io import MAX_LISTED, join_problems, read_mapping
 from ..schema import Plan
 
 __all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "eval_settings", "EvalSettings", "PLAN_KEYS", "NOT_MODELLED"]
@@ -56,6 +57,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     )
 
 
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _lower_bool(value: Any) -> Any:
     if isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
@@ -66,15 +72,20 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
     """(plan, model_name_or_path). Applies LLaMA-Factory's defaults to absent keys; collects every problem."""
     problems: list[str] = []
     known = accepted_keys()
-    for key in data:
-        if key not in known:
-            near = difflib.get_close_matches(str(key), sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            problems.append(f"key {key!r} is not a LLaMA-Factory 0.9.5 train argument{hint}; LLaMA-Factory stops with "
-                            "'Some keys are not used by the HfArgumentParser'")
+    unknown = [key for key in data if key not in known]
+    for n, key in enumerate(unknown):
+        near = difflib.get_close_matches(str(key), sorted(known), n=1) if n < MAX_LISTED else []  # only those shown
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        problems.append(f"key {_short(key)} is not a LLaMA-Factory 0.9.5 train argument{hint}; LLaMA-Factory stops "
+                        "with 'Some keys are not used by the HfArgumentParser'")
+    for key, value in data.items():  # flags arrive here unchecked; YAML numbers are checked by the reader
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{key}: {value!r} is not a finite number")
+        elif isinstance(value, int) and abs(value) >= 1 << 63:
+            problems.append(f"{key}: {_short(value)} does not fit in 64 bits")
     for key, harmless in NOT_MODELLED.items():
         if key in data and data[key] not in (harmless, None, False, "", "none"):
-            problems.append(f"{key}: {data[key]!r} changes memory in ways trainfit does not model yet; remove it to estimate")
+            problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; remove it to estimate")
     stage = data.get("stage", "sft")
     if stage not in ("sft", "pt"):
         problems.append(f"stage {stage!r} is not modelled (sft and pt are)")
@@ -100,9 +111,9 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
                 if not loc:  # a cross-field rule of Plan
                     problems.append(str(err["ctx"]["error"]) if "ctx" in err else err["msg"])
                     continue
-                problems.append(f"{loc}: {err['msg'].lower()} (found {err.get('input')!r})")
+                problems.append(f"{loc}: {err['msg'].lower()} (found {_short(err.get('input'))})")
     if problems:
-        raise ConfigError(f"{where}: " + "; ".join(problems) + ". Fix these keys.")
+        raise ConfigError(f"{where}: " + join_problems(problems) + ". Fix these keys.")
     model = data.get("model_name_or_path")
     return plan, (str(model) if model is not None else None)
 
@@ -123,5 +134,6 @@ def eval_settings(data: dict[str, Any], where: str = "config") -> EvalSettings:
     try:
         return EvalSettings(**{k: _lower_bool(v) for k, v in data.items() if k in EvalSettings.model_fields})
     except ValidationError as exc:
-        msgs = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].lower()} (found {e.get('input')!r})" for e in exc.errors()]
-        raise ConfigError(f"{where}: " + "; ".join(msgs) + ". Fix these keys.") from None
+        msgs = [f"{'.'.join(str(x) for x in e['loc'])}: {e['msg'].lower()} (found {_short(e.get('input'))})"
+                for e in exc.errors()]
+        raise ConfigError(f"{where}: " + join_problems(msgs) + ". Fix these keys.") from None

@@ -1,33 +1,28 @@
 """Architectures: from a `config.json` dict to an `Arch`, the Linear modules of a decoder layer, and
 parameter counts exactly as transformers builds the model.
 
-Sources for the per-family flags (transformers v5 `src/transformers/models/<family>/modeling_<family>.py`):
-- qwen2: q/k/v Linear layers have `bias=True`, o_proj `bias=False` (Qwen2Attention.__init__); config.json
-  has no `attention_bias` key.
-- llama, mistral, qwen3, olmo2, granite: `bias=config.attention_bias` on q/k/v/o; MLP `bias=config.mlp_bias`.
-- qwen3, gemma3: `q_norm`/`k_norm` RMSNorm(head_dim) per layer.
-- gemma2, gemma3: four RMSNorms per layer (input, post_attention, pre_feedforward, post_feedforward).
-- phi3: fused `qkv_proj` (H -> (nh + 2 kv) hd) and `gate_up_proj` (H -> 2 I), no biases.
+The per-family flags (biases, q/k norms, norms per layer, fused projections, tied default) come from the family
+table in `models/families.py`, each with its transformers v5 source; llama, mistral, qwen3, olmo2 and granite
+take `bias=config.attention_bias` on q/k/v/o and `bias=config.mlp_bias` on the MLP.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from ..errors import CatalogError
+from ..io import join_problems
 from ..schema import Arch
+from .families import FAMILIES, family_of
 
-__all__ = ["LinearSpec", "arch_from_config", "layer_linears", "param_counts", "SUPPORTED_MODEL_TYPES"]
+__all__ = ["LinearSpec", "arch_from_config", "validate_config", "layer_linears", "param_counts",
+           "SUPPORTED_MODEL_TYPES"]
 
-# Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP).
-SUPPORTED_MODEL_TYPES = ("gemma", "gemma2", "gemma3", "gemma3_text", "granite", "llama", "mistral", "phi3",
-                         "qwen2", "qwen3")
-# transformers v5 config classes: `tie_word_embeddings` defaults to True only for the Gemma family
-# (GemmaConfig, Gemma2Config, Gemma3TextConfig); LlamaConfig, Qwen2Config, Qwen3Config, MistralConfig,
-# Phi3Config and GraniteConfig default to False.
-_TIED_BY_DEFAULT = ("gemma", "gemma2", "gemma3")
+# Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP): the family table.
+SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -46,67 +41,126 @@ class LinearSpec:
         return self.in_features * self.out_features
 
 
-def _dtype(cfg: dict[str, Any]) -> str:
-    # transformers v5 writes `dtype`, v4 wrote `torch_dtype`; with neither, from_pretrained(torch_dtype="auto")
-    # falls back to torch's default float32.
-    value = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    if value not in ("bfloat16", "float16", "float32"):
-        raise CatalogError(f"config.json dtype {value!r} is not one of bfloat16, float16, float32. Fix the config file.")
-    return value
+# The fields trainfit reads from config.json: (required, upper bound). The bounds sit 8-60x above the largest
+# published dense decoders (Llama-3.1-405B: hidden 16384, intermediate 53248, 126 layers, 128 heads; Gemma 3:
+# vocab 262144, head_dim 256; Llama 4: 10,485,760 positions), so no real model is refused, and every product
+# the memory model forms stays far inside 64 bits.
+_INT_FIELDS: dict[str, tuple[bool, int]] = {
+    "hidden_size": (True, 1 << 17),
+    "intermediate_size": (True, 1 << 20),
+    "num_hidden_layers": (True, 1024),
+    "num_attention_heads": (True, 4096),
+    "num_key_value_heads": (False, 4096),
+    "head_dim": (False, 4096),
+    "vocab_size": (True, 1 << 24),
+    "max_position_embeddings": (False, 1 << 30),
+}
+_BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
+_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def _show(v: Any) -> str:
+    text = json.dumps(v) if isinstance(v, (str, bool, type(None))) else repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def validate_config(cfg: dict[str, Any]) -> list[str]:
+    """Everything wrong with the fields trainfit reads from a config.json (empty when it can be modelled): types,
+    ranges, the divisibility the attention layout needs, the model type and dtype."""
+    problems: list[str] = []
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        problems.append(f"model_type {_show(model_type)} is not modelled "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    ints: dict[str, int] = {}
+    for key, (required, hi) in _INT_FIELDS.items():
+        v = cfg.get(key)
+        if v is None:
+            if required:
+                problems.append(f"{key} is missing" if key not in cfg else f"{key} is null")
+        elif isinstance(v, bool) or not isinstance(v, int):
+            problems.append(f"{key} must be a whole number, found {_show(v)}")
+        elif not 0 < v <= hi:
+            problems.append(f"{key} must be between 1 and {hi:,}, found {v}")
+        else:
+            ints[key] = v
+    h, nh, nkv = ints.get("hidden_size"), ints.get("num_attention_heads"), ints.get("num_key_value_heads")
+    if h and nh and cfg.get("head_dim") is None and h % nh:
+        problems.append(f"hidden_size {h} is not divisible by num_attention_heads {nh} (and no head_dim is given)")
+    if nh and nkv and nh % nkv:
+        problems.append(f"num_attention_heads {nh} is not divisible by num_key_value_heads {nkv}")
+    for key in _BOOL_FIELDS:
+        if cfg.get(key) is not None and not isinstance(cfg[key], bool):
+            problems.append(f"{key} must be true or false, found {_show(cfg[key])}")
+    for key in ("dtype", "torch_dtype"):
+        if cfg.get(key) is not None and cfg[key] not in _DTYPES:
+            problems.append(f"{key} {_show(cfg[key])} is not one of {', '.join(_DTYPES)}")
+    for key in ("hidden_act", "hidden_activation"):
+        if cfg.get(key) is not None and not isinstance(cfg[key], str):
+            problems.append(f"{key} must be a string, found {_show(cfg[key])}")
+    cap = cfg.get("final_logit_softcapping")
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1e6):
+        problems.append(f"final_logit_softcapping must be a positive number or null, found {_show(cap)}")
+    return problems
 
 
 def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
-    """Build an `Arch` from a Hugging Face `config.json` dict (multimodal configs: their `text_config`)."""
-    if "text_config" in cfg and isinstance(cfg["text_config"], dict) and "hidden_size" in cfg["text_config"]:
+    """Build an `Arch` from a Hugging Face `config.json` dict (multimodal configs: their `text_config`). Every
+    problem of the fields it reads is reported at once (CatalogError)."""
+    if not isinstance(cfg, dict):
+        raise CatalogError(f"{name}: config.json is not a JSON object. "
+                           "Pass the config.json of a decoder-only causal LM.")
+    if isinstance(cfg.get("text_config"), dict) and "hidden_size" in cfg["text_config"]:
         outer = cfg
         cfg = {**cfg["text_config"]}
         cfg.setdefault("model_type", outer.get("model_type", ""))
         for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
             if key not in cfg and key in outer:
                 cfg[key] = outer[key]
-    model_type = str(cfg.get("model_type", ""))
-    family = model_type.replace("_text", "")
+    model_type = cfg.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CatalogError(
-            f"{name}: model_type {model_type!r} is not modelled. Supported: {', '.join(SUPPORTED_MODEL_TYPES)}."
+            f"{name}: model_type {_show(model_type)} is not modelled. Use a model of a supported type "
+            f"({', '.join(SUPPORTED_MODEL_TYPES)}), or run `trainfit models` for the catalog."
         )
     if any(cfg.get(k) for k in _MOE_KEYS):
         raise CatalogError(
             f"{name}: mixture-of-experts models ({model_type}) are not modelled yet. Use a dense decoder-only model."
         )
-    missing = [k for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
-               if k not in cfg]
-    if missing:
-        raise CatalogError(
-            f"{name}: config.json lacks {', '.join(missing)}. Pass the config.json of a decoder-only causal LM."
-        )
-    h = int(cfg["hidden_size"])
-    nh = int(cfg["num_attention_heads"])
-    head_dim = cfg.get("head_dim") or h // nh
-    attention_bias = bool(cfg.get("attention_bias", False))
-    qkv_bias = True if family == "qwen2" else attention_bias
-    o_bias = False if family == "qwen2" else attention_bias
+    problems = validate_config(cfg)
+    if problems:
+        raise CatalogError(f"{name}: config.json {join_problems(problems)}. Fix these fields (copy them from the "
+                           "model's Hugging Face config.json), or pass the config.json of a decoder-only causal LM.")
+    fam = family_of(model_type)
+    h = cfg["hidden_size"]
+    nh = cfg["num_attention_heads"]
+    attention_bias = bool(cfg.get("attention_bias") or False)
+    qkv_bias = True if fam.qwen2_biases else attention_bias
+    o_bias = False if fam.qwen2_biases else attention_bias
+    tied = cfg.get("tie_word_embeddings")
     return Arch(
         name=name,
         model_type=model_type,
         hidden_size=h,
-        intermediate_size=int(cfg["intermediate_size"]),
-        num_hidden_layers=int(cfg["num_hidden_layers"]),
+        intermediate_size=cfg["intermediate_size"],
+        num_hidden_layers=cfg["num_hidden_layers"],
         num_attention_heads=nh,
-        num_key_value_heads=int(cfg.get("num_key_value_heads") or nh),
-        head_dim=int(head_dim),
-        vocab_size=int(cfg["vocab_size"]),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", family in _TIED_BY_DEFAULT)),
-        max_position_embeddings=int(cfg["max_position_embeddings"]) if cfg.get("max_position_embeddings") else None,
-        hidden_act=str(cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu"),
-        torch_dtype=_dtype(cfg),
+        num_key_value_heads=cfg.get("num_key_value_heads") or nh,
+        head_dim=cfg.get("head_dim") or h // nh,
+        vocab_size=cfg["vocab_size"],
+        tie_word_embeddings=fam.tied_by_default if tied is None else tied,
+        max_position_embeddings=cfg.get("max_position_embeddings") or None,
+        hidden_act=cfg.get("hidden_act") or cfg.get("hidden_activation") or "silu",
+        # transformers v5 writes `dtype`, v4 wrote `torch_dtype`; with neither, from_pretrained(torch_dtype="auto")
+        # falls back to torch's default float32.
+        torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype") or "float32",
         qkv_bias=qkv_bias,
         o_bias=o_bias,
-        mlp_bias=bool(cfg.get("mlp_bias", False)),
-        qk_norm=family in ("qwen3", "gemma3"),
-        norms_per_layer=4 if family in ("gemma2", "gemma3") else 2,
-        fused_qkv=family == "phi3",
-        fused_gate_up=family == "phi3",
+        mlp_bias=bool(cfg.get("mlp_bias") or False),
+        qk_norm=fam.qk_norm,
+        norms_per_layer=fam.norms_per_layer,
+        fused_qkv=fam.fused,
+        fused_gate_up=fam.fused,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         source=source,
     )

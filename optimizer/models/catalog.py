@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-import json
+import os
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from ..errors import CatalogError
+from ..io import read_json, shown
 from ..schema import Arch, GpuSpec
 from .arch import arch_from_config
 
@@ -60,7 +61,7 @@ def get_gpu(gpu_id: str) -> GpuSpec:
         return table[gpu_id]
     near = _closest(gpu_id, list(table))
     hint = f" Closest: {near}." if near else ""
-    raise CatalogError(f"unknown GPU {gpu_id!r}.{hint} Run `trainfit gpus` for the list.")
+    raise CatalogError(f"unknown GPU {shown(gpu_id)}.{hint} Run `trainfit gpus` for the list.")
 
 
 def resolve_arch(model: str) -> Arch:
@@ -71,23 +72,13 @@ def resolve_arch(model: str) -> Arch:
     lowered = {k.lower(): k for k in table}
     if model.lower() in lowered:
         return table[lowered[model.lower()]]
-    path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise CatalogError(f"folder {model!r} holds no config.json. Point --model at a model folder or a config.json.")
-    if path.is_file():
-        try:
-            cfg = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise CatalogError(f"cannot read {str(path)!r} as JSON ({exc}). Pass a Hugging Face config.json.") from None
-        if not isinstance(cfg, dict):
-            raise CatalogError(f"{str(path)!r} is not a JSON object. Pass a Hugging Face config.json.")
-        return arch_from_config(cfg, str(path), source=f"read from {path}")
+    path = _config_path(model)
+    if path is not None:
+        return arch_from_config(_read_config(path), str(path), source=f"read from {path}")
     near = _closest(model, list(table))
     hint = f" Closest: {near}." if near else ""
     raise CatalogError(
-        f"unknown model {model!r}: not a catalog id and no such file.{hint} "
+        f"unknown model {shown(model)}: not a catalog id and no such file.{hint} "
         "Run `trainfit models`, or pass a path to a config.json."
     )
 
@@ -99,7 +90,28 @@ def resolve_config(model: str) -> dict[str, Any]:
     if model.lower() in lowered:
         return dict(table[lowered[model.lower()]]["config"])
     resolve_arch(model)  # raises the same errors as the estimate path
+    path = _config_path(model)
+    assert path is not None  # resolve_arch found it
+    return _read_config(path)
+
+
+def _config_path(model: str) -> Path | None:
+    """The config.json `model` names (a file, or a folder holding one), or None when nothing is at that path."""
     path = Path(model).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        if path.is_dir():
+            path = path / "config.json"
+            if not os.path.lexists(path):
+                raise CatalogError(f"folder {shown(model)} holds no config.json. Point --model at a model folder or a "
+                                   "config.json.")
+        return path if os.path.lexists(path) else None
+    except (OSError, ValueError):  # a name too long or with a NUL byte: not a path
+        return None
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    what = "a Hugging Face config.json (or its model folder)"
+    cfg = read_json(path, error=CatalogError, what=what, fix=f"Fix the syntax, or pass {what}.")
+    if not isinstance(cfg, dict):
+        raise CatalogError(f"{str(path)!r} is not a JSON object. Pass a Hugging Face config.json.")
+    return cfg

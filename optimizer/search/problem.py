@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ProblemError
-from ..io import read_mapping
+from ..io import join_problems, read_mapping
 from ..memory import DEFAULT_MARGIN
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
@@ -30,7 +30,8 @@ class DatasetSummary(BaseModel):
         "Give at least the 50th and 100th; more points make the coverage estimate better."
     )
     response_token_share: float = Field(
-        default=0.5, gt=0, le=1, description="Share of a sample's tokens that are the supervised response."
+        default=0.5, gt=0, le=1, allow_inf_nan=False,
+        description="Share of a sample's tokens that are the supervised response."
     )
 
     @model_validator(mode="after")
@@ -66,9 +67,11 @@ class DatasetSpec(BaseModel):
 class CustomGpu(BaseModel):
     model_config = _STRICT
     name: str = Field(description="A name for the card.")
-    memory_mib: int = Field(gt=0, description="Total memory as nvidia-smi reports it, MiB.")
-    bf16_tflops: float = Field(gt=0, description="Dense BF16 (or FP16) tensor TFLOPS.")
-    bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth, GB/s.")
+    # Ranges: 10-100x around real cards (B200: about 2,250 dense BF16 TFLOPS, 8,000 GB/s, 180 GB; a GT 1030:
+    # 1 TFLOPS, 48 GB/s, 2 GB), so no real card is refused and no time rounds to 0 s or overflows.
+    memory_mib: int = Field(gt=0, le=1 << 24, description="Total memory as nvidia-smi reports it, MiB (<= 16 TiB).")
+    bf16_tflops: float = Field(ge=0.01, le=1e5, allow_inf_nan=False, description="Dense BF16 (or FP16) tensor TFLOPS.")
+    bandwidth_gbps: float = Field(ge=1, le=1e6, allow_inf_nan=False, description="Memory bandwidth, GB/s.")
     bf16: bool = Field(default=True, description="Supports bfloat16.")
     flash_attn2: Literal["yes", "no", "experimental"] = Field(default="no", description="FlashAttention-2 support.")
     compute_capability: str = Field(default="8.0", description="CUDA compute capability.")
@@ -106,9 +109,9 @@ class SearchSpace(BaseModel):
 
 class Objective(BaseModel):
     model_config = _STRICT
-    num_train_epochs: float | None = Field(default=None, gt=0, description="Epochs (time objective and configs); "
+    num_train_epochs: float | None = Field(default=None, ge=0.001, le=10_000, allow_inf_nan=False, description="Epochs (time objective and configs); "
                                            "null: the recipe for the data size (search/quality.py recipe_epochs).")
-    max_hours: float | None = Field(default=None, gt=0, description="Time budget: the recommendation trains within "
+    max_hours: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False, description="Time budget: the recommendation trains within "
                                     "it when any front point does.")
     prefer: Literal["quality", "balanced", "speed"] = Field(
         default="balanced", description="Which front point to recommend: the best score (quality), the fastest point "
@@ -128,7 +131,8 @@ class Problem(BaseModel):
     trainer: Literal["llamafactory"] = Field(default="llamafactory", description="The trainer the configs are for.")
     dataset: DatasetSpec = Field(description="The training data.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="The search space.")
-    margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1, description="Share of the GPU's memory kept free. It applies to the "
+    margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1, allow_inf_nan=False,
+                          description="Share of the GPU's memory kept free. It applies to the "
                           "device peak (what nvidia-smi shows: reserved + CUDA context).")
     objective: Objective = Field(default_factory=Objective, description="Objective settings.")
 
@@ -149,4 +153,4 @@ def load_problem(path: str | Path) -> tuple[Problem, Path]:
             loc = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].replace("Value error, ", "")
             msgs.append(f"{loc}: {msg}")
-        raise ProblemError(f"{path}: " + "; ".join(msgs) + ". Fix the problem file.") from None
+        raise ProblemError(f"{path}: " + join_problems(msgs) + ". Fix the problem file.") from None
