@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ProblemError
 from ..memory import budget_bytes, count_params, estimate
+from ..memory.terms import TermMemo, memoized
 from ..models import catalog
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec, Plan
@@ -47,7 +48,8 @@ class Instance:
     quality_cache: dict[tuple, int] = field(default_factory=dict)
     summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
     lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
-    evaluated: int = 0
+    evaluated: int = 0  # estimates (plans judged by the memory model)
+    terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
 
@@ -216,6 +218,14 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     # the second micro-batch on), so each setting is judged once per class present: 1, and the smallest value > 1
     accums = domains["gradient_accumulation_steps"]
     classes = ([1] if 1 in accums else []) + ([min(a for a in accums if a > 1)] if any(a > 1 for a in accums) else [])
+    with memoized(inst.terms):
+        _settings(inst, domains, outer, cutoffs, batches, classes)
+    inst.combos.sort(key=lambda c: c.index)
+    return inst
+
+
+def _settings(inst: Instance, domains: dict, outer: list[str], cutoffs: list[int], batches: list[int],
+              classes: list[int]) -> None:
     seen_full = set()
     for vals in itertools.product(*(domains[k] for k in outer)):
         knobs = dict(zip(outer, vals))
@@ -233,8 +243,6 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
             for batch in batches:
                 if (cutoff, batch) in single or (cutoff, batch) in accumulated:
                     _add_combo(inst, knobs, cutoff, batch, (cutoff, batch) in single, (cutoff, batch) in accumulated)
-    inst.combos.sort(key=lambda c: c.index)
-    return inst
 
 
 # What one solve handles: memory settings (memory knobs without accumulation and max_samples; each costs a few
