@@ -11,13 +11,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from optimizer.errors import ProblemError
 from optimizer.models.catalog import gpus, models
 from optimizer.search.batch import expand, run_batch
 from optimizer.search.brute import solve_brute
 from optimizer.search.cpsat import solve_cpsat
 from optimizer.search.problem import DatasetSpec, DatasetSummary, Problem, SearchSpace, load_problem
 from optimizer.search.solve import solve_problem
-from optimizer.search.space import build_instance
+from optimizer.search.space import build_instance, space_size
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +29,10 @@ def shipped() -> None:
         problem, base = load_problem(f)
         t = time.perf_counter()
         res = solve_problem(problem, base)
-        print(f"  {f.name:36s} {time.perf_counter() - t:6.2f} s  front {len(res.front):3d}  plans evaluated {res.evaluated_plans}")
+        dt = time.perf_counter() - t
+        ev = build_instance(problem, base).terms.evaluations
+        print(f"  {f.name:36s} {dt:6.2f} s  layer walks {ev['layer']:4d} heads {ev['head']:4d}  "
+              f"front {len(res.front):3d}  plans evaluated {res.evaluated_plans}")
 
 
 def batch(n_models: int, n_gpus: int) -> None:
@@ -45,38 +49,59 @@ def batch(n_models: int, n_gpus: int) -> None:
 
 
 def growing() -> None:
-    print("CP-SAT vs brute force on growing spaces (same instance tables; time after the tables are built):")
-    data = DatasetSpec(summary=DatasetSummary(num_samples=2000, token_length_percentiles={50: 400, 90: 1500, 100: 4000}))
+    """Spaces from ~10^4 to ~10^9 plans: size, memory-model work (estimates and component evaluations,
+    memory/terms.py), CP-SAT and brute-force time (brute skipped above 10^7 points), or the up-front refusal."""
+    print("scaling (Llama-3.1-8B on an RTX 4090; times after the tables are built):")
+    data = DatasetSpec(summary=DatasetSummary(num_samples=2000,
+                                              token_length_percentiles={50: 400, 90: 1500, 100: 4000}))
+    wide = dict(lora_rank=[4, 8, 16, 32, 64, 128], cutoff_len=[128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096],
+                per_device_train_batch_size=[1, 2, 4, 8, 16], gradient_accumulation_steps=[1, 2, 4, 8, 16, 32],
+                max_samples=[None, 500, 1000], finetuning_type=["lora", "qlora4", "qlora8"],
+                optim=["adamw_torch", "adamw_torch_fused", "adamw_8bit"])
     ladders = [
-        dict(lora_rank=[8], lora_target=["all"], cutoff_len=[512, 1024], per_device_train_batch_size=[1, 2],
-             gradient_accumulation_steps=[1, 8], finetuning_type=["lora"], optim=["adamw_torch_fused"],
-             enable_liger_kernel=[False], gradient_checkpointing=[True]),
         dict(lora_rank=[8, 16], lora_target=["mlp", "all"], cutoff_len=[256, 512, 1024, 2048],
-             per_device_train_batch_size=[1, 2, 4], gradient_accumulation_steps=[1, 4, 16], finetuning_type=["lora", "qlora4"]),
+             per_device_train_batch_size=[1, 2, 4], gradient_accumulation_steps=[1, 4, 16],
+             finetuning_type=["lora", "qlora4"]),
         dict(),  # the default search space
-        dict(lora_rank=[4, 8, 16, 32, 64, 128], cutoff_len=[128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096],
-             per_device_train_batch_size=[1, 2, 4, 8, 16], gradient_accumulation_steps=[1, 2, 4, 8, 16, 32],
-             max_samples=[None, 500, 1000], finetuning_type=["lora", "qlora4", "qlora8"],
-             optim=["adamw_torch", "adamw_torch_fused", "adamw_8bit"]),
+        wide,
+        {**wide, "max_samples": [None, 250, 500, 1000, 1500], "flash_attn": ["auto", "sdpa", "disabled"],
+         "finetuning_type": ["lora", "qlora4", "qlora8", "full"], "optim": ["adamw_torch", "adamw_torch_fused",
+                                                                            "adamw_8bit", "paged_adamw_8bit"]},
+        {**wide, "lora_rank": [2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256],
+         "cutoff_len": list(range(128, 4097, 128)), "per_device_train_batch_size": list(range(1, 17)),
+         "max_samples": [None, 100, 250, 500, 750, 1000, 1250, 1500, 1750, 1900],
+         "flash_attn": ["auto", "sdpa", "disabled"], "finetuning_type": ["lora", "qlora4", "qlora8", "full"],
+         "optim": ["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]},
     ]
-    print(f"  {'points':>10s} {'feasible':>9s} {'front':>6s} {'brute s':>8s} {'cpsat s':>8s} {'ratio':>7s} equal")
+    print(f"  {'plans':>13s} {'settings':>9s} {'estimates':>9s} {'walks':>6s} {'heads':>6s} {'build s':>8s} "
+          f"{'front':>5s} {'brute s':>8s} {'cpsat s':>8s} equal")
     for space in ladders:
         p = Problem(name="g", model="meta-llama/Llama-3.1-8B-Instruct", gpu="rtx-4090", dataset=data,
                     search=SearchSpace(**space))
-        inst = build_instance(p)
-        d = inst.domains
-        points = len(inst.combos) * len(d["gradient_accumulation_steps"]) * len(d["max_samples"])
         total = 1
-        for _k, v in d.items():
+        for v in SearchSpace(**space).model_dump().values():
             total *= len(v)
         t = time.perf_counter()
-        fb = solve_brute(inst)
-        tb = time.perf_counter() - t
+        try:
+            inst = build_instance(p)
+        except ProblemError as exc:
+            print(f"  {total:13,d} refused up front in {time.perf_counter() - t:.2f} s: {exc}")
+            continue
+        tbuild = time.perf_counter() - t
+        settings, points = space_size(inst.domains)
+        ev = inst.terms.evaluations
         t = time.perf_counter()
         fc = solve_cpsat(inst)
         tc = time.perf_counter() - t
-        same = [x[:3] for x in fb] == [x[:3] for x in fc]
-        print(f"  {total:10,d} {points:9,d} {len(fc):6d} {tb:8.3f} {tc:8.3f} {tc / max(tb, 1e-9):6.1f}x {same}")
+        if points <= 10**7:
+            t = time.perf_counter()
+            fb = solve_brute(inst)
+            tb = f"{time.perf_counter() - t:8.3f}"
+            same = str([x[:3] for x in fb] == [x[:3] for x in fc])
+        else:
+            tb, same = f"{'-':>8s}", "-"
+        print(f"  {total:13,d} {settings:9,d} {inst.evaluated:9,d} {ev['layer']:6,d} {ev['head']:6,d} {tbuild:8.2f} "
+              f"{len(fc):5d} {tb} {tc:8.3f} {same}")
 
 
 if __name__ == "__main__":

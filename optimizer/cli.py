@@ -383,6 +383,8 @@ def solve(
     force: bool = typer.Option(False, "--force", help="Overwrite configs that exist with other content."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
     jobs: int = typer.Option(0, "--jobs", min=0, help="Parallel solves for several problems (0 = one per CPU)."),
+    timings: bool = typer.Option(False, "--timings", help="Report the solve's wall time (solve_s; otherwise the "
+                                 "output is byte-identical run to run)."),
 ) -> None:
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
     from .llamafactory.configs import config_files, write_configs
@@ -410,13 +412,13 @@ def solve(
 
         try:
             with _calibrated(problem.gpu if isinstance(problem.gpu, str) else None):
-                result = solve_problem(problem, base, solver.value)
+                result = solve_problem(problem, base, solver.value, timings)
         except TrainfitError as exc:
             _fail(exc)
             return
         results = [(path, problem, base, result, None)]
     else:
-        results = run_batch(items, solver.value, jobs)
+        results = run_batch(items, solver.value, jobs, timings)
     if write:
         try:
             for path, problem, base, result, _err in results:

@@ -149,7 +149,8 @@ def front_table(result) -> str:
                  "kept at cutoff_len")
     proof = "proven optimal" if result.proven_optimal else "NOT proven optimal (time limit hit)"
     lines.append(f"front: {len(result.front)} points, {proof} ({result.method}), {result.evaluated_plans} plans "
-                 f"evaluated by the memory model, {result.solve_s:.1f} s; peak = device peak (nvidia-smi)")
+                 f"evaluated by the memory model" + (f", {result.solve_s:.1f} s" if result.solve_s is not None else "")
+                 + "; peak = device peak (nvidia-smi)")
     for n in result.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)

@@ -176,3 +176,46 @@ def test_reference_recommendation_keeps_the_supervised_tokens():
     assert res.data_lengths == sorted(res.data_lengths) and len(res.data_lengths) == res.num_samples
     assert list(res.cutoff_coverage) == sorted(problem.search.cutoff_len)
     assert all(0 < v <= 1 for v in res.cutoff_coverage.values())
+
+
+def test_accumulation_is_exact_a_setting_that_fits_only_without_accumulation_is_kept():
+    """Memory depends on accumulation only through `> 1` (accumulated gradients live): a setting that fits at
+    accumulation 1 but not above is kept for accumulation 1 only (it used to be dropped: every setting was judged at
+    the domain's largest accumulation)."""
+    p = _problem(gpu=CustomGpu(name="c", memory_mib=12000, bf16_tflops=60, bandwidth_gbps=500),
+                 finetuning_type=["full"], cutoff_len=[256, 512, 1024, 2048], per_device_train_batch_size=[1, 2, 4],
+                 gradient_accumulation_steps=[1, 8], optim=["adamw_torch"], enable_liger_kernel=[False])
+    inst = build_instance(p)
+    only_single = [c for c in inst.combos if c.fits_single and not c.fits_accumulated]
+    assert only_single
+    for c in inst.combos:
+        for accum in (1, 8):
+            plan = s_plan(inst, c, accum)
+            assert (estimate(inst.arch, plan).device_peak_bytes <= inst.budget_bytes) == c.allows(accum)
+    from optimizer.search.brute import all_points
+
+    accums = {pos_accum[1] for *_, pos_accum in all_points(inst) if inst.combos[pos_accum[0]] in only_single}
+    assert accums == {1}
+    assert [(q, t, k) for q, t, k, _ in solve_cpsat(inst)] == [(q, t, k) for q, t, k, _ in solve_brute(inst)]
+
+
+def s_plan(inst, c, accum):
+    from optimizer.search.space import plan_fields, plan_for
+
+    return plan_for(inst.arch, inst.gpu, {**c.knobs(), "gradient_accumulation_steps": accum},
+                    plan_fields(inst, c.finetuning_type, c.lora_rank))
+
+
+def test_a_space_too_large_is_refused_up_front_with_its_size_and_what_to_pin():
+    p = _problem(lora_rank=list(range(1, 65)), cutoff_len=list(range(64, 4096, 64)),
+                 per_device_train_batch_size=list(range(1, 33)), optim=["adamw_torch", "adamw_8bit"])
+    with pytest.raises(ProblemError) as err:
+        build_instance(p)
+    msg = str(err.value)
+    assert msg.startswith("the search space has ") and "more than one solve handles" in msg
+    assert "lora_rank (64 values)" in msg and "cutoff_len (63 values)" in msg
+
+
+def test_solve_reports_wall_time_only_when_asked():
+    assert solve_problem(_problem()).solve_s is None
+    assert solve_problem(_problem(), timings=True).solve_s >= 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextvars import ContextVar
+
 from ..models.arch import layer_linears
 from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
 from ..units import MIB, alloc_bytes
@@ -23,6 +25,16 @@ from .static import (
 # The step, phase by phase
 # ---------------------------------------------------------------------------------------------------
 
+# memory/terms.py's hook: inside `terms.memoized()` each component below is computed once per setting of the knobs it
+# declares (terms.COMPONENTS); outside it (the default) every call computes, so the numbers are the same either way.
+_MEMO: ContextVar = ContextVar("trainfit_term_memo", default=None)
+
+
+def _part(name: str, st: Setting, plan: Plan, fn):
+    memo = _MEMO.get()
+    return fn() if memo is None else memo.get(name, st, plan, fn)
+
+
 def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
@@ -32,16 +44,17 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     st = setting_for(arch, plan)
     L = arch.num_hidden_layers
     N = st.tokens
-    weights = base_weight_bytes(arch, st)
-    adapters = adapter_bytes(arch, plan, st)
-    states = optimizer_state_bytes(arch, plan, st)
-    grads = grad_bytes(arch, plan, st)
-    opt_tmp = optimizer_step_temp_bytes(arch, plan, st)
+    weights = _part("weights", st, plan, lambda: base_weight_bytes(arch, st))
+    adapters = _part("adapters", st, plan, lambda: adapter_bytes(arch, plan, st))
+    states = _part("optimizer_states", st, plan, lambda: optimizer_state_bytes(arch, plan, st))
+    grads = _part("grads", st, plan, lambda: grad_bytes(arch, plan, st))
+    opt_tmp = _part("optimizer_step_temporaries", st, plan, lambda: optimizer_step_temp_bytes(arch, plan, st))
     workspace = CUBLAS_WORKSPACE_BYTES
-    shared = shared_forward_bytes(arch, st)
-    lay = layer_forward(arch, st)
-    lay_ng = layer_forward(arch, st, no_grad=True) if st.gc and plan.use_reentrant_gc else lay
-    head = head_activations(arch, plan, st)
+    shared = _part("activations_shared", st, plan, lambda: shared_forward_bytes(arch, st))
+    lay = _part("layer", st, plan, lambda: layer_forward(arch, st))
+    lay_ng = (_part("layer_no_grad", st, plan, lambda: layer_forward(arch, st, no_grad=True))
+              if st.gc and plan.use_reentrant_gc else lay)
+    head = _part("head", st, plan, lambda: head_activations(arch, plan, st))
     ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
     if st.gc:
         acts_all = L * ckpt
@@ -184,10 +197,10 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     ))
     phases = [forward, loss, backward, optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
-    trainable, all_params = count_params(arch, plan)
+    trainable, all_params = _part("params", st, plan, lambda: count_params(arch, plan))
     large = large_blocks_at(arch, plan, peak.kind)
     reserved = reserved_bytes(peak.total_bytes, large)
-    paged = paged_state_bytes(arch, plan, st)
+    paged = _part("paged_states", st, plan, lambda: paged_state_bytes(arch, plan, st))
     notes = _notes(arch, plan, st, grads)
     return Estimate(
         arch=arch.name,

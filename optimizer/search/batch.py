@@ -38,19 +38,19 @@ def expand(loaded: list[tuple[str, Problem, Path]], models: list[str], gpus: lis
 
 
 def _solve_one(args):
-    problem_json, base, method = args
+    problem_json, base, method, timings = args
     problem = Problem.model_validate_json(problem_json)
     try:
-        return solve_problem(problem, Path(base) if base else None, method).model_dump_json(), None
+        return solve_problem(problem, Path(base) if base else None, method, timings).model_dump_json(), None
     except TrainfitError as exc:
         return None, str(exc)
 
 
-def run_batch(items, method: str, jobs: int = 0):
+def run_batch(items, method: str, jobs: int = 0, timings: bool = False):
     """Solve in parallel processes with a progress line on stderr. [(path, problem, base, result|None, error|None)]"""
     workers = jobs or os.cpu_count() or 1
     results: list = [None] * len(items)
-    args = [(p.model_dump_json(), str(b) if b else None, method) for _, p, b in items]
+    args = [(p.model_dump_json(), str(b) if b else None, method, timings) for _, p, b in items]
     done = 0
     with ProcessPoolExecutor(max_workers=workers) as pool:
         futs = {pool.submit(_solve_one, a): i for i, a in enumerate(args)}

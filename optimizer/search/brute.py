@@ -23,6 +23,8 @@ def point_key(inst: Instance, combo_pos: int, accum: int, samples) -> tuple:
 def all_points(inst: Instance):
     d = inst.domains
     for pos, accum, samples in itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"]):
+        if not inst.combos[pos].allows(accum):
+            continue
         q, t = point_objectives(inst, inst.combos[pos], accum, samples)
         yield q, t, point_key(inst, pos, accum, samples), (pos, accum, samples)
 

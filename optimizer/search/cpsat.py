@@ -66,6 +66,8 @@ def _build(inst: Instance):
     for gi, (pos, gk) in enumerate(groups):
         c = inst.combos[pos]
         for ai, a in enumerate(accums):
+            if not c.allows(a):
+                continue
             for ni, n in enumerate(samples):
                 var = m.new_bool_var(f"x{gi}_{ai}_{ni}")
                 x[gi, a, n] = var

@@ -47,6 +47,14 @@ class Candidate:
     index: tuple[int, ...]  # positions in the instance's domains, MEM_KNOBS order (the tie-break key)
     micro_ms: int  # one micro-batch, ms (ceil)
     opt_ms: int  # one optimizer step, ms (ceil)
+    # memory depends on accumulation only through `gradient_accumulation_steps > 1` (the accumulated gradients are
+    # live: memory/step.py), so a setting fits with accumulation 1, with every value > 1, or both
+    fits_single: bool = True
+    fits_accumulated: bool = True
+
+    def allows(self, accumulation: int) -> bool:
+        """Does this memory setting fit at this accumulation?"""
+        return self.fits_accumulated if accumulation > 1 else self.fits_single
 
     def knobs(self) -> dict:
         """The memory knobs by name."""
@@ -55,7 +63,7 @@ class Candidate:
     def signature(self) -> tuple:
         """What both objectives depend on: candidates with equal signatures score equally at every point."""
         return (self.finetuning_type, self.lora_rank, self.lora_target, self.cutoff_len,
-                self.per_device_train_batch_size, self.micro_ms, self.opt_ms)
+                self.per_device_train_batch_size, self.micro_ms, self.opt_ms, self.fits_single, self.fits_accumulated)
 
 
 def micro_batches(epochs: float, samples: int, batch: int) -> int:

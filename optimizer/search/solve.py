@@ -81,7 +81,8 @@ class SolveResult(BaseModel):
     cutoff_coverage: dict[int, float] = Field(description="cutoff_len -> share of supervised (response) tokens kept.")
     evaluated_plans: int
     num_samples: int = Field(description="Training samples of the data (given or measured).")
-    solve_s: float
+    solve_s: float | None = Field(default=None, description="Wall seconds of the solve; only with `--timings` (it "
+                                  "differs every run, and the output is otherwise byte-identical).")
     notes: list[str]
 
 
@@ -97,7 +98,8 @@ def _infeasible(inst: Instance) -> InfeasibleError:
     )
 
 
-def solve_problem(problem: Problem, base: Path | None = None, method: str = "cpsat") -> SolveResult:
+def solve_problem(problem: Problem, base: Path | None = None, method: str = "cpsat",
+                  timings: bool = False) -> SolveResult:
     t0 = time.perf_counter()
     inst = build_instance(problem, base)
     if not inst.combos:
@@ -157,7 +159,7 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
         max_hours=obj.max_hours, prefer=obj.prefer, data_lengths=list(inst.lengths) if inst.lengths else None,
         cutoff_coverage={c: round(v, 4) for c, v in sorted(inst.coverage.items())},
         evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
-        solve_s=round(time.perf_counter() - t0, 3), notes=inst.notes + [time_band(inst.gpu)],
+        solve_s=round(time.perf_counter() - t0, 3) if timings else None, notes=inst.notes + [time_band(inst.gpu)],
     )
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ProblemError
 from ..memory import budget_bytes, count_params, estimate
+from ..memory.terms import TermMemo, memoized
 from ..models import catalog
 from ..models.arch import layer_linears
 from ..models.families import family_of
@@ -48,7 +49,8 @@ class Instance:
     quality_cache: dict[tuple, int] = field(default_factory=dict)
     summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
     lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
-    evaluated: int = 0
+    evaluated: int = 0  # estimates (plans judged by the memory model)
+    terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
 
@@ -212,6 +214,19 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
              "enable_liger_kernel"]
+    check_size(domains)
+    # memory depends on accumulation only through `> 1` (memory/step.py: the accumulated gradients are live from
+    # the second micro-batch on), so each setting is judged once per class present: 1, and the smallest value > 1
+    accums = domains["gradient_accumulation_steps"]
+    classes = ([1] if 1 in accums else []) + ([min(a for a in accums if a > 1)] if any(a > 1 for a in accums) else [])
+    with memoized(inst.terms):
+        _settings(inst, domains, outer, cutoffs, batches, classes)
+    inst.combos.sort(key=lambda c: c.index)
+    return inst
+
+
+def _settings(inst: Instance, domains: dict, outer: list[str], cutoffs: list[int], batches: list[int],
+              classes: list[int]) -> None:
     seen_full = set()
     for vals in itertools.product(*(domains[k] for k in outer)):
         knobs = dict(zip(outer, vals))
@@ -223,31 +238,67 @@ def build_instance(problem: Problem, base: Path | None = None) -> Instance:
             seen_full.add(key)
             knobs["lora_rank"] = None
             knobs["lora_target"] = None
-        _staircase(inst, knobs, cutoffs, batches)
-    inst.combos.sort(key=lambda c: c.index)
-    return inst
+        fit = {a: _staircase(inst, knobs, cutoffs, batches, a) for a in classes}
+        single, accumulated = fit.get(1, set()), (fit[classes[-1]] if classes[-1] > 1 else set())
+        for cutoff in cutoffs:
+            for batch in batches:
+                if (cutoff, batch) in single or (cutoff, batch) in accumulated:
+                    _add_combo(inst, knobs, cutoff, batch, (cutoff, batch) in single, (cutoff, batch) in accumulated)
 
 
-def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int]) -> None:
-    """Feasible (cutoff, batch) pairs for fixed other knobs. The peak is monotone in both (property-tested in
-    tests/test_memory.py), so the feasible set is a staircase: walk it with |C| + |B| estimates."""
+# What one solve handles: memory settings (memory knobs without accumulation and max_samples; each costs a few
+# memory-model terms and one table row) and points (settings x accumulation x max_samples: brute force enumerates
+# them, CP-SAT's model has one literal per objective group). Measured: 10^5 settings build in ~30 s and ~1 GiB
+# (python benchmarks/solve.py); a valid problem once reached 6 GiB in 38 s before this check existed (issue 16).
+MAX_SETTINGS = 200_000
+MAX_POINTS = 20_000_000
+
+
+def space_size(domains: dict[str, list]) -> tuple[int, int]:
+    """(memory settings, points) of the search space: full fine-tuning counts once for every rank and target."""
+    rest = 1
+    for k in ("cutoff_len", "per_device_train_batch_size", "gradient_checkpointing", "flash_attn", "optim",
+              "enable_liger_kernel"):
+        rest *= len(domains[k])
+    fts = domains["finetuning_type"]
+    lora = sum(1 for f in fts if f != "full") * len(domains["lora_rank"]) * len(domains["lora_target"])
+    settings = (lora + (1 if "full" in fts else 0)) * rest
+    return settings, settings * len(domains["gradient_accumulation_steps"]) * len(domains["max_samples"])
+
+
+def check_size(domains: dict[str, list]) -> None:
+    """Refuse a space larger than one solve handles, up front, with its size and the dimensions to pin."""
+    settings, points = space_size(domains)
+    if settings <= MAX_SETTINGS and points <= MAX_POINTS:
+        return
+    widest = sorted(((len(v), k) for k, v in domains.items() if len(v) > 1), reverse=True)[:4]
+    dims = ", ".join(f"{k} ({n} values)" for n, k in widest)
+    raise ProblemError(
+        f"the search space has {points:,} plans ({settings:,} memory settings), more than one solve handles "
+        f"({MAX_POINTS:,} plans, {MAX_SETTINGS:,} memory settings). Pin or shorten the widest dimensions in "
+        f"search: {dims}."
+    )
+
+
+def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int], accum: int) -> set[tuple]:
+    """Feasible (cutoff, batch) pairs for fixed other knobs and accumulation. The peak is monotone in both
+    (property-tested in tests/test_memory.py), so the feasible set is a staircase: walk it with |C| + |B|
+    estimates."""
+    out = set()
     j = len(batches) - 1
     for i in range(len(cutoffs)):
         while j >= 0:
-            est = _evaluate(inst, knobs, cutoffs[i], batches[j])
+            est = _evaluate(inst, knobs, cutoffs[i], batches[j], accum)
             if est.device_peak_bytes <= inst.budget_bytes:
                 break
             j -= 1
         if j < 0:
             break
-        for jj in range(j + 1):
-            _add_combo(inst, knobs, cutoffs[i], batches[jj])
+        out.update((cutoffs[i], batches[jj]) for jj in range(j + 1))
+    return out
 
 
-def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
-    # accumulation > 1 keeps the gradients live (memory.step): judge every combo by the domain's largest value,
-    # which bounds the others (conservative for accumulation 1 until the model makes accumulation a memory knob)
-    accum = max(inst.domains["gradient_accumulation_steps"])
+def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int, accum: int):
     plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch,
                                           "gradient_accumulation_steps": accum},
                     plan_fields(inst, knobs["finetuning_type"], knobs["lora_rank"]))
@@ -259,7 +310,7 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int):
     return est
 
 
-def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int) -> None:
+def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: bool, accumulated: bool) -> None:
     full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
     ft = knobs["finetuning_type"]
     plan = plan_for(inst.arch, inst.gpu, full, plan_fields(inst, ft, knobs["lora_rank"]))
@@ -278,5 +329,5 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int) -> None:
     )
     inst.combos.append(Candidate(
         **{k: full[k] for k in MEM_KNOBS}, index=index, micro_ms=math.ceil(micro_s * 1000),
-        opt_ms=math.ceil(opt_s * 1000),
+        opt_ms=math.ceil(opt_s * 1000), fits_single=single, fits_accumulated=accumulated,
     ))

@@ -1,0 +1,101 @@
+"""The memory model's structure: each component of a step's moments depends on a few knobs only.
+
+`estimate` (memory/step.py) stays the single source of truth: it builds every moment's peak as a sum of terms, and
+each term's bytes come from one component below (weights, adapters, optimizer states, a decoder layer's walk, the
+head...). A component is a function of the `Setting` fields and `Plan` fields it declares in COMPONENTS, nothing
+else; inside `memoized()` estimate computes each component once per distinct setting of those fields and reuses it
+for every plan that shares them. So a search over many plans runs the expensive parts (the layer walk, the head)
+over their own small sub-domains (finetuning type x rank x targets x attention x padded length x batch for the
+layer; type x attention x liger x length x batch for the head), never over the product of every knob; what is left
+per plan is the moments' sums, the max over moments and the allocator's rounding (memory/allocator.py), which are
+arithmetic.
+
+Exact by construction (the same code computes the same numbers), and checked: tests/test_terms.py runs every plan
+of the shipped problems through one shared memo and requires each Estimate to equal the plain one, byte for byte
+(a declaration that misses a field the component reads makes a reused value stale and fails it).
+
+SEARCH_KNOBS states the same structure in the search space's terms (search/space.py MEM_KNOBS): which knobs a
+component, and so each term built from it, depends on. The composition adds gradient checkpointing (which layer
+terms count: checkpoints or saved activations) and `gradient_accumulation_steps > 1` (accumulated gradients
+live), the only way accumulation reaches memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..schema import Plan
+from .precision import Setting
+from .step import _MEMO
+
+__all__ = ["COMPONENTS", "SEARCH_KNOBS", "TermMemo", "memoized"]
+
+# Setting fields fixed by the finetuning type (and the problem's precision flags): the dtypes and quantization.
+_DTYPES = ("amp", "c", "ckpt_w", "train_w", "embed_w", "norm_w", "stream", "lora_w", "full", "quant", "double_quant",
+           "gemma_norm", "mixed16", "fp16")
+_ADAPTER = ("targets", "rank")
+_TOKENS = ("seq", "batch")
+_PLAN_TRAINABLE = ("finetuning_type", "quantization_bit", "lora_rank", "lora_target", "additional_target")
+
+# component -> (Setting fields, Plan fields) it reads (memory/static.py, layer.py, autograd.py, head.py)
+COMPONENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "weights": (_DTYPES, ()),
+    "adapters": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE),
+    "grads": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE),
+    "params": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE),
+    "optimizer_states": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE + ("optim",)),
+    "paged_states": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE + ("optim",)),
+    "optimizer_step_temporaries": (_DTYPES + _ADAPTER, _PLAN_TRAINABLE + ("optim", "max_grad_norm")),
+    "activations_shared": (_DTYPES + ("attn",) + _TOKENS, ()),
+    # the layer walk reads every Setting field but gc (checkpointing only decides how step.py counts it)
+    "layer": (_DTYPES + _ADAPTER + ("attn", "lora_dropout") + _TOKENS, ()),
+    "layer_no_grad": (_DTYPES + _ADAPTER + ("attn", "lora_dropout") + _TOKENS, ()),
+    "head": (_DTYPES + ("attn",) + _TOKENS, ("enable_liger_kernel", "upcast_lmhead_output", "additional_target")),
+}
+
+# the same, in search knobs (lora_dropout is the recipe's, a function of the finetuning type)
+_T = ("finetuning_type", "lora_rank", "lora_target")
+_TOK = ("cutoff_len", "per_device_train_batch_size")
+SEARCH_KNOBS: dict[str, tuple[str, ...]] = {
+    "weights": ("finetuning_type",),
+    "adapters": _T, "grads": _T, "params": _T,
+    "optimizer_states": _T + ("optim",), "paged_states": _T + ("optim",),
+    "optimizer_step_temporaries": _T + ("optim",),
+    "activations_shared": ("finetuning_type", "flash_attn") + _TOK,
+    "layer": _T + ("flash_attn",) + _TOK, "layer_no_grad": _T + ("flash_attn",) + _TOK,
+    "head": ("finetuning_type", "flash_attn", "enable_liger_kernel") + _TOK,
+}
+
+
+class TermMemo:
+    """Components by (name, the fields they declare); `evaluations` counts the computations per component."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple, object] = {}
+        self.evaluations: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def get(self, name: str, st: Setting, plan: Plan, fn):
+        fields, plan_fields = COMPONENTS[name]
+        key = (name, tuple(getattr(st, f) for f in fields), tuple(getattr(plan, f) for f in plan_fields))
+        self.calls[name] += 1
+        try:
+            return self._values[key]
+        except KeyError:
+            self.evaluations[name] += 1
+            value = self._values[key] = fn()
+            return value
+
+
+@contextmanager
+def memoized(memo: TermMemo | None = None) -> Iterator[TermMemo]:
+    """Within the block, `estimate` computes each component once per setting of its declared fields. One memo holds
+    one model and one problem's fixed flags (the key leaves out what is fixed within a search: the arch)."""
+    memo = memo or TermMemo()
+    token = _MEMO.set(memo)
+    try:
+        yield memo
+    finally:
+        _MEMO.reset(token)
