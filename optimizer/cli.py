@@ -175,9 +175,11 @@ def estimate(
         _fail(exc)
         return
     if dist is not None:
-        from .distributed.report import dist_json, dist_table
+        from .distributed.report import dist_json, dist_table, launch_text
 
         typer.echo(dist_json(dist, spec, margin) if json_out else dist_table(dist, spec, margin))
+        if not json_out:
+            typer.echo(launch_text(plan, dist, config or "train.yaml"))
         return
     typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
 

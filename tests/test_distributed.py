@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from optimizer.cli import app
 from optimizer.distributed import DistSettings, comm_time_s, parse_engine, per_gpu
 from optimizer.errors import ConfigError
+from optimizer.llamafactory.launch import deepspeed_key, launch_command, launch_files
 from optimizer.models import catalog
 from optimizer.models.arch import param_counts
 from optimizer.schema import Plan
@@ -142,3 +147,97 @@ def test_fsdp2_oracle_runs_on_a_fake_process_group():
     cfg = catalog.resolve_config("Qwen/Qwen2.5-0.5B-Instruct")
     r = run_fake_rank(cfg, _plan(cutoff_len=256), "fsdp2", 4, layers=2)
     assert 0 < r["static_bytes"] < r["peak_allocated_bytes"]
+
+
+# --- launch files (optimizer/llamafactory/launch.py) against LLaMA-Factory's shipped examples and the schemas ---
+
+GOLDEN = Path(__file__).parent / "golden" / "llamafactory_launch"
+_DS_CASES = [("zero2", "none", "ds_z2_config.json"), ("zero2", "optimizer", "ds_z2_offload_config.json"),
+             ("zero3", "none", "ds_z3_config.json"), ("zero3", "params", "ds_z3_offload_config.json")]
+
+
+@pytest.mark.parametrize("engine, offload, golden", _DS_CASES)
+def test_deepspeed_json_is_llamafactorys_example(engine, offload, golden):
+    files = launch_files(_plan(), DistSettings(engine=engine, num_gpus=4, offload=offload), "out/run.yaml")
+    assert list(files) == [f"out/{golden}"]
+    assert json.loads(files[f"out/{golden}"]) == json.loads((GOLDEN / golden).read_text())
+
+
+def _fill_auto(cfg: dict, plan: Plan, world: int, hidden: int) -> dict:
+    """What transformers integrations/deepspeed.py::HfTrainerDeepSpeedConfig.trainer_config_process/_finalize write
+    over "auto" (batch sizes from the TrainingArguments, bucket sizes from hidden_size)."""
+    ga = plan.gradient_accumulation_steps
+    fill = {"train_batch_size": world * plan.per_device_train_batch_size * ga,
+            "train_micro_batch_size_per_gpu": plan.per_device_train_batch_size, "gradient_accumulation_steps": ga,
+            "gradient_clipping": 1.0, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+    def walk(d, key=None):
+        if isinstance(d, dict):
+            return {k: walk(v, k) for k, v in d.items()}
+        if d == "auto":
+            return fill.get(key, "auto")
+        return d
+    out = walk(cfg)
+    out["fp16"]["enabled"], out["bf16"]["enabled"] = bool(plan.fp16), bool(plan.bf16)
+    assert "auto" not in json.dumps(out)
+    return out
+
+
+@pytest.mark.parametrize("engine, offload", [("zero1", "none"), ("zero1", "optimizer"), ("zero2", "none"),
+                                             ("zero2", "optimizer"), ("zero3", "none"), ("zero3", "optimizer"),
+                                             ("zero3", "params")])
+def test_deepspeed_json_passes_deepspeeds_own_config_parser(engine, offload):
+    """deepspeed.runtime.config.DeepSpeedConfig parses the JSON with pydantic models that forbid unknown keys
+    (DeepSpeedConfigModel: extra="forbid") and reads the stage and the offload devices back."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    plan = _plan(gradient_accumulation_steps=4)
+    (text,) = launch_files(plan, DistSettings(engine=engine, num_gpus=4, offload=offload), "run.yaml").values()
+    # without a process group DeepSpeedConfig takes world size 1 and checks train_batch_size against it
+    cfg = ds_config.DeepSpeedConfig(_fill_auto(json.loads(text), plan, 1, 3584), mpu=None)
+    assert cfg.zero_optimization_stage == int(engine[-1])
+    assert (cfg.zero_config.offload_optimizer is not None) == (offload != "none")
+    assert (cfg.zero_config.offload_param is not None) == (offload == "params")
+    bad = json.loads(text)
+    bad["zero_optimization"]["stage3_max_live_params"] = 1  # a typo must not pass
+    with pytest.raises(Exception, match="stage3_max_live_params"):
+        ds_config.DeepSpeedConfig(_fill_auto(bad, plan, 1, 3584), mpu=None)
+
+
+@pytest.mark.parametrize("engine, offload, nodes, golden", [
+    ("fsdp", "none", 1, "fsdp_config.yaml"), ("fsdp", "params", 1, "fsdp_config_offload.yaml"),
+    ("fsdp2", "none", 1, "fsdp2_config.yaml"), ("fsdp", "none", 2, "fsdp_config_multiple_nodes.yaml")])
+def test_accelerate_config_is_llamafactorys_example_and_loads(engine, offload, nodes, golden, tmp_path):
+    cc = pytest.importorskip("accelerate.commands.config.config_args")
+    gpus = 2 if nodes == 1 else 16
+    files = launch_files(_plan(), DistSettings(engine=engine, num_gpus=gpus, nodes=nodes, offload=offload), "run.yaml")
+    ((name, text),) = files.items()
+    want = yaml.safe_load((GOLDEN / golden).read_text())
+    assert yaml.safe_load(text) == want
+    (tmp_path / name).write_text(text)
+    loaded = cc.ClusterConfig.from_yaml_file(str(tmp_path / name))  # unknown keys raise ValueError
+    assert loaded.num_processes == gpus and loaded.num_machines == nodes
+
+
+def test_launch_commands():
+    d = DistSettings
+    assert launch_command(d(engine="ddp", num_gpus=4), "cfg/a.yaml") == \
+        "FORCE_TORCHRUN=1 NPROC_PER_NODE=4 llamafactory-cli train cfg/a.yaml"
+    assert launch_command(d(engine="zero3", num_gpus=16, nodes=2), "a.yaml", node_rank=1) == (
+        "FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=192.168.0.1 MASTER_PORT=29500 NPROC_PER_NODE=8 "
+        "llamafactory-cli train a.yaml")
+    assert launch_command(d(engine="fsdp", num_gpus=2, offload="params"), "cfg/a.yaml") == \
+        "accelerate launch --config_file cfg/fsdp_config_offload.yaml src/train.py cfg/a.yaml"
+    assert deepspeed_key(d(engine="zero3", num_gpus=2), "cfg/a.yaml") == "cfg/ds_z3_config.json"
+    assert deepspeed_key(d(engine="fsdp", num_gpus=2), "cfg/a.yaml") is None
+    assert launch_files(_plan(), d(engine="ddp", num_gpus=2), "a.yaml") == {}
+
+
+def test_cli_estimate_prints_the_launch_command():
+    r = CliRunner().invoke(app, ["estimate", "-m", Q7, "--bf16", "--num-gpus", "8", "--nodes", "2", "--engine",
+                                 "zero3", "--offload", "params"])
+    assert r.exit_code == 0, r.output
+    assert ("Launch (node 0; the others with their NODE_RANK): FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=0 "
+            "MASTER_ADDR=192.168.0.1 MASTER_PORT=29500 NPROC_PER_NODE=4 llamafactory-cli train train.yaml") in r.output
+    assert "ds_z3_offload_config.json" in r.output
