@@ -238,6 +238,86 @@ def test_cli_estimate_prints_the_launch_command():
     r = CliRunner().invoke(app, ["estimate", "-m", Q7, "--bf16", "--num-gpus", "8", "--nodes", "2", "--engine",
                                  "zero3", "--offload", "params"])
     assert r.exit_code == 0, r.output
-    assert ("Launch (node 0; the others with their NODE_RANK): FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=0 "
+    assert ("Launch (node 0; the others with their NODE_RANK or --machine_rank): FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=0 "
             "MASTER_ADDR=192.168.0.1 MASTER_PORT=29500 NPROC_PER_NODE=4 llamafactory-cli train train.yaml") in r.output
     assert "ds_z3_offload_config.json" in r.output
+
+
+# --- trainfit check with the multi-GPU flags (optimizer/check.py::check_multi, optimizer/distributed/advice.py) ---
+
+_FULL7 = """model_name_or_path: Qwen/Qwen2.5-7B-Instruct
+stage: sft
+do_train: true
+finetuning_type: full
+dataset: alpaca_en_demo
+template: qwen
+cutoff_len: 1024
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 4
+bf16: true
+output_dir: saves/q7
+"""
+
+
+def _check(tmp_path, text, *args):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    return CliRunner().invoke(app, ["check", str(cfg), *args])
+
+
+def test_check_reads_the_deepspeed_json_and_proposes_the_smallest_multi_gpu_change(tmp_path):
+    (tmp_path / "ds_z2_config.json").write_text((GOLDEN / "ds_z2_config.json").read_text())
+    r = _check(tmp_path, _FULL7 + "deepspeed: ds_z2_config.json\n", "--gpu", "rtx-4090", "--num-gpus", "4")
+    assert r.exit_code == 3, r.output
+    assert r.output.startswith("multi-GPU: zero2 on 4 x GeForce RTX 4090 (1 node(s)): DOES NOT FIT")
+    assert "ZeRO-2 keeps the bf16 weights whole on every GPU" in r.output
+    assert "smallest multi-GPU change that fits (cost 4): --engine zero3 --offload params" in r.output
+
+
+def test_check_explains_why_zero2_does_not_lower_lora_memory(tmp_path):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora\nlora_target: all")
+    r = _check(tmp_path, text, "--gpu", "a100-80gb", "--num-gpus", "4", "--engine", "zero2")
+    assert r.exit_code == 0, r.output
+    assert "zero2 shards at most the trainable states; with LoRA those are small" in r.output
+    assert "LLaMA-Factory #350" in r.output
+
+
+def test_check_host_ram_shortfall_and_its_fix(tmp_path):
+    r = _check(tmp_path, _FULL7, "--gpu", "rtx-4090", "--num-gpus", "8", "--engine", "zero3", "--offload", "params",
+               "--host-ram-gib", "64")
+    assert r.exit_code == 3, r.output
+    assert "why: host RAM: the run needs 127.7 GiB per node" in r.output
+    assert "smallest multi-GPU change that fits (cost 4): --num-gpus 16 --nodes 2" in r.output
+
+
+def test_check_qlora_under_fsdp_names_the_quant_storage(tmp_path):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora\nquantization_bit: 4")
+    r = _check(tmp_path, text, "--gpu", "rtx-4090", "--num-gpus", "2", "--engine", "fsdp")
+    assert "bnb_4bit_quant_storage to the compute dtype" in r.output and "bf16 tensors" in r.output
+
+
+@pytest.mark.parametrize("extra, args, message", [
+    ("", ["--num-gpus", "0"], "Error: num_gpus is 0: a run needs at least one GPU. Pass --num-gpus 1 or more.\n"),
+    ("", ["--num-gpus", "2", "--engine", "zero3", "--offload", "params", "--host-ram-gib", "0"],
+     "Error: offload params with host RAM 0 GiB: offloaded states live in host RAM. Give --host-ram-gib the RAM per "
+     "node, or drop --offload.\n"),
+    ("", ["--num-gpus", "2", "--engine", "pp"],
+     "Error: engine 'pp' (pipeline parallelism) is not something LLaMA-Factory launches. Use one of: ddp, zero1, "
+     "zero2, zero3, fsdp, fsdp2, fsdp_grad_op.\n"),
+    ("deepspeed: missing.json\n", [], "Error: the multi-GPU check needs the GPU count (the config sets deepspeed: "
+     "missing.json). Pass --num-gpus N (GPUs in all).\n"),
+    ("deepspeed: missing.json\n", ["--num-gpus", "2"], "Error: deepspeed: 'missing.json' cannot be read as JSON "
+     "(from here or next to {cfg}). Fix the path, or pass --engine.\n"),
+    ("", ["--num-gpus", "2", "--engine", "fsdp", "-m", "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4"],
+     "Error: Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4 is a GPTQ-quantized checkpoint and fsdp shards parameters: "
+     "LLaMA-Factory stops with 'DeepSpeed ZeRO-3 or FSDP is incompatible with PTQ-quantized models'. Use --engine ddp "
+     "or zero2, or the 16-bit model with quantization_bit 4 (QLoRA) under --engine fsdp.\n"),
+    ("quantization_bit: 8\n", ["--num-gpus", "2", "--engine", "fsdp"],
+     "Error: quantization_bit 8 with fsdp: LLaMA-Factory accepts only 4-bit bitsandbytes under ZeRO-3/FSDP. Use "
+     "quantization_bit 4, or --engine ddp/zero2.\n"),
+])
+def test_check_multi_gpu_errors(tmp_path, extra, args, message):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora") + extra
+    r = _check(tmp_path, text, "--gpu", "rtx-4090", *args)
+    assert r.exit_code == 1, r.output
+    assert r.stderr == message.format(cfg=tmp_path / "run.yaml")

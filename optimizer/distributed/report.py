@@ -50,7 +50,7 @@ def launch_text(plan, d: DistEstimate, config_name: str) -> str:
     from .engines import DistSettings
 
     dist = DistSettings(engine=d.engine, num_gpus=d.num_gpus, nodes=d.nodes, offload=d.offload)  # type: ignore[arg-type]
-    lines = [f"Launch{' (node 0; the others with their NODE_RANK)' if d.nodes > 1 else ''}: "
+    lines = [f"Launch{' (node 0; the others with their NODE_RANK or --machine_rank)' if d.nodes > 1 else ''}: "
              f"{launch_command(dist, config_name)}"]
     for path in launch_files(plan, dist, config_name):
         lines.append(f"  with {path} next to the YAML (LLaMA-Factory's example"
