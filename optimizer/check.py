@@ -357,3 +357,44 @@ def patch_yaml(text: str, changes: dict[str, list[Any]]) -> str:
     if added:
         lines += ["", "# changed by trainfit check"] + added
     return "\n".join(lines) + "\n"
+
+
+# --- multi-GPU (`trainfit check CONFIG --num-gpus N --engine E`): optimizer.distributed.advice does the work ---
+
+def check_multi(data: dict[str, Any], config_path: str, model: str | None, gpu: GpuSpec, margin: float, *,
+                num_gpus: int | None, engine: str | None, offload: str | None, nodes: int = 1,
+                host_ram_gib: float | None = None, zero_init: bool = True):
+    """(advice, dist settings, plan) for a config on several GPUs. The YAML's `deepspeed:` key, when its JSON can be
+    read, selects the engine, offload and bucket sizes (a --engine flag overrides it)."""
+    from .distributed import DistSettings, parse_engine
+    from .distributed.advice import advise, dist_from_deepspeed_json, screen_config
+    from .llamafactory.read import plan_from_dict
+    from .models import catalog
+
+    data = dict(data)
+    ds_path = data.pop("deepspeed", None)
+    if num_gpus is None:
+        raise ConfigError("the multi-GPU check needs the GPU count" + (f" (the config sets deepspeed: {ds_path})"
+                          if ds_path else "") + ". Pass --num-gpus N (GPUs in all).")
+    if offload not in (None, "none", "optimizer", "params"):
+        raise ConfigError(f"--offload {offload!r} is not none, optimizer or params. Pick one of those.")
+    dist = None
+    if ds_path and engine is None:
+        dist = dist_from_deepspeed_json(str(ds_path), config_path, num_gpus, nodes)
+        if dist is None:
+            raise ConfigError(f"deepspeed: {ds_path!r} cannot be read as JSON (from here or next to {config_path}). "
+                              "Fix the path, or pass --engine.")
+        upd: dict[str, Any] = {"host_ram_gib": host_ram_gib, "zero_init": zero_init}
+        if offload is not None:
+            upd["offload"] = offload
+        dist = dist.model_copy(update=upd)
+    if dist is None:
+        dist = DistSettings(engine=parse_engine(engine or "ddp"), num_gpus=num_gpus, nodes=nodes,
+                            offload=offload or "none", host_ram_gib=host_ram_gib, zero_init=zero_init)
+    name = model or data.get("model_name_or_path")
+    if not name:
+        raise ConfigError("no model given. Pass --model or set model_name_or_path.")
+    screen_config(data, str(name), dist)
+    plan, _ = plan_from_dict(data, config_path)
+    arch = catalog.resolve_arch(str(name))
+    return advise(arch, plan, dist, gpu, margin), dist, plan

@@ -183,9 +183,11 @@ def estimate(
         _fail(exc)
         return
     if dist is not None:
-        from .distributed.report import dist_json, dist_table
+        from .distributed.report import dist_json, dist_table, launch_text
 
         typer.echo(dist_json(dist, spec, margin) if json_out else dist_table(dist, spec, margin))
+        if not json_out:
+            typer.echo(launch_text(plan, dist, config or "train.yaml"))
         return
     typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
 
@@ -276,6 +278,13 @@ def check(
     force: bool = typer.Option(False, "--force", help="Overwrite the --write and --report files if they exist."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
+    num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in all (multi-GPU check)."),
+    engine: Optional[str] = typer.Option(None, "--engine", help="ddp, zero1-3, fsdp, fsdp2, fsdp_grad_op; default: "
+                                         "the config's deepspeed JSON, else ddp."),
+    offload: Optional[str] = typer.Option(None, "--offload", help="none, optimizer or params (CPU offload)."),
+    nodes: int = typer.Option(1, "--nodes", help="Machines the GPUs are spread over."),
+    host_ram_gib: Optional[float] = typer.Option(None, "--host-ram-gib", help="Host RAM per node, GiB."),
+    zero_init: bool = typer.Option(True, "--zero-init/--no-zero-init", help="ZeRO-3: built under zero.Init."),
 ) -> None:
     """Does a LLaMA-Factory config fit the GPU, why not, and the smallest change that fits.
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
@@ -286,6 +295,19 @@ def check(
 
     try:
         data = read_yaml(config)
+        if num_gpus is not None or engine is not None or offload is not None or data.get("deepspeed"):
+            from .check import check_multi
+            from .distributed.advice import advice_text
+
+            if write or report:
+                raise ConfigError("--write and --report cover one GPU for now. Drop them or the multi-GPU flags.")
+            spec = catalog.get_gpu(gpu)
+            adv, dist, plan = check_multi(data, config, model, spec, margin, num_gpus=num_gpus, engine=engine,
+                                          offload=offload, nodes=nodes, host_ram_gib=host_ram_gib, zero_init=zero_init)
+            typer.echo(adv.model_dump_json(indent=2) if json_out else advice_text(adv, spec))
+            if adv.verdict == "does_not_fit":
+                raise typer.Exit(3)
+            return
         plan, yaml_model = plan_from_dict(dict(data), config)
         name = model or yaml_model
         if not name:

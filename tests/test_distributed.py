@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from optimizer.cli import app
 from optimizer.distributed import DistSettings, comm_time_s, parse_engine, per_gpu
 from optimizer.errors import ConfigError
+from optimizer.llamafactory.launch import deepspeed_key, launch_command, launch_files
 from optimizer.models import catalog
 from optimizer.models.arch import param_counts
 from optimizer.schema import Plan
@@ -142,3 +147,177 @@ def test_fsdp2_oracle_runs_on_a_fake_process_group():
     cfg = catalog.resolve_config("Qwen/Qwen2.5-0.5B-Instruct")
     r = run_fake_rank(cfg, _plan(cutoff_len=256), "fsdp2", 4, layers=2)
     assert 0 < r["static_bytes"] < r["peak_allocated_bytes"]
+
+
+# --- launch files (optimizer/llamafactory/launch.py) against LLaMA-Factory's shipped examples and the schemas ---
+
+GOLDEN = Path(__file__).parent / "golden" / "llamafactory_launch"
+_DS_CASES = [("zero2", "none", "ds_z2_config.json"), ("zero2", "optimizer", "ds_z2_offload_config.json"),
+             ("zero3", "none", "ds_z3_config.json"), ("zero3", "params", "ds_z3_offload_config.json")]
+
+
+@pytest.mark.parametrize("engine, offload, golden", _DS_CASES)
+def test_deepspeed_json_is_llamafactorys_example(engine, offload, golden):
+    files = launch_files(_plan(), DistSettings(engine=engine, num_gpus=4, offload=offload), "out/run.yaml")
+    assert list(files) == [f"out/{golden}"]
+    assert json.loads(files[f"out/{golden}"]) == json.loads((GOLDEN / golden).read_text())
+
+
+def _fill_auto(cfg: dict, plan: Plan, world: int, hidden: int) -> dict:
+    """What transformers integrations/deepspeed.py::HfTrainerDeepSpeedConfig.trainer_config_process/_finalize write
+    over "auto" (batch sizes from the TrainingArguments, bucket sizes from hidden_size)."""
+    ga = plan.gradient_accumulation_steps
+    fill = {"train_batch_size": world * plan.per_device_train_batch_size * ga,
+            "train_micro_batch_size_per_gpu": plan.per_device_train_batch_size, "gradient_accumulation_steps": ga,
+            "gradient_clipping": 1.0, "reduce_bucket_size": hidden * hidden,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+            "stage3_param_persistence_threshold": 10 * hidden}
+
+    def walk(d, key=None):
+        if isinstance(d, dict):
+            return {k: walk(v, k) for k, v in d.items()}
+        if d == "auto":
+            return fill.get(key, "auto")
+        return d
+    out = walk(cfg)
+    out["fp16"]["enabled"], out["bf16"]["enabled"] = bool(plan.fp16), bool(plan.bf16)
+    assert "auto" not in json.dumps(out)
+    return out
+
+
+@pytest.mark.parametrize("engine, offload", [("zero1", "none"), ("zero1", "optimizer"), ("zero2", "none"),
+                                             ("zero2", "optimizer"), ("zero3", "none"), ("zero3", "optimizer"),
+                                             ("zero3", "params")])
+def test_deepspeed_json_passes_deepspeeds_own_config_parser(engine, offload):
+    """deepspeed.runtime.config.DeepSpeedConfig parses the JSON with pydantic models that forbid unknown keys
+    (DeepSpeedConfigModel: extra="forbid") and reads the stage and the offload devices back."""
+    ds_config = pytest.importorskip("deepspeed.runtime.config")
+    plan = _plan(gradient_accumulation_steps=4)
+    (text,) = launch_files(plan, DistSettings(engine=engine, num_gpus=4, offload=offload), "run.yaml").values()
+    # without a process group DeepSpeedConfig takes world size 1 and checks train_batch_size against it
+    cfg = ds_config.DeepSpeedConfig(_fill_auto(json.loads(text), plan, 1, 3584), mpu=None)
+    assert cfg.zero_optimization_stage == int(engine[-1])
+    assert (cfg.zero_config.offload_optimizer is not None) == (offload != "none")
+    assert (cfg.zero_config.offload_param is not None) == (offload == "params")
+    bad = json.loads(text)
+    bad["zero_optimization"]["stage3_max_live_params"] = 1  # a typo must not pass
+    with pytest.raises(Exception, match="stage3_max_live_params"):
+        ds_config.DeepSpeedConfig(_fill_auto(bad, plan, 1, 3584), mpu=None)
+
+
+@pytest.mark.parametrize("engine, offload, nodes, golden", [
+    ("fsdp", "none", 1, "fsdp_config.yaml"), ("fsdp", "params", 1, "fsdp_config_offload.yaml"),
+    ("fsdp2", "none", 1, "fsdp2_config.yaml"), ("fsdp", "none", 2, "fsdp_config_multiple_nodes.yaml")])
+def test_accelerate_config_is_llamafactorys_example_and_loads(engine, offload, nodes, golden, tmp_path):
+    cc = pytest.importorskip("accelerate.commands.config.config_args")
+    gpus = 2 if nodes == 1 else 16
+    files = launch_files(_plan(), DistSettings(engine=engine, num_gpus=gpus, nodes=nodes, offload=offload), "run.yaml")
+    ((name, text),) = files.items()
+    want = yaml.safe_load((GOLDEN / golden).read_text())
+    assert yaml.safe_load(text) == want
+    (tmp_path / name).write_text(text)
+    loaded = cc.ClusterConfig.from_yaml_file(str(tmp_path / name))  # unknown keys raise ValueError
+    assert loaded.num_processes == gpus and loaded.num_machines == nodes
+
+
+def test_launch_commands():
+    d = DistSettings
+    assert launch_command(d(engine="ddp", num_gpus=4), "cfg/a.yaml") == \
+        "FORCE_TORCHRUN=1 NPROC_PER_NODE=4 llamafactory-cli train cfg/a.yaml"
+    assert launch_command(d(engine="zero3", num_gpus=16, nodes=2), "a.yaml", node_rank=1) == (
+        "FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=1 MASTER_ADDR=192.168.0.1 MASTER_PORT=29500 NPROC_PER_NODE=8 "
+        "llamafactory-cli train a.yaml")
+    assert launch_command(d(engine="fsdp", num_gpus=2, offload="params"), "cfg/a.yaml") == \
+        "accelerate launch --config_file cfg/fsdp_config_offload.yaml src/train.py cfg/a.yaml"
+    assert deepspeed_key(d(engine="zero3", num_gpus=2), "cfg/a.yaml") == "cfg/ds_z3_config.json"
+    assert deepspeed_key(d(engine="fsdp", num_gpus=2), "cfg/a.yaml") is None
+    assert launch_files(_plan(), d(engine="ddp", num_gpus=2), "a.yaml") == {}
+
+
+def test_cli_estimate_prints_the_launch_command():
+    r = CliRunner().invoke(app, ["estimate", "-m", Q7, "--bf16", "--num-gpus", "8", "--nodes", "2", "--engine",
+                                 "zero3", "--offload", "params"])
+    assert r.exit_code == 0, r.output
+    assert ("Launch (node 0; the others with their NODE_RANK or --machine_rank): FORCE_TORCHRUN=1 NNODES=2 NODE_RANK=0 "
+            "MASTER_ADDR=192.168.0.1 MASTER_PORT=29500 NPROC_PER_NODE=4 llamafactory-cli train train.yaml") in r.output
+    assert "ds_z3_offload_config.json" in r.output
+
+
+# --- trainfit check with the multi-GPU flags (optimizer/check.py::check_multi, optimizer/distributed/advice.py) ---
+
+_FULL7 = """model_name_or_path: Qwen/Qwen2.5-7B-Instruct
+stage: sft
+do_train: true
+finetuning_type: full
+dataset: alpaca_en_demo
+template: qwen
+cutoff_len: 1024
+per_device_train_batch_size: 1
+gradient_accumulation_steps: 4
+bf16: true
+output_dir: saves/q7
+"""
+
+
+def _check(tmp_path, text, *args):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(text)
+    return CliRunner().invoke(app, ["check", str(cfg), *args])
+
+
+def test_check_reads_the_deepspeed_json_and_proposes_the_smallest_multi_gpu_change(tmp_path):
+    (tmp_path / "ds_z2_config.json").write_text((GOLDEN / "ds_z2_config.json").read_text())
+    r = _check(tmp_path, _FULL7 + "deepspeed: ds_z2_config.json\n", "--gpu", "rtx-4090", "--num-gpus", "4")
+    assert r.exit_code == 3, r.output
+    assert r.output.startswith("multi-GPU: zero2 on 4 x GeForce RTX 4090 (1 node(s)): DOES NOT FIT")
+    assert "ZeRO-2 keeps the bf16 weights whole on every GPU" in r.output
+    assert "smallest multi-GPU change that fits (cost 4): --engine zero3 --offload params" in r.output
+
+
+def test_check_explains_why_zero2_does_not_lower_lora_memory(tmp_path):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora\nlora_target: all")
+    r = _check(tmp_path, text, "--gpu", "a100-80gb", "--num-gpus", "4", "--engine", "zero2")
+    assert r.exit_code == 0, r.output
+    assert "zero2 shards at most the trainable states; with LoRA those are small" in r.output
+    assert "LLaMA-Factory #350" in r.output
+
+
+def test_check_host_ram_shortfall_and_its_fix(tmp_path):
+    r = _check(tmp_path, _FULL7, "--gpu", "rtx-4090", "--num-gpus", "8", "--engine", "zero3", "--offload", "params",
+               "--host-ram-gib", "64")
+    assert r.exit_code == 3, r.output
+    assert "why: host RAM: the run needs 127.7 GiB per node" in r.output
+    assert "smallest multi-GPU change that fits (cost 4): --num-gpus 16 --nodes 2" in r.output
+
+
+def test_check_qlora_under_fsdp_names_the_quant_storage(tmp_path):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora\nquantization_bit: 4")
+    r = _check(tmp_path, text, "--gpu", "rtx-4090", "--num-gpus", "2", "--engine", "fsdp")
+    assert "bnb_4bit_quant_storage to the compute dtype" in r.output and "bf16 tensors" in r.output
+
+
+@pytest.mark.parametrize("extra, args, message", [
+    ("", ["--num-gpus", "0"], "Error: num_gpus is 0: a run needs at least one GPU. Pass --num-gpus 1 or more.\n"),
+    ("", ["--num-gpus", "2", "--engine", "zero3", "--offload", "params", "--host-ram-gib", "0"],
+     "Error: offload params with host RAM 0 GiB: offloaded states live in host RAM. Give --host-ram-gib the RAM per "
+     "node, or drop --offload.\n"),
+    ("", ["--num-gpus", "2", "--engine", "pp"],
+     "Error: engine 'pp' (pipeline parallelism) is not something LLaMA-Factory launches. Use one of: ddp, zero1, "
+     "zero2, zero3, fsdp, fsdp2, fsdp_grad_op.\n"),
+    ("deepspeed: missing.json\n", [], "Error: the multi-GPU check needs the GPU count (the config sets deepspeed: "
+     "missing.json). Pass --num-gpus N (GPUs in all).\n"),
+    ("deepspeed: missing.json\n", ["--num-gpus", "2"], "Error: deepspeed: 'missing.json' cannot be read as JSON "
+     "(from here or next to {cfg}). Fix the path, or pass --engine.\n"),
+    ("", ["--num-gpus", "2", "--engine", "fsdp", "-m", "Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4"],
+     "Error: Qwen/Qwen2.5-7B-Instruct-GPTQ-Int4 is a GPTQ-quantized checkpoint and fsdp shards parameters: "
+     "LLaMA-Factory stops with 'DeepSpeed ZeRO-3 or FSDP is incompatible with PTQ-quantized models'. Use --engine ddp "
+     "or zero2, or the 16-bit model with quantization_bit 4 (QLoRA) under --engine fsdp.\n"),
+    ("quantization_bit: 8\n", ["--num-gpus", "2", "--engine", "fsdp"],
+     "Error: quantization_bit 8 with fsdp: LLaMA-Factory accepts only 4-bit bitsandbytes under ZeRO-3/FSDP. Use "
+     "quantization_bit 4, or --engine ddp/zero2.\n"),
+])
+def test_check_multi_gpu_errors(tmp_path, extra, args, message):
+    text = _FULL7.replace("finetuning_type: full", "finetuning_type: lora") + extra
+    r = _check(tmp_path, text, "--gpu", "rtx-4090", *args)
+    assert r.exit_code == 1, r.output
+    assert r.stderr == message.format(cfg=tmp_path / "run.yaml")

@@ -298,8 +298,11 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
             shards.append(f"FSDP SHARD_GRAD_OP shards gradients and optimizer states (1/{N}) and stores weights 1/{N}, "
                           "but keeps every layer's gathered weights from forward to backward.")
         else:
-            ws["fwd"] = root_b + layer_b
-            ws["loss"] = root_b
+            # [S] torch _fully_shard/_fsdp_param_group.py::wait_for_unshard: in forward the flat all-gather output
+            # of a layer is kept (comm_ctx.all_gather_state) until the next layer's copy-out, so the last layer's
+            # stays through the loss.
+            ws["fwd"] = root_b + 2 * layer_b
+            ws["loss"] = root_b + layer_b
             ws["bwd"] = root_b + 2 * layer_b + (alloc_bytes(sum(m.weight_numel for m in layer_linears(arch)) * 2)
                                                 if full_fsdp else 0)
             shards.append(f"FSDP FULL_SHARD shards weights (the frozen base too), gradients and optimizer states "
