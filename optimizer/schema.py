@@ -222,3 +222,28 @@ class Estimate(BaseModel):
     peak_reserved_bytes: int = Field(description="Predicted torch.cuda.max_memory_reserved().")
     device_peak_bytes: int = Field(description="Predicted nvidia-smi usage of the process (reserved + CUDA context).")
     notes: list[str] = Field(default_factory=list, description="Assumptions and warnings.")
+
+
+class DatasetSummary(BaseModel):
+    """What the solver needs to know about the data when no data file is given."""
+
+    model_config = _FROZEN
+    num_samples: int = Field(gt=0, description="Samples in the training set (after any validation split).")
+    token_length_percentiles: dict[int, int] = Field(
+        description="Percentile (0-100) -> tokens per sample (prompt + response, after the chat template). "
+        "Give at least the 50th and 100th; more points make the coverage estimate better."
+    )
+    response_token_share: float = Field(
+        default=0.5, gt=0, le=1, allow_inf_nan=False,
+        description="Share of a sample's tokens that are the supervised response."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSummary:
+        keys = sorted(self.token_length_percentiles)
+        if not keys or keys[0] < 0 or keys[-1] != 100 or 50 not in keys:
+            raise ValueError("token_length_percentiles needs keys within 0..100 including 50 and 100")
+        vals = [self.token_length_percentiles[k] for k in keys]
+        if any(v <= 0 for v in vals) or vals != sorted(vals):
+            raise ValueError("token_length_percentiles must be positive and non-decreasing in the percentile")
+        return self

@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import TrainfitError
 from ..io import MAX_DATA_BYTES, check_json_depth, join_problems, json_loads, read_json, read_text, regular_file
-from ..search.problem import DatasetSummary
+from ..schema import DatasetSummary
 from .templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
 from .tokens import TokenCounter, count_with_specials, resolve_counter
 
