@@ -407,6 +407,7 @@ def solve(
     jobs: int = typer.Option(0, "--jobs", min=0, help="Parallel solves for several problems (0 = one per CPU)."),
     timings: bool = typer.Option(False, "--timings", help="Report the solve's wall time (solve_s; otherwise the "
                                  "output is byte-identical run to run)."),
+    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP + " Several problems: the matrix."),
 ) -> None:
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
     from .llamafactory.configs import config_files, write_configs
@@ -441,22 +442,35 @@ def solve(
         results = [(path, problem, base, result, None)]
     else:
         results = run_batch(items, solver.value, jobs, timings)
-    if write:
-        try:
-            for path, problem, base, result, _err in results:
-                if result is None:
-                    continue
-                out_dir = out if (out and single) else (f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}")
-                data = str(base / problem.dataset.file) if problem.dataset.file else None
-                if data:
-                    data = os.path.relpath(data)
+    try:
+        for path, problem, base, result, _err in results:
+            if result is None or not (write or (report and single)):
+                continue
+            out_dir = out if (out and single) else (f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}")
+            data = str(base / problem.dataset.file) if problem.dataset.file else None
+            if data:
+                data = os.path.relpath(data)
+            if report and single:
+                from .io import write_text_atomic
+                from .report_html import solve_page
+
+                every = config_files(result, problem, path, out_dir, "all", data)
+                write_text_atomic(report, solve_page(result, every), force=force)
+            if write:
                 files = config_files(result, problem, path, out_dir, chosen, data)
                 written, same = write_configs(files, out_dir, force=force)
                 if not json_out:
                     typer.echo(f"{problem.name}: {written} file(s) written to {out_dir}/, {same} unchanged", err=True)
-        except TrainfitError as exc:
-            _fail(exc)
-            return
+        if report and not single:
+            from .io import write_text_atomic
+            from .report_html import batch_report
+
+            rows = [{"model": r.model if r else pr.model, "gpu": r.gpu if r else str(pr.gpu),
+                     "result": r.model_dump(mode="json") if r else None, "error": e} for _, pr, _, r, e in results]
+            write_text_atomic(report, batch_report(rows), force=force)
+    except TrainfitError as exc:
+        _fail(exc)
+        return
     if json_out:
         import json
 

@@ -13,9 +13,10 @@ import json
 from typing import Any
 
 from .errors import TrainfitError
+from .memory import budget_bytes
 from .units import GIB, MIB
 
-__all__ = ["solve_report", "estimate_report", "batch_report", "ReportDependencyError", "PLOTLY_MISSING"]
+__all__ = ["solve_report", "solve_page", "estimate_report", "batch_report", "ReportDependencyError", "PLOTLY_MISSING"]
 
 PLOTLY_MISSING = 'the HTML report needs plotly. Install it: pip install -e ".[report]"'
 
@@ -322,7 +323,7 @@ def estimate_report(estimate: dict, plan: dict, gpu: dict | None, margin: float,
     """One config's page: its device peak by term against the GPU, and its memory over the step."""
     go, _ = _plotly()
     total = gpu["memory_mib"] * MIB if gpu else None
-    budget = int(total * (1 - margin)) if total else None
+    budget = budget_bytes(total, margin) if total else None
     body = [f"<h1>{_e(estimate['arch'])}: one training step</h1>",
             f"<p>trainable params: {estimate['trainable_params']:,} || all params: {estimate['all_params']:,}; "
             f"tokens per micro-batch {estimate['tokens_per_micro_batch']:,}.</p>",
@@ -383,3 +384,18 @@ def batch_report(rows: list[dict]) -> str:
             _table(["model", *gpus], grid, "matrix"), "<h2>Training time</h2>",
             _chart("matrix", fig, 220 + 60 * len(models))]
     return _page("trainfit batch", body)
+
+
+def solve_page(result: Any, config_texts: dict[str, str]) -> str:
+    """The solve page from the library's objects: a SolveResult and the files `llamafactory.configs.config_files`
+    made for every front point (`pNN_...yaml`, NN = the point's number). Each point's memory by term is the memory
+    model's own estimate of its plan (one source with the CLI's figures)."""
+    from .memory import estimate
+    from .models.catalog import resolve_arch
+
+    arch = resolve_arch(result.model)
+    estimates = [estimate(arch, s.plan).model_dump(mode="json") for s in result.front]
+    configs = {str(int(name.split("_")[0][1:]) - 1): text for name, text in config_texts.items()
+               if name.startswith("p") and name.endswith(".yaml")}
+    return solve_report(result.model_dump(mode="json"), estimates, configs, result.data_lengths,
+                        result.cutoff_coverage)

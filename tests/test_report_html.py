@@ -347,3 +347,25 @@ def test_reports_render_in_headless_chromium_offline(solved, tmp_path):
         colors[p] = colors.get(p, 0) + 1
     assert len(colors) > 50, len(colors)  # charts: many hues, not a blank or one-colour page
     assert max(colors.values()) < 0.95 * len(pixels)
+
+
+@needs_plotly
+def test_solve_report_from_the_cli(tmp_path):
+    """`trainfit solve --report` writes the page from the same result the table prints (one source)."""
+    import json as _json
+
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+
+    out = tmp_path / "r.html"
+    runner = CliRunner()
+    res = runner.invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--no-write", "--report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = out.read_text(encoding="utf-8")
+    js = _json.loads(runner.invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--no-write",
+                                         "--json"]).output)
+    for s in js["front"]:
+        assert f"{s['quality']:.4f}" in page
+    again = runner.invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--no-write", "--report", str(out)])
+    assert again.exit_code == 1 and "exists" in again.output  # never overwritten without --force
