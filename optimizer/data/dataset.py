@@ -306,7 +306,8 @@ def _tools(rec: dict, fmt: DatasetFormat, where: str) -> str:
     return v
 
 
-def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
+def _messages(rec: dict, fmt: DatasetFormat, where: str) -> tuple[list[dict], str, str]:
+    """The message list of a sharegpt/openai record and its role and content tags, each message checked."""
     col = fmt.messages or "conversations"
     msgs = rec.get(col)
     if not isinstance(msgs, list):
@@ -316,6 +317,11 @@ def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation
     for k, m in enumerate(msgs):
         if not isinstance(m, dict) or rt not in m:
             raise DatasetError(f"{where}: message {k + 1} has no '{rt}'. Each message needs '{rt}' and '{ct}'.")
+    return msgs, rt, ct
+
+
+def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
+    msgs, rt, ct = _messages(rec, fmt, where)
     system = None
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
@@ -363,15 +369,7 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     """LLaMA-Factory 0.9.5's ``formatting: openai`` (OpenAIDatasetConverter): tool results are merged into one
     observation, assistant ``tool_calls`` become a function message, and the system prompt gets
     "detailed thinking off" appended (or is that string when empty) unless tools are given."""
-    col = fmt.messages or "conversations"
-    msgs = rec.get(col)
-    if not isinstance(msgs, list):
-        what = "is missing" if msgs is None else f"is {_kind(msgs)}"
-        raise DatasetError(f"{where}: '{col}' {what}. Each sample needs a list of messages under '{col}'.")
-    rt, ct = fmt.role_tag or "from", fmt.content_tag or "value"
-    for k, m in enumerate(msgs):
-        if not isinstance(m, dict) or rt not in m:
-            raise DatasetError(f"{where}: message {k + 1} has no '{rt}'. Each message needs '{rt}' and '{ct}'.")
+    msgs, rt, ct = _messages(rec, fmt, where)
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
         if not isinstance(system, str):
