@@ -322,6 +322,7 @@ def _messages(rec: dict, fmt: DatasetFormat, where: str) -> tuple[list[dict], st
 
 def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     msgs, rt, ct = _messages(rec, fmt, where)
+    col = fmt.messages or "conversations"
     system = None
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
@@ -370,6 +371,7 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     observation, assistant ``tool_calls`` become a function message, and the system prompt gets
     "detailed thinking off" appended (or is that string when empty) unless tools are given."""
     msgs, rt, ct = _messages(rec, fmt, where)
+    col = fmt.messages or "conversations"
     if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
         system = msgs[0].get(ct)
         if not isinstance(system, str):
