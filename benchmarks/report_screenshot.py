@@ -16,43 +16,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from optimizer.report_html import solve_report  # noqa: E402
+from optimizer.report_html import solve_page  # noqa: E402
 
 PROBLEM = "problems/qwen2.5-3b-rtx5060ti-16gb.yaml"
 CHROMIUM = "/usr/bin/chromium"
 
 
-def inputs(path: str) -> tuple:
-    """solve_report's arguments for one problem file (the only function here that names internal modules)."""
-    from optimizer.data.dataset import analyze_dataset, count_tokens, template_for_model
-    from optimizer.data.tokens import ApproxCounter, tokenizer_family
+def page_for(path: str) -> str:
+    """The page `trainfit solve PROBLEM --report` writes, for one problem file."""
     from optimizer.llamafactory.configs import config_files
-    from optimizer.memory import estimate
-    from optimizer.models.catalog import resolve_arch
     from optimizer.search.problem import load_problem
     from optimizer.search.solve import solve_problem
 
     problem, base = load_problem(path)
     result = solve_problem(problem, base)
-    arch = resolve_arch(result.model)
-    estimates = [estimate(arch, s.plan).model_dump(mode="json") for s in result.front]
     data = str(base / problem.dataset.file) if problem.dataset.file else None
     rel = os.path.relpath(path, ROOT)  # as `trainfit solve` run in the repository writes them
     files = config_files(result, problem, rel, f"configs/{problem.name}", "all", data and os.path.relpath(data, ROOT))
-    configs = {str(int(name[1:3]) - 1): text for name, text in files.items() if name.startswith("p")}
-    lengths = coverage = None
-    if data:  # measured as build_instance measures it
-        if problem.dataset.tokenizer == "approx":
-            tpl = template_for_model(arch.name, arch.model_type)
-            measured = count_tokens(data, template=tpl, counter=ApproxCounter(tokenizer_family(arch.name, arch.model_type, tpl)),
-                                    formatting=problem.dataset.formatting)
-        else:
-            tok = None if problem.dataset.tokenizer == "auto" else base / problem.dataset.tokenizer
-            measured = analyze_dataset(data, model=arch.name, model_type=arch.model_type, tokenizer=tok,
-                                       formatting=problem.dataset.formatting)
-        lengths = sorted(s.total for s in measured.samples)
-        coverage = {c: measured.coverage(c).response_kept_share for c in problem.search.cutoff_len}
-    return result.model_dump(mode="json"), estimates, configs, lengths, coverage
+    return solve_page(result, files)
 
 
 def screenshot(html_path: Path, png: Path, size: str) -> None:
@@ -72,7 +53,7 @@ def main() -> None:
     ap.add_argument("--size", default="1400,2400", help="window width,height in pixels")
     ap.add_argument("--html", default=None, help="also keep the HTML here")
     args = ap.parse_args()
-    page = solve_report(*inputs(args.problem))
+    page = page_for(args.problem)
     with tempfile.TemporaryDirectory() as tmp:
         html_path = Path(args.html) if args.html else Path(tmp) / "report.html"
         html_path.write_text(page, encoding="utf-8")

@@ -18,18 +18,16 @@ from pathlib import Path
 import pytest
 
 from optimizer.data.dataset import (
-    Conversation,
-    DatasetError,
     SampleTokens,
     analyze_dataset,
     count_tokens,
     coverage,
     infer_seqlen,
-    read_dataset,
     summarize,
     token_pairs,
     truncate,
 )
+from optimizer.data.read import Conversation, DatasetError, read_dataset
 from optimizer.data.templates import BOS, EOS, TEMPLATES, get_template, render_turns, template_for_model
 from optimizer.data.tokens import (
     ApproxCounter,
@@ -623,7 +621,7 @@ def test_local_model_folder_and_config_json(tmp_path):
 
 
 def test_record_keys(tmp_path):
-    from optimizer.data.dataset import record_keys
+    from optimizer.data.read import record_keys
 
     p = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "i", "output": "o"},
                                            {"instruction": "i", "output": "o", "system": "S"}])

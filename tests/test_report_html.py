@@ -38,8 +38,6 @@ needs_plotly = pytest.mark.skipif(not HAVE_PLOTLY, reason='plotly is not install
 def solved() -> dict:
     """The renderer's inputs, built from the real solver on the reference problem. The only function here that
     names the library's internal modules: when they move, this is the one place to fix."""
-    from optimizer.data.dataset import count_tokens, template_for_model
-    from optimizer.data.tokens import ApproxCounter, tokenizer_family
     from optimizer.llamafactory.configs import config_files
     from optimizer.memory import estimate, eval_estimate
     from optimizer.models.catalog import resolve_arch
@@ -52,11 +50,6 @@ def solved() -> dict:
     estimates = [estimate(arch, s.plan) for s in result.front]
     files = config_files(result, problem, str(PROBLEM), "configs/x", "all", str(base / problem.dataset.file))
     configs = {str(int(name[1:3]) - 1): text for name, text in files.items() if name.startswith("p")}
-    # the problem says `tokenizer: approx`: measure the data as build_instance does
-    tpl = template_for_model(arch.name, arch.model_type)
-    counter = ApproxCounter(tokenizer_family(arch.name, arch.model_type, tpl))
-    measured = count_tokens(base / problem.dataset.file, template=tpl, counter=counter,
-                            formatting=problem.dataset.formatting, cache=False)
     rec = result.front[result.recommended]
     rows = [{"model": result.model, "gpu": result.gpu, "result": result.model_dump(mode="json"), "error": None}]
     for update in ({"gpu": "rtx-4090"}, {"gpu": "rtx-3080-10gb", "margin": 0.95}):
@@ -70,8 +63,8 @@ def solved() -> dict:
         "result": result.model_dump(mode="json"),
         "estimates": [e.model_dump(mode="json") for e in estimates],
         "configs": configs,
-        "lengths": sorted(s.total for s in measured.samples),
-        "coverage": {c: measured.coverage(c).response_kept_share for c in problem.search.cutoff_len},
+        "lengths": result.data_lengths,
+        "coverage": result.cutoff_coverage,
         "plan": rec.plan.model_dump(mode="json"),
         "gpu": {"name": "GeForce RTX 5060 Ti 16GB", "memory_mib": result.gpu_total_bytes // 2**20},
         "eval": eval_estimate(arch, rec.plan, eval_batch=8).model_dump(mode="json"),

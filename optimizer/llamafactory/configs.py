@@ -52,7 +52,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         file_name = f"{ds.name}.json"
     present = None
     if data_file and os.path.isfile(data_file):
-        from ..data.dataset import record_keys
+        from ..data.read import record_keys
 
         present = record_keys(data_file)
     info = {ds.name: dataset_info_entry(file_name, ds.formatting, present)}
