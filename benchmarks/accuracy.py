@@ -50,7 +50,8 @@ def main() -> None:
         est, tr, where = compare(model, plan, full)
         err = (est - tr) / tr
         errs.append(abs(err))
-        print(f"{i:2d} {model:30s} {_label(plan)[:96]:96s} {est / GIB:8.3f}G {tr / GIB:8.3f}G {100 * err:+6.2f}%  {where}",
+        print(f"{i:2d} {model:30s} {_label(plan)[:96]:96s} "
+              f"{est / GIB:8.3f}G {tr / GIB:8.3f}G {100 * err:+6.2f}%  {where}",
               flush=True)
     print(f"{len(errs)} configs, {len({m for m, _ in GRID})} architectures: median |error| "
           f"{100 * statistics.median(errs):.2f}%, max {100 * max(errs):.2f}% (bound {100 * ERROR_BOUND:.1f}%), "

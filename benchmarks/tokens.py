@@ -302,8 +302,10 @@ def evaluate(overrides: dict[str, str]) -> int:
                   f" max {100 * max(errs):.1f}%")
             for c in REL_CUTOFFS:
                 r, e = coverage(real.samples, c), coverage(est.samples, c)
-                print(f"  cutoff_len {c:5d}: samples whole {100 * r.whole_share:5.1f}% (approx {100 * e.whole_share:5.1f}%),"
-                      f" response tokens kept {100 * r.response_kept_share:5.1f}% (approx {100 * e.response_kept_share:5.1f}%)")
+                print(f"  cutoff_len {c:5d}: samples whole {100 * r.whole_share:5.1f}% "
+                      f"(approx {100 * e.whole_share:5.1f}%),"
+                      f" response tokens kept {100 * r.response_kept_share:5.1f}% "
+                      f"(approx {100 * e.response_kept_share:5.1f}%)")
     return 0
 
 
@@ -319,9 +321,10 @@ FREQ_CAP = int(os.environ.get("TRAINFIT_FIT_FREQ_CAP", "1000000000"))
 USE_MO = os.environ.get("TRAINFIT_FIT_MO", "0") == "1"
 FIT_ENCODINGS = {"qwen": 1, "llama3": 3, "cl100k": 3}
 MAXLEN = {"pun": 12, "ws": 16, "nl": 12}
-TAIL_DEFAULT = {"lat": 0.3, "mix": 0.5, "up": 0.4, "ext": 0.35, "cyr": 0.3, "cjk": 0.7, "oth": 0.5, "pun": 0.4, "nl": 0.1,
-                "ws": 0.0625}
-TAIL_MIN = {"lat": 0.3, "mix": 0.3, "up": 0.3, "ext": 0.3, "cyr": 0.25, "cjk": 0.5, "oth": 0.3, "pun": 0.2, "nl": 0.0, "ws": 0.0}
+TAIL_DEFAULT = {"lat": 0.3, "mix": 0.5, "up": 0.4, "ext": 0.35, "cyr": 0.3, "cjk": 0.7, "oth": 0.5, "pun": 0.4,
+                "nl": 0.1, "ws": 0.0625}
+TAIL_MIN = {"lat": 0.3, "mix": 0.3, "up": 0.3, "ext": 0.3, "cyr": 0.25, "cjk": 0.5, "oth": 0.3, "pun": 0.2,
+            "nl": 0.0, "ws": 0.0}
 
 
 def fit_corpus() -> dict[str, str]:
@@ -439,7 +442,8 @@ def fit() -> int:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--fit", action="store_true", help="refit the approximation tables (writes optimizer/data/approx_tables.json)")
+    ap.add_argument("--fit", action="store_true",
+                    help="refit the approximation tables (writes optimizer/data/approx_tables.json)")
     ap.add_argument("--tokenizer", action="append", default=[], metavar="FAMILY=PATH",
                     help="use this tokenizer.json as the reference for a family (qwen, llama3, cl100k)")
     args = ap.parse_args(argv)

@@ -112,7 +112,8 @@ def _layout(title: str, **kw) -> dict:
 
 
 def _hline(y: float, text: str, color: str, dash: str) -> tuple[dict, dict]:
-    shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y, "line": {"color": color, "dash": dash}}
+    shape = {"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": y, "y1": y,
+             "line": {"color": color, "dash": dash}}
     note = {"xref": "paper", "x": 1, "y": y, "text": text, "showarrow": False, "xanchor": "right", "yanchor": "bottom",
             "font": {"color": color}}
     return shape, note
@@ -141,7 +142,8 @@ def _memory_bars(go, labels: list[str], estimates: list[dict], gpu_total: int | 
         st[CONTEXT_TERM] = (est["device_peak_bytes"] - est["peak_reserved_bytes"], "CUDA context")
         stacks.append(st)
     shapes, notes = [], []
-    for y, text, color, dash in ((gpu_total, "GPU memory", "#d62728", "solid"), (budget, "bound (margin)", "#ff7f0e", "dash")):
+    for y, text, color, dash in ((gpu_total, "GPU memory", "#d62728", "solid"),
+                                  (budget, "bound (margin)", "#ff7f0e", "dash")):
         if y is not None:
             s, n = _hline(_gib(y), f"{text} {_gib(y):.2f} GiB", color, dash)
             shapes.append(s)
@@ -180,12 +182,14 @@ def _front(go, result: dict) -> str:
         traces.append(go.Scatter(name=kind, mode="markers", x=[None], y=[None], legendgroup=kind, hoverinfo="skip",
                                  marker={"symbol": SYMBOLS.get(kind, "circle"), "size": 13, "color": "#999999"}))
         traces.append(go.Scatter(
-            name=kind, legendgroup=kind, showlegend=False, mode="markers+text", x=[front[i]["time_s"] / 60 for i in idx], y=[front[i]["quality"] for i in idx],
+            name=kind, legendgroup=kind, showlegend=False, mode="markers+text",
+            x=[front[i]["time_s"] / 60 for i in idx], y=[front[i]["quality"] for i in idx],
             text=[f"#{i + 1}" for i in idx], textposition="top center", textfont={"color": "#333333"},
             hovertext=[f"{_e(_summary(i, front[i]))}<br>device peak {_gib(front[i]['device_peak_bytes']):.2f} GiB, "
                        f"headroom {_gib(front[i]['headroom_bytes']):.2f} GiB<br>time {_dur(front[i]['time_s'])}, "
                        f"quality {front[i]['quality']:.4f}" for i in idx], hoverinfo="text",
-            marker={"symbol": SYMBOLS.get(kind, "circle"), "size": 13, "color": [_gib(front[i]["headroom_bytes"]) for i in idx],
+            marker={"symbol": SYMBOLS.get(kind, "circle"), "size": 13,
+                    "color": [_gib(front[i]["headroom_bytes"]) for i in idx],
                     "coloraxis": "coloraxis", "line": {"color": "#333333", "width": 1}}))
     r = result["recommended"]
     rec = front[r]
@@ -243,7 +247,8 @@ pre{background:#f7f7f7;padding:10px;overflow:auto;font-size:.85em}button{margin:
 #js-errors{color:#b00;background:#fee}#js-errors:empty{display:none}"""
 
 _JS = """window.trainfitErrors=0;
-function trainfitError(m){window.trainfitErrors+=1;var e=document.getElementById("js-errors");if(e){e.textContent+=m+"\\n";}}
+function trainfitError(m){window.trainfitErrors+=1;\
+var e=document.getElementById("js-errors");if(e){e.textContent+=m+"\\n";}}
 window.onerror=function(m,s,l,c){trainfitError("error: "+m+" at "+l+":"+c);};
 window.addEventListener("unhandledrejection",function(ev){trainfitError("rejection: "+ev.reason);});
 function trainfitPlot(id,fig){try{Plotly.newPlot(id,fig.data,fig.layout,{displaylogo:false,responsive:true}).then(
@@ -275,9 +280,12 @@ def solve_report(result: dict, estimates: list[dict], configs: dict[str, str], l
     proof = "proven optimal" if result["proven_optimal"] else "not proven optimal (time limit hit)"
     body = [
         f"<h1>{_e(result['problem'])}: {_e(result['model'])} on {_e(result['gpu'])}</h1>",
-        f"<p>GPU memory {_gib(result['gpu_total_bytes']):.2f} GiB; device-peak bound {_gib(result['budget_bytes']):.2f} "
-        f"GiB (margin {100 * result['margin']:.0f}%). Front: {len(front)} points, {_e(proof)} ({_e(result['method'])}), "
-        f"{result['evaluated_plans']:,} plans evaluated by the memory model; {result['num_samples']:,} training samples.</p>",
+        f"<p>GPU memory {_gib(result['gpu_total_bytes']):.2f} GiB; "
+        f"device-peak bound {_gib(result['budget_bytes']):.2f} "
+        f"GiB (margin {100 * result['margin']:.0f}%). Front: {len(front)} points, "
+        f"{_e(proof)} ({_e(result['method'])}), "
+        f"{result['evaluated_plans']:,} plans evaluated by the memory model; "
+        f"{result['num_samples']:,} training samples.</p>",
         f"<p><b>Recommended: #{r + 1}</b> {_e(_summary(r, front[r]))}. {_e(result['why'])}.</p>",
         "<h2>Pareto front</h2>", _front(go, result),
     ]
@@ -306,13 +314,15 @@ def solve_report(result: dict, estimates: list[dict], configs: dict[str, str], l
             "gradient_accumulation_steps", "max_samples", "gradient_checkpointing", "flash_attn", "optim",
             "enable_liger_kernel"]
     body.append("<p>Values each dimension takes on the front:</p>" + _table(["dimension", "values"], [
-        [_e(d), _e(", ".join("all" if v is None else str(v) for v in dict.fromkeys(s[d] for s in front)))] for d in dims]))
+        [_e(d), _e(", ".join("all" if v is None else str(v) for v in dict.fromkeys(s[d] for s in front)))]
+        for d in dims]))
     body.append("<h2>Configs (LLaMA-Factory YAML)</h2>")
     for i, s in enumerate(front):
         text = configs.get(str(i))
         est_notes = "".join(f"<li>{_e(n)}</li>" for n in estimates[i].get("notes", []))
         inner = (f'<button onclick="trainfitCopy(\'yaml-{i + 1}\', this)">copy</button>'
-                 f'<pre id="yaml-{i + 1}">{_e(text)}</pre>' if text is not None else "<p>No config written for this point.</p>")
+                 f'<pre id="yaml-{i + 1}">{_e(text)}</pre>'
+                 if text is not None else "<p>No config written for this point.</p>")
         body.append(f"<details{' open' if i == r else ''}><summary>{_e(_summary(i, s))}"
                     f"{' (' + _e(', '.join(s['labels'])) + ')' if s['labels'] else ''}</summary>{inner}"
                     f"{'<ul>' + est_notes + '</ul>' if est_notes else ''}</details>")
@@ -328,7 +338,8 @@ def estimate_report(estimate: dict, plan: dict, gpu: dict | None, margin: float,
             f"<p>trainable params: {estimate['trainable_params']:,} || all params: {estimate['all_params']:,}; "
             f"tokens per micro-batch {estimate['tokens_per_micro_batch']:,}.</p>",
             f"<p>peak allocated {_gib(estimate['peak_allocated_bytes']):.2f} GiB, peak reserved "
-            f"{_gib(estimate['peak_reserved_bytes']):.2f} GiB, device peak {_gib(estimate['device_peak_bytes']):.2f} GiB "
+            f"{_gib(estimate['peak_reserved_bytes']):.2f} GiB, "
+            f"device peak {_gib(estimate['device_peak_bytes']):.2f} GiB "
             f"in phase {_e(estimate['peak_phase'])} ({_e(_peak(estimate)['moment'])}).</p>"]
     if gpu:
         # `eval_phase` may carry the evaluation pass's "device_peak_bytes" (check's eval_device_peak_bytes)
@@ -376,7 +387,8 @@ def batch_report(rows: list[dict]) -> str:
         hover.append(hs)
     text = [[f"{v:.1f} min" if v is not None else "does not fit" for v in zs] for zs in z]
     fig = go.Figure([go.Heatmap(z=z, x=gpus, y=models, hovertext=hover, hoverinfo="text", colorscale="Viridis",
-                                text=text, texttemplate="%{text}", colorbar={"title": {"text": "min"}}, xgap=2, ygap=2)],
+                                text=text, texttemplate="%{text}", colorbar={"title": {"text": "min"}},
+                                xgap=2, ygap=2)],
                     layout=_layout("Training time of the recommended config (blank: does not fit)",
                                    yaxis={"autorange": "reversed"}, margin={"l": 260, "r": 30, "t": 60, "b": 80}))
     body = ["<h1>trainfit batch: models x GPUs</h1>",

@@ -78,7 +78,8 @@ def test_unknown_gpu():
 def test_missing_config_file():
     res = run("estimate", "--config", "nope.yaml")
     assert res.exit_code == 1
-    assert res.output.strip() == "Error: config file 'nope.yaml' does not exist. Pass the path of a LLaMA-Factory training YAML."
+    assert res.output.strip() == ("Error: config file 'nope.yaml' does not exist. "
+                                  "Pass the path of a LLaMA-Factory training YAML.")
 
 
 def test_bad_value_is_reported_with_the_key(tmp_path):

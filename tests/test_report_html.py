@@ -165,7 +165,8 @@ def test_lengths_histogram_and_coverage(solved):
     assert sorted(sh["x0"] for sh in fig["layout"]["shapes"]) == sorted(solved["coverage"])
     # without measured lengths: coverage bars from the summary
     d = solved["result"]
-    page = solve_report(d, solved["estimates"], solved["configs"], None, {str(k): v for k, v in solved["coverage"].items()})
+    page = solve_report(d, solved["estimates"], solved["configs"], None,
+                        {str(k): v for k, v in solved["coverage"].items()})
     bars = _charts(page)["lengths"]["data"][0]
     assert bars["y"] == [100 * solved["coverage"][c] for c in sorted(solved["coverage"])]
 
@@ -224,7 +225,8 @@ def test_everything_user_given_is_escaped(solved):
     assert "<script>alert" not in ours
     assert html.escape(evil) in ours
     rows = [{"model": evil, "gpu": "g", "result": None, "error": evil}]
-    assert "<script>alert" not in batch_report(rows).replace(__import__("plotly.offline", fromlist=["x"]).get_plotlyjs(), "")
+    assert "<script>alert" not in batch_report(rows).replace(
+        __import__("plotly.offline", fromlist=["x"]).get_plotlyjs(), "")
 
 
 @needs_plotly

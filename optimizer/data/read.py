@@ -28,8 +28,8 @@ from typing import Any
 from ..errors import TrainfitError
 from ..io import MAX_DATA_BYTES, check_json_depth, join_problems, json_loads, read_json, read_text, regular_file
 
-__all__ = ["DatasetError", "DatasetFormat", "Conversation", "read_dataset", "read_files", "record_keys", "resolve_source",
-           "validate_info_entry"]
+__all__ = ["DatasetError", "DatasetFormat", "Conversation", "read_dataset", "read_files", "record_keys",
+           "resolve_source", "validate_info_entry"]
 
 
 

@@ -296,7 +296,8 @@ _PIECE_RE = {
         rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?{_L}+|\d| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
     3: re.compile(
-        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?{_L}+|\d{{1,3}}| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+        rf"(?i:'s|'t|'re|'ve|'m|'ll|'d)|(?:[^\r\n\w]|_)?{_L}+|\d{{1,3}}"
+        rf"| ?(?:[^\s\w]|_)+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
     ),
 }
 
@@ -406,7 +407,8 @@ class ApproxCounter:
         self.model = APPROX_FAMILIES[family]
         self.has_bos = self.model.has_bos
         self.id = f"approx-v{APPROX_VERSION}:{family}"
-        measured = "measured error: see optimizer/data/tokens.py" if self.model.measured else "UNMEASURED family factors"
+        measured = ("measured error: see optimizer/data/tokens.py" if self.model.measured
+                    else "UNMEASURED family factors")
         self.description = f"approximation for the {family} tokenizer family ({measured}){self.model.note}"
         self._memo: dict[str, float] = {}
 
