@@ -266,6 +266,11 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
              "the peak assumes a micro-batch of maximum-length samples"]
     if arch.max_position_embeddings is not None and plan.cutoff_len > arch.max_position_embeddings:
         notes.append(context_window_problem(plan.cutoff_len, arch.max_position_embeddings))
+    if plan.pairwise:
+        notes.append(f"stage dpo: {plan.per_device_train_batch_size} pair(s) = {st.batch} sequences per forward "
+                     "(chosen + rejected); " + ("the reference pass (no_grad, " + ("adapters disabled" if not st.full and
+                     plan.ref_model is None else "a frozen copy of the model") + ") runs while the policy's fp32 "
+                     "logits and log-softmax are held" if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
     if plan.gradient_accumulation_steps > 1:
         notes.append(
             f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: from the second micro-batch on, the "

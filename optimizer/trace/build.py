@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError, TrainfitError
 from ..schema import Plan
 
-__all__ = ["BuiltModel", "build_model", "build_reference", "materialize", "compute_dtype_for", "padded_seq_len", "attn_impl_for"]
+__all__ = ["BuiltModel", "build_model", "build_reference", "materialize", "compute_dtype_for", "padded_seq_len",
+           "attn_impl_for"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _LAYERNORM_NAMES = ("norm", "ln")  # LLaMA-Factory extras/constants.py LAYERNORM_NAMES
