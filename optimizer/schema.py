@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak", "Estimate", "PHASES"]
+__all__ = ["REFERENCE_FREE_LOSSES", "Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak", "Estimate", "PHASES"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -90,6 +90,10 @@ class GpuSpec(BaseModel):
 
 FinetuningType = Literal["lora", "full"]
 FlashAttn = Literal["auto", "disabled", "sdpa", "fa2"]
+# [S] LLaMA-Factory hparams/finetuning_args.py: RLHFArguments.pref_loss choices; use_ref_model is false for orpo
+# and simpo (FinetuningArguments.__post_init__).
+PrefLoss = Literal["sigmoid", "hinge", "ipo", "kto_pair", "orpo", "simpo"]
+REFERENCE_FREE_LOSSES = ("orpo", "simpo")
 Optim = Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit", "sgd"]
 
 
@@ -127,6 +131,21 @@ class Plan(BaseModel):
     upcast_layernorm: bool = Field(default=False, description="Cast norm weights to fp32.")
     upcast_lmhead_output: bool = Field(default=False, description="Cast the lm_head output (logits) to fp32 with a hook.")
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping (HF default 1.0; 0 disables).")
+    stage: Literal["sft", "dpo"] = Field(
+        default="sft",
+        description="LLaMA-Factory `stage`: sft (supervised; pt runs the same step) or dpo (pairwise preference: "
+        "chosen and rejected sequences in one batch, plus a reference model's log-probs).",
+    )
+    pref_loss: PrefLoss = Field(default="sigmoid", description="DPO loss (default sigmoid); orpo and simpo need no "
+                                "reference model.")
+    pref_beta: float = Field(default=0.1, ge=0.0, description="DPO beta (default 0.1). No memory effect.")
+    pref_ftx: float = Field(default=0.0, ge=0.0, description="SFT loss weight on the chosen sequences (default 0). "
+                            "No memory effect: it reuses the policy's log-probs.")
+    ref_model: str | None = Field(
+        default=None,
+        description="DPO reference model path (default: LoRA disables the adapters; full loads a second frozen copy "
+        "of the model). trainfit assumes it has the policy's architecture.",
+    )
     kbit_prepare: bool = Field(
         default=False,
         description="trainfit option: model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts; "
@@ -149,6 +168,18 @@ class Plan(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def pairwise(self) -> bool:
+        """Chosen and rejected sequences concatenated in one batch ([S] LLaMA-Factory data/collator.py::
+        PairwiseDataCollatorWithPadding): twice per_device_train_batch_size sequences per forward."""
+        return self.stage == "dpo"
+
+    @property
+    def use_ref_model(self) -> bool:
+        """[S] LLaMA-Factory hparams/finetuning_args.py: use_ref_model = stage in (dpo, kto) and pref_loss not in
+        (orpo, simpo)."""
+        return self.stage == "dpo" and self.pref_loss not in REFERENCE_FREE_LOSSES
 
     @property
     def gradient_checkpointing(self) -> bool:
@@ -180,6 +211,7 @@ class Moment(StrEnum):
 
     FORWARD_LAST_LAYER = "forward_last_layer"  # the last decoder layer's forward, every earlier layer's saved
     LOSS_FORWARD = "loss_forward"  # logits, fp32 upcast, log-softmax
+    REFERENCE_FORWARD = "reference_forward"  # DPO: the reference model's no_grad forward + log-softmax
     CE_BACKWARD = "ce_backward"  # nll_loss + log_softmax backward: dense fp32 [N, V] gradients
     LM_HEAD_BACKWARD = "lm_head_backward"  # logits gradient -> hidden-state (+ weight) gradient
     LAYER_BACKWARD_TOP = "layer_backward_top"  # the top decoder layer's (recompute +) backward

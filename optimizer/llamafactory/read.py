@@ -87,14 +87,18 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
         if key in data and data[key] not in (harmless, None, False, "", "none"):
             problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; remove it to estimate")
     stage = data.get("stage", "sft")
-    if stage not in ("sft", "pt"):
-        problems.append(f"stage {stage!r} is not modelled (sft and pt are)")
+    if stage not in ("sft", "pt", "dpo"):
+        # rm (value head + pairwise loss), kto (unpaired with a KL batch) and ppo (policy, value, reward and
+        # reference models) run other steps
+        problems.append(f"stage {stage!r} is not modelled (sft, pt and dpo are); estimate it as sft or dpo")
     if data.get("quantization_method", "bnb") not in ("bnb", "bitsandbytes"):
         problems.append(f"quantization_method {data['quantization_method']!r} is not modelled (bnb is)")
     ft = data.get("finetuning_type", "lora")
     if ft not in ("lora", "full"):
         problems.append(f"finetuning_type {ft!r} is not modelled (lora and full are)")
     fields = {k: _lower_bool(data[k]) for k in PLAN_KEYS if k in data}
+    if fields.get("stage") == "pt":  # pretraining runs the same step as sft (labels = inputs, transformers' loss)
+        fields["stage"] = "sft"
     if "lora_target" in fields and isinstance(fields["lora_target"], list):
         fields["lora_target"] = ",".join(str(t) for t in fields["lora_target"])
     if "additional_target" in fields and isinstance(fields["additional_target"], list):

@@ -188,7 +188,14 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
     if plan.enable_liger_kernel:
         model["enable_liger_kernel"] = True
 
-    method: dict[str, Any] = {"stage": "sft", "do_train": True, "finetuning_type": plan.finetuning_type}
+    method: dict[str, Any] = {"stage": plan.stage, "do_train": True, "finetuning_type": plan.finetuning_type}
+    if plan.stage == "dpo":  # [S] LLaMA-Factory hparams/finetuning_args.py::RLHFArguments
+        method["pref_beta"] = float(plan.pref_beta)
+        method["pref_loss"] = plan.pref_loss
+        if plan.pref_ftx:
+            method["pref_ftx"] = float(plan.pref_ftx)
+        if plan.ref_model is not None:
+            method["ref_model"] = plan.ref_model
     if lora:
         method["lora_rank"] = plan.lora_rank
         method["lora_alpha"] = plan.effective_lora_alpha
@@ -240,6 +247,9 @@ def _normalized(plan: Plan, epochs: float) -> dict[str, Any]:
         for name in ("lora_rank", "lora_dropout", "lora_target", "additional_target"):
             d[name] = defaults[name]
         d["lora_alpha"] = 2 * defaults["lora_rank"]
+    if plan.stage != "dpo":
+        for name in ("pref_loss", "pref_beta", "pref_ftx", "ref_model"):
+            d[name] = defaults[name]
     if plan.quantization_bit != 4:
         d["quantization_type"] = defaults["quantization_type"]
         d["double_quantization"] = defaults["double_quantization"]

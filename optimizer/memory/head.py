@@ -36,6 +36,7 @@ class HeadActivations:
     loss_saved: int  # what the loss keeps for backward
     ce_backward_extra: int  # peak of the cross-entropy backward, on top of loss_saved
     lm_head_backward_extra: int  # after CE backward: grad of logits + grad of the hidden states
+    logit_bytes: int = 2  # bytes per element of the lm_head output (the logits)
 
 
 def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
@@ -108,7 +109,8 @@ def head_activations(arch: Arch, plan: Plan, st: Setting) -> HeadActivations:
         lm_bwd = max(lm_bwd, at_mm, at_cast)
     else:
         lm_bwd = max(lm_bwd, d_log + d_x)
-    return HeadActivations(final_saved, wcast, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd)
+    return HeadActivations(final_saved, wcast, fwd_end + held_out, peak + held_out, saved, ce_bwd, lm_bwd,
+                           st.c if st.amp else promote(h_b, lw))
 
 
 def lm_head_trains(arch: Arch, plan: Plan, st: Setting) -> bool:

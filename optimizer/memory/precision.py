@@ -105,7 +105,10 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         double_quant=plan.double_quantization, gc=plan.gradient_checkpointing,
         attn=_attention(arch, plan),
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
-        rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8), batch=plan.per_device_train_batch_size,
+        rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8),
+        # [S] LLaMA-Factory data/collator.py::PairwiseDataCollatorWithPadding: a DPO micro-batch of b pairs is
+        # one batch of 2b sequences (chosen, then rejected)
+        batch=plan.per_device_train_batch_size * (2 if plan.pairwise else 1),
         gemma_norm=family_of(arch.model_type).gemma_norm, mixed16=mixed16, fp16=amp and plan.fp16,
     )
 

@@ -11,6 +11,7 @@ from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at,
 from .head import head_activations, shared_forward_bytes
 from .layer import layer_forward
 from .precision import FP32, Setting, setting_for
+from .preference import preference_head, reference_weight_bytes
 from .static import (
     adapter_bytes,
     base_weight_bytes,
@@ -54,7 +55,11 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     lay = _part("layer", st, plan, lambda: layer_forward(arch, st))
     lay_ng = (_part("layer_no_grad", st, plan, lambda: layer_forward(arch, st, no_grad=True))
               if st.gc and plan.use_reentrant_gc else lay)
-    head = _part("head", st, plan, lambda: head_activations(arch, plan, st))
+    # [S] LLaMA-Factory model/model_utils/liger_kernel.py: stages other than pt/sft need the logits, so Liger's
+    # fused linear cross-entropy is not applied (require_logits)
+    hplan = plan.model_copy(update={"enable_liger_kernel": False}) if plan.pairwise else plan
+    head = _part("head", st, hplan, lambda: head_activations(arch, hplan, st))
+    pref = _part("preference", st, plan, lambda: preference_head(arch, plan, st, head)) if plan.pairwise else None
     ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
     if st.gc:
         acts_all = L * ckpt
@@ -72,6 +77,8 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
         ("optimizer_states", states, plan.optim),
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
+        ("reference_model_weights", _part("reference_weights", st, plan, lambda: reference_weight_bytes(arch, st, plan))
+         if plan.pairwise else 0, "DPO reference: a frozen copy of the model, checkpoint dtype"),
     )
     static = terms(*weight_terms)
     # [S] torch autocast `cached_cast`: the compute-dtype copy of a grad-requiring leaf weight is cached until
@@ -100,10 +107,25 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         ("activations_layers", acts_all, what),
         ("final_norm_saved", head.final_norm_saved, "final RMSNorm saved tensors (+ lm_head input when it trains)"),
         ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
-        ("logits_and_loss", max(head.loss_peak_extra, head.forward_end_extra), f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
+        ("logits_and_loss", pref.loss_peak_extra if pref else max(head.loss_peak_extra, head.forward_end_extra),
+         f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
         held,
     ))
+    reference = None
+    if pref is not None and pref.reference_extra:
+        reference = PhasePeak(phase=Phase.LOSS, kind=Moment.REFERENCE_FORWARD,
+                              moment="DPO reference forward (no_grad) + its log-softmax", terms=static + terms(
+            ("activations_shared", shared, ""),
+            ("activations_layers", acts_all, what),
+            ("final_norm_saved", head.final_norm_saved, ""),
+            ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+            ("policy_logits_and_logps", pref.held_after_loss, f"fp32 logits [{N}, {arch.vocab_size}] (metrics) + "
+             "saved log-softmax"),
+            ("reference_forward", pref.reference_extra, "the reference's no_grad layer or its logits + log-softmax"),
+            held,
+        ))
+        loss = max(loss, reference, key=lambda p: p.total_bytes)
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
     ce = PhasePeak(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward", terms=static + terms(
         bw_ws,
@@ -111,8 +133,10 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         ("activations_layers", acts_all, what),
         ("final_norm_saved", head.final_norm_saved, ""),
         ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
-        ("loss_saved", head.loss_saved, "saved log-softmax fp32 [N, V]"),
-        ("loss_backward", head.ce_backward_extra, "dense fp32 [N, V] gradients of nll_loss and log_softmax"),
+        ("loss_saved", pref.loss_saved if pref else head.loss_saved, "saved log-softmax fp32 [N, V]"),
+        ("loss_backward", pref.ce_backward_extra if pref else head.ce_backward_extra,
+         "dense fp32 [N, V] gradients of " + ("gather, log_softmax and the [:, :-1] slice" if pref else
+                                              "nll_loss and log_softmax")),
         held,
     ))
     # Decoder layers' backward, top layer first. The layer's own backward peak comes from replaying its
@@ -242,6 +266,11 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
              "the peak assumes a micro-batch of maximum-length samples"]
     if arch.max_position_embeddings is not None and plan.cutoff_len > arch.max_position_embeddings:
         notes.append(context_window_problem(plan.cutoff_len, arch.max_position_embeddings))
+    if plan.pairwise:
+        notes.append(f"stage dpo: {plan.per_device_train_batch_size} pair(s) = {st.batch} sequences per forward "
+                     "(chosen + rejected); " + ("the reference pass (no_grad, " + ("adapters disabled" if not st.full and
+                     plan.ref_model is None else "a frozen copy of the model") + ") runs while the policy's fp32 "
+                     "logits and log-softmax are held" if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
     if plan.gradient_accumulation_steps > 1:
         notes.append(
             f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: from the second micro-batch on, the "

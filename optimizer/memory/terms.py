@@ -53,6 +53,10 @@ COMPONENTS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "layer": (_DTYPES + _ADAPTER + ("attn", "lora_dropout") + _TOKENS, ()),
     "layer_no_grad": (_DTYPES + _ADAPTER + ("attn", "lora_dropout") + _TOKENS, ()),
     "head": (_DTYPES + ("attn",) + _TOKENS, ("enable_liger_kernel", "upcast_lmhead_output", "additional_target")),
+    "preference": (_DTYPES + _ADAPTER + ("attn",) + _TOKENS,
+                   ("enable_liger_kernel", "upcast_lmhead_output", "additional_target", "stage", "pref_loss",
+                    "ref_model")),
+    "reference_weights": (_DTYPES, ("stage", "pref_loss", "ref_model")),
 }
 
 # the same, in search knobs (lora_dropout is the recipe's, a function of the finetuning type)
@@ -66,6 +70,8 @@ SEARCH_KNOBS: dict[str, tuple[str, ...]] = {
     "activations_shared": ("finetuning_type", "flash_attn") + _TOK,
     "layer": _T + ("flash_attn",) + _TOK, "layer_no_grad": _T + ("flash_attn",) + _TOK,
     "head": ("finetuning_type", "flash_attn", "enable_liger_kernel") + _TOK,
+    "preference": _T + ("flash_attn", "enable_liger_kernel", "stage") + _TOK,
+    "reference_weights": ("finetuning_type", "stage"),
 }
 
 

@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import ConfigError, TrainfitError
 from ..schema import Plan
 
-__all__ = ["BuiltModel", "build_model", "materialize", "compute_dtype_for", "padded_seq_len", "attn_impl_for"]
+__all__ = ["BuiltModel", "build_model", "build_reference", "materialize", "compute_dtype_for", "padded_seq_len",
+           "attn_impl_for"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _LAYERNORM_NAMES = ("norm", "ln")  # LLaMA-Factory extras/constants.py LAYERNORM_NAMES
@@ -304,6 +305,26 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
         model_dtype=ckpt_dtype, compute_dtype=compute_dtype, attn_impl=attn_impl, lm_head=lm_head,
         bnb4=bnb4, bnb8=bnb8, notes=notes,
     )
+
+
+def build_reference(config: dict[str, Any], plan: Plan, *, layers: int | None = None) -> BuiltModel | None:
+    """The DPO reference model LLaMA-Factory loads for full fine-tuning, on meta tensors (None when there is none).
+
+    [S] LLaMA-Factory train/trainer_utils.py::create_ref_model: LoRA without `ref_model` -> None (the policy with
+    its adapters disabled); otherwise load_model(..., is_trainable=False): the checkpoint in its dtype, no
+    adapter, no checkpointing, every parameter frozen, fp32 parameters cast to the compute dtype (loader.py).
+    `ref_model` is assumed to have the policy's architecture."""
+    if not plan.use_ref_model or (plan.finetuning_type == "lora" and plan.ref_model is None):
+        return None
+    ref_plan = plan.model_copy(update={
+        "finetuning_type": "full", "pure_bf16": True, "bf16": False, "fp16": False, "quantization_bit": None,
+        "disable_gradient_checkpointing": True, "upcast_layernorm": False, "upcast_lmhead_output": False,
+        "additional_target": None, "kbit_prepare": False, "stage": "sft"})
+    built = build_model(config, ref_plan, layers=layers)
+    built.model.requires_grad_(False)
+    built.model.eval()
+    built.notes = ["DPO reference: a second frozen copy of the model in its checkpoint dtype (create_ref_model)."]
+    return built
 
 
 def _find_lm_head(top: nn.Module, hf_model: nn.Module) -> nn.Module:

@@ -108,3 +108,17 @@ GRID += [
              disable_gradient_checkpointing=True)),
     (_M7, _p(cutoff_len=128, additional_target="lm_head", gradient_accumulation_steps=2)),
 ]
+GRID += [
+    # stage dpo (LLaMA-Factory CustomDPOTrainer): 2b sequences per forward, the policy's fp32 logits + log-softmax
+    # held through the reference's no_grad forward (LoRA: adapters disabled; full: a second frozen copy); orpo has
+    # no reference. LoRA, QLoRA and full; checkpointing on and off; eager and sdpa; 32k-152k vocabularies.
+    (_Q05, _p(stage="dpo", cutoff_len=512)),
+    (_Q05, _p(stage="dpo", cutoff_len=512, disable_gradient_checkpointing=True)),
+    (_Q05, _p(stage="dpo", cutoff_len=1024, quantization_bit=4)),
+    (_Q05, _p(stage="dpo", cutoff_len=256, finetuning_type="full")),
+    (_Q05, _p(stage="dpo", cutoff_len=256, finetuning_type="full", disable_gradient_checkpointing=True)),
+    (_Q05, _p(stage="dpo", cutoff_len=512, pref_loss="orpo")),
+    (_Q3, _p(stage="dpo", cutoff_len=512, flash_attn="disabled")),
+    (_L1, _p(stage="dpo", cutoff_len=1024, per_device_train_batch_size=2, pref_ftx=0.1)),
+    (_M7, _p(stage="dpo", cutoff_len=1024, quantization_bit=4)),
+]

@@ -16,6 +16,8 @@ TRACE_SUB_PHASES = (
     "lm_head",      # loss: the lm_head matmul (+ LLaMA-Factory's upcast_lmhead_output hook)
     "loss_ce",      # loss: logits.float() + cross-entropy, until the model's forward returns
     "out_fp32",     # loss: accelerate's convert_outputs_to_fp32 of the model outputs (AMP only)
+    "ref_fwd",      # loss (DPO): the reference model's decoder layers under no_grad
+    "ref_loss",     # loss (DPO): the reference logits + log-softmax, then the preference loss
     "bwd_loss",     # backward: loss.backward() until the logits' gradient exists (CE backward)
     "bwd_lm_head",  # backward: logits grad .. the gradient of the lm_head input exists
     "bwd_layers",   # backward: final norm + decoder layers (+ recompute) + embedding
@@ -31,6 +33,8 @@ MOMENT_OF_SUB: dict[str, Moment] = {
     "lm_head": Moment.LOSS_FORWARD,
     "loss_ce": Moment.LOSS_FORWARD,
     "out_fp32": Moment.LOSS_FORWARD,
+    "ref_fwd": Moment.REFERENCE_FORWARD,
+    "ref_loss": Moment.REFERENCE_FORWARD,
     "bwd_loss": Moment.CE_BACKWARD,
     "bwd_lm_head": Moment.LM_HEAD_BACKWARD,
     "bwd_layers": Moment.LAYER_BACKWARD_TOP,

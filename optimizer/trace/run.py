@@ -209,7 +209,7 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         raise ConfigError(f"steps must be >= 1, got {steps}.")
     import torch
 
-    from .build import build_model, count_parameters, materialize, padded_seq_len
+    from .build import build_model, build_reference, count_parameters, materialize, padded_seq_len
     from .patches import quiet_library_warnings, trace_patches
     from .tracker import PHASE_OF_SUB, StorageTracker, tracked_backward, tracking_fake_mode
     from .trainer import TrainerStep
@@ -217,6 +217,7 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
     t0 = time.perf_counter()
     with quiet_library_warnings():
         built = build_model(config, plan, layers=layers)
+        ref = build_reference(config, plan, layers=layers)
     tracker = StorageTracker()
     primed = steps >= 2 and not measure_step1
     stats: dict[int, Any] = {}
@@ -227,8 +228,12 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
             materialize(built, plan)
             _annotate_model(tracker, built)
             trainable, total = count_parameters(built.model)
+            if ref is not None:
+                materialize(ref, plan)
+                for name, p in ref.model.named_parameters():
+                    tracker.annotate(p, f"ref_param:{name}")
             load_bytes = tracker.current
-            trainer = TrainerStep(built, plan, tracker, torch.device("cpu"))
+            trainer = TrainerStep(built, plan, tracker, torch.device("cpu"), ref=ref)
             try:
                 for i in range(1, steps + 1):
                     stats[i] = trainer.prime_step(i) if (i == 1 and primed) else trainer.step(i)
@@ -281,7 +286,7 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         all_params=total,
         peak_breakdown=breakdown,
         top_tensors=top_list,
-        notes=built.notes + _fake_notes(plan, built, primed),
+        notes=built.notes + (ref.notes if ref is not None else []) + _fake_notes(plan, built, primed),
         wall_s=round(time.perf_counter() - t0, 3),
         aten_ops=tracker.op_count,
         versions=versions(),

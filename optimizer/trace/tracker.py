@@ -48,6 +48,8 @@ PHASE_OF_SUB: dict[str, str] = {
     "lm_head": _L,
     "loss_ce": _L,
     "out_fp32": _L,
+    "ref_fwd": _L,
+    "ref_loss": _L,
     "bwd_loss": _B,
     "bwd_lm_head": _B,
     "bwd_layers": _B,

@@ -11,6 +11,12 @@ What is mirrored (transformers trainer.py, trainer_optimizer.py; accelerate acce
   micro-batches stand for any gradient_accumulation_steps > 1, see `TrainerStep.micro_batches`);
 - `clip_grad_norm_(model.parameters(), max_grad_norm)` when max_grad_norm > 0, `optimizer.step()`,
   `model.zero_grad()` (set_to_none=True).
+- `stage: dpo` (LLaMA-Factory train/dpo/trainer.py::CustomDPOTrainer.get_batch_loss_metrics): the policy's
+  concatenated forward over 2b sequences (no labels to the model: `model(**batch).logits.to(float32)`, then
+  trainer_utils.py::get_batch_logps: `logits[:, :-1].log_softmax(-1)` gathered at the labels), then the
+  reference's concatenated forward under no_grad (LoRA: the same model inside PEFT's `disable_adapter()`; full:
+  a second frozen model), then the preference loss on [b] log-probs; the policy's fp32 logits stay referenced
+  (for the logits/chosen metrics) until the loss is returned.
 """
 
 from __future__ import annotations
@@ -111,15 +117,17 @@ class _FakeGradScaler:
 class TrainerStep:
     """Drives training steps of a built, materialized model; reports sub-phase changes to a probe."""
 
-    def __init__(self, built: BuiltModel, plan: Plan, probe: Probe, device: torch.device, *, real_scaler: bool = False):
+    def __init__(self, built: BuiltModel, plan: Plan, probe: Probe, device: torch.device, *, real_scaler: bool = False,
+                 ref: BuiltModel | None = None):
         self.built = built
+        self.ref = ref
         self.plan = plan
         self.probe = probe
         self.device = device
         self.model = built.model
         self.model.train()
         self.seq = padded_seq_len(plan)
-        self.batch = plan.per_device_train_batch_size
+        self.batch = plan.per_device_train_batch_size * (2 if plan.pairwise else 1)  # chosen + rejected
         self.vocab = int(built.config.vocab_size)
         self.amp_dtype = torch.bfloat16 if plan.bf16 else (torch.float16 if plan.fp16 else None)
         self.optimizer = make_optimizer(self.model, plan)
@@ -138,19 +146,27 @@ class TrainerStep:
         probe = self.probe
 
         def pre_head(module: nn.Module, args: Any) -> None:
+            if not torch.is_grad_enabled():  # the DPO reference pass (LoRA: adapters disabled)
+                probe.set_sub_phase("ref_loss")
+                return
             probe.set_sub_phase("lm_head")
             x = args[0] if args else None
             if isinstance(x, torch.Tensor) and x.requires_grad:
                 x.register_hook(lambda g: probe.set_sub_phase("bwd_layers"))
 
         def post_head(module: nn.Module, args: Any, output: Any) -> None:
+            if not torch.is_grad_enabled():
+                return
             if isinstance(output, torch.Tensor) and output.requires_grad:
                 output.register_hook(lambda g: probe.set_sub_phase("bwd_lm_head"))
             probe.set_sub_phase("loss_ce")
 
         head = self.built.lm_head
-        return [head.register_forward_pre_hook(pre_head, prepend=True),
-                head.register_forward_hook(post_head, prepend=True)]
+        hooks = [head.register_forward_pre_hook(pre_head, prepend=True),
+                 head.register_forward_hook(post_head, prepend=True)]
+        if self.ref is not None:
+            hooks.append(self.ref.lm_head.register_forward_pre_hook(pre_head, prepend=True))
+        return hooks
 
     def close(self) -> None:
         for h in self._hooks:
@@ -182,6 +198,83 @@ class TrainerStep:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs[0]
         del outputs  # compute_loss returns only the loss: logits die here, before backward
         return loss
+
+    # -- DPO ------------------------------------------------------------------------------------------------------
+    def _fp32_logits(self, model: nn.Module, inputs: dict[str, torch.Tensor], ref: bool) -> torch.Tensor:
+        """`model(**batch, return_dict=True, use_cache=False).logits.to(torch.float32)`; under AMP accelerate's
+        convert_outputs_to_fp32 already made the logits fp32 (`.to` returns them as they are)."""
+        ids = inputs["input_ids"].clone()  # nested_detach(batch, clone=True)
+        if self.amp_dtype is not None:
+            from accelerate.utils.operations import convert_to_fp32
+
+            with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                outputs = model(input_ids=ids, return_dict=True, use_cache=False)
+            if not ref:
+                self.probe.set_sub_phase("out_fp32")
+            outputs = convert_to_fp32(outputs)
+        else:
+            outputs = model(input_ids=ids, return_dict=True, use_cache=False)
+        logits = outputs.logits.to(torch.float32)
+        del outputs, ids
+        return logits
+
+    @staticmethod
+    def _batch_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """LLaMA-Factory train/trainer_utils.py::get_batch_logps (`labels[labels == IGNORE_INDEX] = 0` written as
+        masked_fill: the same [2b, s-1] int64 buffer, without a data-dependent index)."""
+        labels = labels[:, 1:].clone()
+        logits = logits[:, :-1, :]
+        loss_mask = labels != -100
+        labels = labels.masked_fill(~loss_mask, 0)
+        per_token = torch.gather(logits.log_softmax(-1), dim=2, index=labels.unsqueeze(2)).squeeze(2)
+        return (per_token * loss_mask).sum(-1), loss_mask.sum(-1)
+
+    def _dpo_loss(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        plan = self.plan
+        half = self.batch // 2
+        all_logits = self._fp32_logits(self.model, inputs, ref=False)
+        logps, length = self._batch_logps(all_logits, inputs["labels"].clone())
+        if plan.pref_loss in ("ipo", "orpo", "simpo"):
+            logps = logps / length
+        chosen, rejected = logps.split(half, dim=0)
+        chosen_logits, rejected_logits = all_logits.split(half, dim=0)  # kept for the logits/* metrics
+        del all_logits
+        chosen_avg = chosen if plan.pref_loss in ("ipo", "orpo", "simpo") else chosen / length.split(half)[0]
+        if plan.use_ref_model:
+            self.probe.set_sub_phase("ref_fwd")
+            if self.ref is None:
+                ctx = self.model.disable_adapter()
+                ref_model = self.model
+            else:
+                from contextlib import nullcontext
+
+                ctx, ref_model = nullcontext(), self.ref.model
+            with torch.no_grad(), ctx:
+                ref_logits = self._fp32_logits(ref_model, inputs, ref=True)
+                ref_logps, _ = self._batch_logps(ref_logits, inputs["labels"].clone())
+                del ref_logits
+            ref_chosen, ref_rejected = ref_logps.split(half, dim=0)
+            # TRL trainer/dpo_trainer.py::dpo_loss, sigmoid: -logsigmoid(beta * (policy - reference log-ratios))
+            logits = (chosen - rejected) - (ref_chosen - ref_rejected)
+            losses = -F.logsigmoid(plan.pref_beta * logits)
+            beta = plan.pref_beta
+            rewards = beta * (chosen - ref_chosen).detach(), beta * (rejected - ref_rejected).detach()
+        elif plan.pref_loss == "simpo":
+            losses = -F.logsigmoid(plan.pref_beta * ((chosen - rejected) - 0.5 / max(plan.pref_beta, 1e-6)))
+            rewards = plan.pref_beta * chosen.detach(), plan.pref_beta * rejected.detach()
+        else:  # orpo: CustomDPOTrainer.odds_ratio_loss
+            log_odds = (chosen - rejected) - (torch.log1p(-torch.exp(chosen)) - torch.log1p(-torch.exp(rejected)))
+            losses = -chosen + plan.pref_beta * -F.logsigmoid(log_odds)
+            rewards = plan.pref_beta * chosen.detach(), plan.pref_beta * rejected.detach()
+        if plan.pref_ftx > 1e-6:
+            losses = losses + plan.pref_ftx * -chosen_avg
+        metrics = [r.mean() for r in rewards] + [chosen_logits.mean(), rejected_logits.mean()]
+        loss = losses.mean()
+        del metrics, chosen_logits, rejected_logits, rewards, losses
+        # transformers Trainer.training_step: model_accepts_loss_kwargs is False -> divide by the accumulation steps
+        return loss / self.plan.gradient_accumulation_steps
 
     def optimizer_phase(self) -> None:
         plan = self.plan
@@ -225,7 +318,7 @@ class TrainerStep:
         for micro, inputs in enumerate(batches):
             if micro:
                 self.probe.set_sub_phase("fwd")
-            loss = self._forward(inputs, num_items)
+            loss = self._dpo_loss(inputs) if self.plan.pairwise else self._forward(inputs, num_items)
             self.probe.set_sub_phase("bwd_loss")
             if self.scaler is not None:
                 self.scaler.scale(loss).backward()
