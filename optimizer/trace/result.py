@@ -95,7 +95,3 @@ class TraceResult(BaseModel):
     versions: dict[str, str] = Field(default_factory=dict, description="torch/transformers/peft/bitsandbytes/accelerate.")
     peak_reserved_bytes: int | None = Field(default=None, description="run_cuda: torch.cuda.max_memory_reserved().")
     nvml_used_bytes: int | None = Field(default=None, description="run_cuda: device memory used as NVML reports it.")
-
-    @property
-    def peak_gib(self) -> float:
-        return self.peak_allocated_bytes / 2**30

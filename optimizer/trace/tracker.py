@@ -338,9 +338,6 @@ class StorageTracker(TorchDispatchMode):
         return [r for r in self.records
                 if not r.host and r.t_alloc <= t and (r.t_free is None or r.t_free > t)]
 
-    def live_records(self) -> list[AllocRecord]:
-        return [e[0] for e in self._live.values() if not e[0].host]
-
 
 def tracking_fake_mode(tracker: StorageTracker):
     """A FakeTensorMode that reports every top-level op output to `tracker`.
