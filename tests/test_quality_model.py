@@ -132,11 +132,14 @@ def test_terms_add_up_to_the_score():
 
 # The goal in issue 12 is 0.9. Before the issue-12 audit the score ordered 36 of 41 rows (0.878); the audit corrected
 # recalled settings against the papers (Hu et al. 2021 Tables 4/15/16/17 and App. D.4: GPT-3 ran at batch 100-128,
-# not 16; the 4.7M LoRA of Table 4 is Wv r=2), and at the true batch the LoRA large-batch term (Schulman et al. 2025)
-# now contradicts Hu et al.'s LoRA >= full FT on GPT-3: 34/41 = 0.829. The floor records that state; it was lowered
-# on purpose, not to pass (see the commit message), and should rise when a sourced change earns it.
+# not 16; the 4.7M LoRA of Table 4 is Wv r=2) and exposed the LoRA large-batch term (onset 32) against Hu et al.'s
+# LoRA >= full FT at 100-128: 34/41 = 0.829. "LoRA Without Regret" states no onset (its text names only 32, where the
+# gap is small and shrinking), so the LoRA-only term now starts at 128, the largest batch with a published no-gap
+# number (Hu et al.): 36/41 = 0.878. The five left (Table 5 MNLI within coverage saturation, LoRA > full FT twice,
+# LIMA's data quality, Raschka's second epoch) are not batch rows; no sourced change for them is in hand, so the floor
+# is the measured 0.87, not the goal.
 AGREEMENT_GOAL = 0.9
-AGREEMENT_FLOOR = 0.82
+AGREEMENT_FLOOR = 0.87
 
 
 def test_agreement_with_published_comparisons():
@@ -173,3 +176,23 @@ def test_lora_never_gains_from_a_batch_above_32(ctx, ft, r, tgt, ep, b1, b2):
     q_lo = qm.quality(_plan(ft, r, tgt, lo, ep, optimizer_steps=1000), ctx)
     q_hi = qm.quality(_plan(ft, r, tgt, hi, ep, optimizer_steps=1000), ctx)
     assert q_hi <= q_lo
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, epochs, st.sampled_from([16, 32, 64, 100, 128]))
+def test_lora_pays_no_more_than_full_for_batch_up_to_128(ctx, ft, r, ep, b):
+    """Hu et al. 2021: LoRA >= full FT at effective batch 128 (Table 4, App. D.4) and = at 100 (Table 16/17)."""
+    lora = qm.quality_terms(_plan(ft, r, "all", b, ep, optimizer_steps=1000), ctx)["batch"]
+    full = qm.quality_terms(_plan("full", r, "all", b, ep, optimizer_steps=1000), ctx)["batch"]
+    assert lora == full
+
+
+@settings(max_examples=200, deadline=None)
+@given(contexts, lora_types, ranks, epochs, st.sampled_from([256, 512, 1024]))
+def test_lora_pays_more_than_full_for_batch_beyond_128(ctx, ft, r, ep, b):
+    """Schulman et al. 2025: the LoRA-vs-full gap grows with batch, independent of rank; at 512 it exceeds TIE_TOL."""
+    lora = qm.quality_terms(_plan(ft, r, "all", b, ep, optimizer_steps=1000), ctx)["batch"]
+    full = qm.quality_terms(_plan("full", r, "all", b, ep, optimizer_steps=1000), ctx)["batch"]
+    assert lora < full
+    if b >= 512:
+        assert full - lora > qm.TIE_TOL
