@@ -179,7 +179,8 @@ def norm_op(w: Walk, st: Setting, x: str, x_b: int, n_el: int, rows: int, traina
     return out, out_b
 
 
-def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from_norm: bool = False) -> tuple[str, int]:
+def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int,
+              from_norm: bool = False) -> tuple[str, int]:
     """One decoder Linear with its LoRA branch; returns (output, output bytes/elem). `from_norm`: the input
     is a norm output (weights' dtype), which matters under fp16 autocast over bf16 weights."""
     lora = m.name in st.targets

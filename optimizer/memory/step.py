@@ -71,7 +71,8 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         what = f"{L} layers x saved activations"
     weight_terms = (
         ("weights_decoder_linears", weights["decoder_linears"], _weights_detail(st)),
-        ("weights_embed_tokens", weights["embed_tokens"], f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
+        ("weights_embed_tokens", weights["embed_tokens"],
+         f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
@@ -217,7 +218,8 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
                           moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
         bw_ws,
         ("grads", grads, "one gradient per trainable tensor"),
-        ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
+        ("optimizer_step_temporaries", opt_tmp,
+         "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
     phases = [forward, loss, backward, optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
@@ -268,23 +270,28 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
         notes.append(context_window_problem(plan.cutoff_len, arch.max_position_embeddings))
     if plan.pairwise:
         notes.append(f"stage dpo: {plan.per_device_train_batch_size} pair(s) = {st.batch} sequences per forward "
-                     "(chosen + rejected); " + ("the reference pass (no_grad, " + ("adapters disabled" if not st.full and
-                     plan.ref_model is None else "a frozen copy of the model") + ") runs while the policy's fp32 "
-                     "logits and log-softmax are held" if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
+                     "(chosen + rejected); "
+                     + ("the reference pass (no_grad, "
+                        + ("adapters disabled" if not st.full and plan.ref_model is None
+                           else "a frozen copy of the model")
+                        + ") runs while the policy's fp32 logits and log-softmax are held"
+                        if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
     if plan.gradient_accumulation_steps > 1:
         notes.append(
             f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: from the second micro-batch on, the "
             f"{grads / MIB:,.1f} MiB of accumulated gradients (.grad) stay live through forward, loss and backward "
             "(counted in the peak; the same for any value > 1; gradient_accumulation_steps 1 saves them)"
         )
-    if plan.per_device_train_batch_size > 1 and st.attn == "sdpa" and arch.num_key_value_heads < arch.num_attention_heads:
+    if (plan.per_device_train_batch_size > 1 and st.attn == "sdpa"
+            and arch.num_key_value_heads < arch.num_attention_heads):
         notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "
                      "repeat K/V to every head (transformers sdpa_attention_forward); the estimate's worst case, "
                      "every sample at cutoff_len, has no padding")
     if plan.flash_attn == "fa2":
         notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
     if plan.optim == "paged_adamw_8bit":
-        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in reserved/device")
+        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in "
+                     "reserved/device")
     if not plan.bf16 and not plan.fp16 and not plan.pure_bf16:
         notes.append("no bf16/fp16: no autocast; LoRA runs in fp32 and the base in the checkpoint dtype")
     return notes

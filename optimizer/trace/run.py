@@ -65,8 +65,8 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
         "Kernel-internal scratch that CUDA kernels take from the caching allocator is invisible here: cuBLAS/cuBLASLt "
         "workspaces (~8 MiB per handle and stream, up to 32 MiB on Hopper), flash-attention backward buffers "
         "(fp32 dq accumulator; expanded dK/dV under GQA), embedding-backward sort buffers.",
-        "Inputs are one micro-batch with every sample at cutoff_len (no padding, attention_mask dropped as transformers "
-        "does for an all-ones mask on a GPU); LLaMA-Factory pads to the longest sample in the batch.",
+        "Inputs are one micro-batch with every sample at cutoff_len (no padding, attention_mask dropped as "
+        "transformers does for an all-ones mask on a GPU); LLaMA-Factory pads to the longest sample in the batch.",
         "The CE loss uses reduction=sum with num_items_in_batch, as HF Trainer passes it (same buffers as mean).",
         "Autograd's gradient sums (InputBuffer) never run in place on fake tensors; the tracker replays eager "
         "autograd's rule (in place when the first gradient is an exclusively owned dense tensor, calibrated on this "
@@ -87,17 +87,19 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
             )
     if plan.bf16 or plan.fp16:
         notes.append(
-            "AMP runs torch's CPU autocast in place of CUDA autocast (same lower-precision list for linear/matmul/sdpa; "
-            "the fp32 lists differ only in ops these models do not use), then accelerate's fp32 copy of the outputs."
+            "AMP runs torch's CPU autocast in place of CUDA autocast (same lower-precision list for "
+            "linear/matmul/sdpa; the fp32 lists differ only in ops these models do not use), then accelerate's fp32 "
+            "copy of the outputs."
         )
     if plan.lora_dropout > 0 and plan.finetuning_type == "lora":
-        notes.append("LoRA dropout traced with native_dropout (bool mask) as on CUDA, not the CPU kernel's float noise.")
+        notes.append("LoRA dropout traced with native_dropout (bool mask) as on CUDA, not the CPU kernel's "
+                     "float noise.")
     if built.bnb4:
         notes.append(
-            "bitsandbytes 4-bit matmul traced as dequantize + F.linear (its CUDA path above 1536 tokens per micro-batch "
-            "and on sm90/sm100 for most shapes): a transient 16-bit [out, in] weight per call. Below that, on other "
-            "GPUs, the fused gemm_4bit kernel skips that transient weight. Weights are quantized from fake tensors "
-            "(bnb's fake kernels give packed data + absmax + nested state shapes)."
+            "bitsandbytes 4-bit matmul traced as dequantize + F.linear (its CUDA path above 1536 tokens per "
+            "micro-batch and on sm90/sm100 for most shapes): a transient 16-bit [out, in] weight per call. Below "
+            "that, on other GPUs, the fused gemm_4bit kernel skips that transient weight. Weights are quantized from "
+            "fake tensors (bnb's fake kernels give packed data + absmax + nested state shapes)."
         )
     if built.bnb8:
         notes.append(
@@ -105,7 +107,8 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
             "inputs with |x| > 6.0 add small fp16 copies of the outlier columns."
         )
     if plan.optim == "adamw_torch":
-        notes.append("adamw_torch: foreach AdamW as torch picks on CUDA; its step counters live on the host (not counted).")
+        notes.append("adamw_torch: foreach AdamW as torch picks on CUDA; its step counters live on the host "
+                     "(not counted).")
     if plan.optim == "paged_adamw_8bit":
         notes.append("paged_adamw_8bit: states of tensors >= 1e5 elements are cudaMallocManaged pages, outside the "
                      "torch allocator (not in max_memory_allocated; NVML shows the resident pages).")
@@ -353,7 +356,9 @@ def run_real_cuda(config: dict[str, Any], plan: Plan, *, layers: int | None = No
     import torch
 
     if not torch.cuda.is_available():
-        raise TrainfitError("no CUDA device: --device cuda needs a GPU and a CUDA build of torch. Use --device cpu (the fake-tensor trace) instead.")
+        raise TrainfitError("no CUDA device: --device cuda needs a GPU and a CUDA build of torch. "
+                            "Use --device cpu (the fake-tensor trace) instead.")
     from .cuda import run_on_device
 
-    return run_on_device(config, plan, layers=layers, steps=steps, device=torch.device("cuda", torch.cuda.current_device()))
+    return run_on_device(config, plan, layers=layers, steps=steps,
+                         device=torch.device("cuda", torch.cuda.current_device()))
