@@ -205,6 +205,28 @@ def _phase_peaks(sub_peaks: dict[str, int]) -> dict[str, int]:
     return peaks
 
 
+def _measured_fields(built: Any, plan: Plan, measured: Any, sub_peaks: dict[str, int]) -> dict[str, Any]:
+    """The TraceResult fields a measured step fills alike on fake tensors (`run_fake`) and on a device
+    (cuda.py `run_on_device`): the model, the plan's shape and the measured step's peaks."""
+    from .build import padded_seq_len
+    from .tracker import PHASE_OF_SUB
+
+    return {
+        "arch": built.arch,
+        "layers": built.layers,
+        "extrapolated": False,
+        "seq_len": padded_seq_len(plan),
+        "batch_size": plan.per_device_train_batch_size,
+        "peak_allocated_bytes": measured.peak_bytes,
+        "peak_phase": PHASE_OF_SUB.get(measured.peak_sub_phase, "forward"),
+        "peak_sub_phase": measured.peak_sub_phase,
+        "phase_peaks": _phase_peaks(sub_peaks),
+        "sub_phase_peaks": sub_peaks,
+        "static_bytes": measured.start_bytes,
+        "end_bytes": measured.end_bytes,
+    }
+
+
 def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, steps: int = 2, top: int = 10,
              measure_step1: bool = False) -> TraceResult:
     require_trace_extra(plan)
@@ -212,7 +234,7 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         raise ConfigError(f"steps must be >= 1, got {steps}.")
     import torch
 
-    from .build import build_model, build_reference, count_parameters, materialize, padded_seq_len
+    from .build import build_model, build_reference, count_parameters, materialize
     from .patches import quiet_library_warnings, trace_patches
     from .tracker import PHASE_OF_SUB, StorageTracker, tracked_backward, tracking_fake_mode
     from .trainer import TrainerStep
@@ -257,7 +279,6 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         ) from None
 
     sub_peaks = {k: v for k, v in measured.sub_peaks.items() if k in PHASE_OF_SUB and PHASE_OF_SUB[k] != "setup"}
-    phase_peaks = _phase_peaks(sub_peaks)
     step1 = stats[1]
     if steps == 1:
         step1_peak, step1_measured = step1.peak_bytes, True
@@ -269,21 +290,10 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         step1_peak, step1_measured = step1.peak_bytes, True
     top_list, breakdown = _top_tensors(live, steps, top)
     return TraceResult(
-        arch=built.arch,
-        layers=built.layers,
-        extrapolated=False,
+        **_measured_fields(built, plan, measured, sub_peaks),
         device="fake",
-        seq_len=padded_seq_len(plan),
-        batch_size=plan.per_device_train_batch_size,
-        peak_allocated_bytes=measured.peak_bytes,
-        peak_phase=PHASE_OF_SUB.get(measured.peak_sub_phase, "forward"),
-        peak_sub_phase=measured.peak_sub_phase,
-        phase_peaks=phase_peaks,
-        sub_phase_peaks=sub_peaks,
         step1_peak_bytes=step1_peak,
         step1_measured=step1_measured,
-        static_bytes=measured.start_bytes,
-        end_bytes=measured.end_bytes,
         load_bytes=load_bytes,
         trainable_params=trainable,
         all_params=total,
