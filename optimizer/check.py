@@ -183,7 +183,8 @@ def _key_effects(data: dict[str, Any], plan: Plan, arch: Arch) -> tuple[list[Key
             expl = f"saves {saves / MIB:,.0f} MiB versus the default {dflt!r}"
         else:
             expl = f"costs {-saves / MIB:,.0f} MiB versus the default {dflt!r}"
-        (effects if saves else none).append(KeyEffect(key=key, value=cur, default=dflt, saves_bytes=saves, explanation=expl))
+        (effects if saves else none).append(
+            KeyEffect(key=key, value=cur, default=dflt, saves_bytes=saves, explanation=expl))
     return effects, none
 
 
@@ -197,14 +198,16 @@ def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> lis
                            fix="set dataset to a name in <dataset_dir>/dataset_info.json (and dataset_dir)"))
     if not data.get("template"):
         out.append(Pitfall(key="template", problem="no template: LLaMA-Factory falls back to the tokenizer's chat "
-                           "template or `empty`, with a warning", fix="set the model family's template (qwen for Qwen2.5)"))
+                           "template or `empty`, with a warning",
+                           fix="set the model family's template (qwen for Qwen2.5)"))
     if _evaluates(data) and "per_device_eval_batch_size" not in data:
         out.append(Pitfall(key="per_device_eval_batch_size", problem="evaluation runs with HF's default batch of 8",
                            fix=f"set per_device_eval_batch_size: {plan.per_device_train_batch_size}"))
     if data.get("gradient_checkpointing") and not plan.disable_gradient_checkpointing:
         out.append(Pitfall(key="gradient_checkpointing", problem="LLaMA-Factory already checkpoints every layer "
                            "(disable_gradient_checkpointing: false); this key only makes HF Trainer re-enable it",
-                           fix="remove gradient_checkpointing (and gradient_checkpointing_kwargs); use use_reentrant_gc"))
+                           fix="remove gradient_checkpointing (and gradient_checkpointing_kwargs); "
+                               "use use_reentrant_gc"))
     if plan.fp16 and gpu.bf16:
         out.append(Pitfall(key="fp16", problem=f"{gpu.name} supports bf16; fp16 needs loss scaling and over bf16 "
                            "weights makes autocast cast every frozen weight", fix="set bf16: true and fp16: false"))
@@ -213,7 +216,8 @@ def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> lis
                            "(it warns without it)", fix="set upcast_layernorm: true (small cost with checkpointing)"))
     if gpu.compute_capability.startswith(("12.", "10.")):
         need = "PyTorch >= 2.7 built for CUDA 12.8+" + (" and bitsandbytes >= 0.45.3" if plan.quantization_bit else "")
-        out.append(Pitfall(key="(environment)", problem=f"{gpu.name} is Blackwell (sm_{gpu.compute_capability.replace('.', '')})",
+        out.append(Pitfall(key="(environment)",
+                           problem=f"{gpu.name} is Blackwell (sm_{gpu.compute_capability.replace('.', '')})",
                            fix=f"install {need}"))
     if plan.enable_liger_kernel:
         # [S] LLaMA-Factory hparams/parser.py::_check_extra_dependencies: check_version("liger-kernel",
@@ -266,8 +270,10 @@ def fix_options(data: dict[str, Any], plan: Plan, arch: Arch, budget: int, evalu
         [(True, FIX_COSTS["liger"])] if not plan.enable_liger_kernel and family_of(arch.model_type).liger else [])
     opts["disable_gradient_checkpointing"] = [(plan.disable_gradient_checkpointing, 0)] + (
         [(False, FIX_COSTS["gc"])] if plan.disable_gradient_checkpointing else [])
-    opts["optim"] = [(plan.optim, 0)] + ([("adamw_8bit", FIX_COSTS["optim8"])] if plan.optim in ("adamw_torch", "adamw_torch_fused") else [])
-    opts["per_device_train_batch_size"] = [(b, FIX_COSTS["batch_halving"] * i) for i, b in enumerate(_halvings(plan.per_device_train_batch_size))]
+    opts["optim"] = [(plan.optim, 0)] + ([("adamw_8bit", FIX_COSTS["optim8"])]
+                                         if plan.optim in ("adamw_torch", "adamw_torch_fused") else [])
+    opts["per_device_train_batch_size"] = [(b, FIX_COSTS["batch_halving"] * i)
+                                           for i, b in enumerate(_halvings(plan.per_device_train_batch_size))]
     if plan.finetuning_type == "lora":
         q = [(plan.quantization_bit, 0)]
         if plan.quantization_bit is None:

@@ -138,11 +138,13 @@ def front_table(result) -> str:
     ]
     for i, s in enumerate(result.front, 1):
         lines.append(
-            f"{i:2d} {s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} {s.cutoff_len:6d} "
+            f"{i:2d} {s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} "
+            f"{s.cutoff_len:6d} "
             f"{s.per_device_train_batch_size:5d} {s.gradient_accumulation_steps:5d} {str(s.max_samples or 'all'):>7s} "
             f"{s.kept_token_share:4.0%} {s.optimizer_steps:5d} {'on' if s.gradient_checkpointing else 'off':>3s} "
             f"{s.optim:17s} {'on' if s.enable_liger_kernel else 'off':5s} {s.device_peak_bytes / GIB:6.2f} GiB "
-            f"{s.headroom_bytes / GIB:5.2f} GiB {_dur(s.time_s):>7s} {_dur(s.epoch_s):>7s} {s.quality:7.4f}  {','.join(s.labels)}"
+            f"{s.headroom_bytes / GIB:5.2f} GiB {_dur(s.time_s):>7s} {_dur(s.epoch_s):>7s} {s.quality:7.4f}  "
+            f"{','.join(s.labels)}"
         )
     lines.append(f"recommended: #{result.recommended + 1} ({result.why})")
     lines.append(f"epochs: {result.num_train_epochs:g} ({result.epochs_source}); kept = share of supervised tokens "
@@ -173,7 +175,8 @@ def trace_table(r) -> str:
     if r.top_tensors:
         lines.append("largest live tensors at the peak:")
         for t in r.top_tensors:
-            lines.append(f"  {t.count:4d} x {t.bytes / MIB:10,.2f} MiB  {t.dtype:9s} {str(t.shape):24s} {t.op}  [{t.phase}]")
+            lines.append(f"  {t.count:4d} x {t.bytes / MIB:10,.2f} MiB  {t.dtype:9s} {str(t.shape):24s} "
+                         f"{t.op}  [{t.phase}]")
     for n in r.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
@@ -186,9 +189,10 @@ def check_text(rep) -> str:
     est = rep.estimate
     lines = [
         f"{rep.config}: {rep.model} on {rep.gpu} ({rep.gpu_total_bytes / MIB:,.0f} MiB)",
-        f"verdict: {word}; device peak {rep.device_peak_bytes / GIB:.2f} GiB, headroom {rep.headroom_bytes / GIB:+.2f} GiB",
-        f"training: device peak {rep.train_device_peak_bytes / GIB:.2f} GiB (allocated {est.peak_allocated_bytes / GIB:.2f} GiB) "
-        f"in phase '{est.peak_phase}'",
+        f"verdict: {word}; device peak {rep.device_peak_bytes / GIB:.2f} GiB, "
+        f"headroom {rep.headroom_bytes / GIB:+.2f} GiB",
+        f"training: device peak {rep.train_device_peak_bytes / GIB:.2f} GiB "
+        f"(allocated {est.peak_allocated_bytes / GIB:.2f} GiB) in phase '{est.peak_phase}'",
     ]
     peak = next(p for p in est.phases if p.phase == est.peak_phase)
     lines.append(f"  breakdown at the peak ({peak.moment}):")
@@ -241,7 +245,8 @@ def data_text(tokens, cutoffs: list[int]) -> str:
     lines.append("histogram:")
     for i, c in enumerate(counts):
         lines.append(f"  {i * width + 1:6d}-{(i + 1) * width:<6d} {'#' * round(40 * c / top):40s} {c}")
-    lines.append(f"{'cutoff_len':>10s} {'whole samples':>14s} {'response kept':>14s} {'tokens kept':>12s} {'truncated':>10s}")
+    lines.append(f"{'cutoff_len':>10s} {'whole samples':>14s} {'response kept':>14s} {'tokens kept':>12s} "
+                 f"{'truncated':>10s}")
     for c in tokens.coverage_table(cutoffs):
         lines.append(f"{c.cutoff_len:10d} {100 * c.whole_share:13.1f}% {100 * c.response_kept_share:13.1f}% "
                      f"{100 * c.tokens_kept_share:11.1f}% {c.truncated:10d}")

@@ -11,7 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["REFERENCE_FREE_LOSSES", "Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak", "Estimate", "PHASES"]
+__all__ = ["REFERENCE_FREE_LOSSES", "Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak",
+           "Estimate", "PHASES"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,7 +41,9 @@ class Arch(BaseModel):
     torch_dtype: Literal["bfloat16", "float16", "float32"] = Field(
         default="bfloat16", description="config.json `torch_dtype`/`dtype`: the checkpoint dtype LLaMA-Factory loads."
     )
-    qkv_bias: bool = Field(default=False, description="q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`).")
+    qkv_bias: bool = Field(
+        default=False, description="q/k/v projections carry a bias (Qwen2 always; Llama when `attention_bias`)."
+    )
     o_bias: bool = Field(default=False, description="o_proj carries a bias (Llama-style `attention_bias`).")
     mlp_bias: bool = Field(default=False, description="config.json `mlp_bias`.")
     qk_norm: bool = Field(default=False, description="RMSNorm on q and k per head (q_norm/k_norm: Qwen3, Gemma 3).")
@@ -70,7 +73,9 @@ class GpuSpec(BaseModel):
     name: str = Field(description="Marketing name.")
     memory_mib: int = Field(gt=0, description="Total memory as nvidia-smi reports it, MiB.")
     bandwidth_gbps: float = Field(gt=0, description="Memory bandwidth, GB/s.")
-    bf16_tflops: float | None = Field(description="Dense BF16 tensor TFLOPS (FP32 accumulate on GeForce); None without bf16.")
+    bf16_tflops: float | None = Field(
+        description="Dense BF16 tensor TFLOPS (FP32 accumulate on GeForce); None without bf16."
+    )
     fp16_tflops: float = Field(gt=0, description="Dense FP16 tensor TFLOPS (FP32 accumulate on GeForce).")
     compute_capability: str = Field(description="CUDA compute capability, e.g. `8.9`.")
     architecture: str = Field(description="GPU architecture, e.g. Ada, Blackwell.")
@@ -103,15 +108,25 @@ class Plan(BaseModel):
 
     model_config = _FROZEN
 
-    finetuning_type: FinetuningType = Field(default="lora", description="LLaMA-Factory `finetuning_type` (default lora).")
-    quantization_bit: Literal[4, 8] | None = Field(default=None, description="bitsandbytes on-the-fly quantization: 4 (QLoRA) or 8.")
+    finetuning_type: FinetuningType = Field(
+        default="lora", description="LLaMA-Factory `finetuning_type` (default lora)."
+    )
+    quantization_bit: Literal[4, 8] | None = Field(
+        default=None, description="bitsandbytes on-the-fly quantization: 4 (QLoRA) or 8."
+    )
     quantization_type: Literal["nf4", "fp4"] = Field(default="nf4", description="4-bit data type (default nf4).")
     double_quantization: bool = Field(default=True, description="Quantize the 4-bit absmax again (default true).")
     lora_rank: int = Field(default=8, gt=0, description="LoRA rank r (default 8).")
     lora_alpha: int | None = Field(default=None, description="LoRA alpha (default 2 x lora_rank). No memory effect.")
-    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="LoRA dropout (default 0.0); > 0 keeps a dropout mask and output.")
-    lora_target: str = Field(default="all", description="`all` or a comma list of module-name suffixes (q_proj,v_proj,...).")
-    additional_target: str | None = Field(default=None, description="Comma list of fully trained modules (PEFT modules_to_save).")
+    lora_dropout: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="LoRA dropout (default 0.0); > 0 keeps a dropout mask and output."
+    )
+    lora_target: str = Field(
+        default="all", description="`all` or a comma list of module-name suffixes (q_proj,v_proj,...)."
+    )
+    additional_target: str | None = Field(
+        default=None, description="Comma list of fully trained modules (PEFT modules_to_save)."
+    )
     cutoff_len: int = Field(default=2048, gt=0, description="Maximum tokens per sample (default 2048).")
     per_device_train_batch_size: int = Field(default=8, gt=0, description="Micro-batch size (HF default 8).")
     gradient_accumulation_steps: int = Field(
@@ -120,16 +135,28 @@ class Plan(BaseModel):
     )
     max_samples: int | None = Field(default=None, description="Samples kept per dataset. No memory effect.")
     num_train_epochs: float = Field(default=3.0, gt=0, description="Epochs. No memory effect.")
-    disable_gradient_checkpointing: bool = Field(default=False, description="LLaMA-Factory turns checkpointing on unless this is true.")
-    use_reentrant_gc: bool = Field(default=True, description="Reentrant torch.utils.checkpoint (LLaMA-Factory default true).")
-    flash_attn: FlashAttn = Field(default="auto", description="Attention kernel: auto (sdpa), disabled (eager), sdpa, fa2.")
-    optim: Optim = Field(default="adamw_torch_fused", description="HF optimizer name (transformers v5 default adamw_torch_fused).")
+    disable_gradient_checkpointing: bool = Field(
+        default=False, description="LLaMA-Factory turns checkpointing on unless this is true."
+    )
+    use_reentrant_gc: bool = Field(
+        default=True, description="Reentrant torch.utils.checkpoint (LLaMA-Factory default true)."
+    )
+    flash_attn: FlashAttn = Field(
+        default="auto", description="Attention kernel: auto (sdpa), disabled (eager), sdpa, fa2."
+    )
+    optim: Optim = Field(
+        default="adamw_torch_fused", description="HF optimizer name (transformers v5 default adamw_torch_fused)."
+    )
     bf16: bool = Field(default=False, description="bf16 autocast (AMP).")
     fp16: bool = Field(default=False, description="fp16 autocast (AMP).")
     pure_bf16: bool = Field(default=False, description="Train in bf16 without AMP: trainable parameters stay bf16.")
-    enable_liger_kernel: bool = Field(default=False, description="Liger kernels: fused linear cross-entropy, no full logits.")
+    enable_liger_kernel: bool = Field(
+        default=False, description="Liger kernels: fused linear cross-entropy, no full logits."
+    )
     upcast_layernorm: bool = Field(default=False, description="Cast norm weights to fp32.")
-    upcast_lmhead_output: bool = Field(default=False, description="Cast the lm_head output (logits) to fp32 with a hook.")
+    upcast_lmhead_output: bool = Field(
+        default=False, description="Cast the lm_head output (logits) to fp32 with a hook."
+    )
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="Gradient clipping (HF default 1.0; 0 disables).")
     stage: Literal["sft", "dpo"] = Field(
         default="sft",

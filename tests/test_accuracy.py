@@ -49,6 +49,8 @@ def test_full_depth_reference_case_matches():
     model = "Qwen/Qwen2.5-3B-Instruct"
     trace = run_trace(resolve_config(model), plan)
     est = estimate(resolve_arch(model), plan)
-    assert (trace.trainable_params, trace.all_params) == (est.trainable_params, est.all_params) == (14_966_784, 3_100_905_472)
-    err = abs(est.peak_allocated_bytes - 2 * CUBLAS_WORKSPACE_BYTES - trace.peak_allocated_bytes) / trace.peak_allocated_bytes
+    assert ((trace.trainable_params, trace.all_params) == (est.trainable_params, est.all_params)
+            == (14_966_784, 3_100_905_472))
+    err = (abs(est.peak_allocated_bytes - 2 * CUBLAS_WORKSPACE_BYTES - trace.peak_allocated_bytes)
+           / trace.peak_allocated_bytes)
     assert err <= ERROR_BOUND

@@ -61,7 +61,8 @@ def test_default_eval_batch_is_a_pitfall_and_costs_memory():
 
 
 def test_each_pitfall(tmp_path):
-    text = ("model_name_or_path: Qwen/Qwen2.5-3B-Instruct\nquantization_bit: 4\nfp16: true\ngradient_checkpointing: true\n"
+    text = ("model_name_or_path: Qwen/Qwen2.5-3B-Instruct\nquantization_bit: 4\nfp16: true\n"
+            "gradient_checkpointing: true\n"
             "upcast_lmhead_output: true\nflash_attn: fa2\ncutoff_len: 256\nper_device_train_batch_size: 1\n"
             "eval_strategy: steps\ncompute_accuracy: true\noutput_dir: {out}\n")
     out = tmp_path / "old_run"
@@ -123,7 +124,8 @@ def test_exit_code_for_bad_input(tmp_path):
 
 
 def test_optimize_on_a_fitting_config_proposes_nothing_costly():
-    rep = json.loads(run("check", "configs/reference-case/ultra_lite.yaml", "--gpu", GPU, "--optimize", "--json").output)
+    rep = json.loads(run("check", "configs/reference-case/ultra_lite.yaml", "--gpu", GPU, "--optimize",
+                         "--json").output)
     assert rep["fix"]["cost"] == 0 and rep["fix"]["changes"] == {}
 
 

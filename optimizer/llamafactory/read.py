@@ -85,7 +85,8 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
             problems.append(f"{key}: {_short(value)} does not fit in 64 bits")
     for key, harmless in NOT_MODELLED.items():
         if key in data and data[key] not in (harmless, None, False, "", "none"):
-            problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; remove it to estimate")
+            problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; "
+                            "remove it to estimate")
     stage = data.get("stage", "sft")
     if stage not in ("sft", "pt", "dpo"):
         # rm (value head + pairwise loss), kto (unpaired with a KL batch) and ppo (policy, value, reward and
@@ -130,7 +131,9 @@ class EvalSettings(BaseModel):
     eval_accumulation_steps: int | None = Field(default=None, gt=0, description="HF default None (keep on GPU).")
     compute_accuracy: bool = Field(default=False, description="LLaMA-Factory: keep argmax ids per eval batch.")
     predict_with_generate: bool = Field(default=False, description="Generate during evaluation (a KV cache).")
-    max_new_tokens: int = Field(default=GENERATE_MAX_NEW_TOKENS, gt=0, description="LLaMA-Factory GeneratingArguments default.")
+    max_new_tokens: int = Field(
+        default=GENERATE_MAX_NEW_TOKENS, gt=0, description="LLaMA-Factory GeneratingArguments default."
+    )
     val_size: float = Field(default=0.0, ge=0, description="Share (< 1) or count (>= 1) of samples held out.")
 
 

@@ -165,6 +165,13 @@ def _check_plan(plan: Plan) -> None:
                           "false for a LLaMA-Factory config.")
 
 
+def _set_true(section: dict[str, Any], plan: Plan, *keys: str) -> None:
+    """Writes `key: true` for each of `keys` that is on in `plan`, in order (each key's default is false)."""
+    for key in keys:
+        if getattr(plan, key):
+            section[key] = True
+
+
 def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, dataset: str, dataset_dir: str,
                    output_dir: str, learning_rate: float, num_train_epochs: float,
                    warmup_steps: int) -> dict[str, dict[str, Any]]:
@@ -176,17 +183,12 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
             model["quantization_type"] = plan.quantization_type
         if plan.quantization_bit == 4 and not plan.double_quantization:
             model["double_quantization"] = False
-    if plan.upcast_layernorm:
-        model["upcast_layernorm"] = True
-    if plan.upcast_lmhead_output:
-        model["upcast_lmhead_output"] = True
+    _set_true(model, plan, "upcast_layernorm", "upcast_lmhead_output")
     model["flash_attn"] = plan.flash_attn
-    if plan.disable_gradient_checkpointing:
-        model["disable_gradient_checkpointing"] = True
+    _set_true(model, plan, "disable_gradient_checkpointing")
     if not plan.use_reentrant_gc:
         model["use_reentrant_gc"] = False
-    if plan.enable_liger_kernel:
-        model["enable_liger_kernel"] = True
+    _set_true(model, plan, "enable_liger_kernel")
 
     method: dict[str, Any] = {"stage": plan.stage, "do_train": True, "finetuning_type": plan.finetuning_type}
     if plan.stage == "dpo":  # [S] LLaMA-Factory hparams/finetuning_args.py::RLHFArguments
@@ -222,12 +224,7 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
         "lr_scheduler_type": "cosine",
         "warmup_steps": warmup_steps,
     }
-    if plan.bf16:
-        train["bf16"] = True
-    if plan.fp16:
-        train["fp16"] = True
-    if plan.pure_bf16:
-        train["pure_bf16"] = True
+    _set_true(train, plan, "bf16", "fp16", "pure_bf16")
     train["optim"] = plan.optim
     if plan.max_grad_norm != 1.0:
         train["max_grad_norm"] = float(plan.max_grad_norm)

@@ -179,7 +179,8 @@ def norm_op(w: Walk, st: Setting, x: str, x_b: int, n_el: int, rows: int, traina
     return out, out_b
 
 
-def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, from_norm: bool = False) -> tuple[str, int]:
+def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int,
+              from_norm: bool = False) -> tuple[str, int]:
     """One decoder Linear with its LoRA branch; returns (output, output bytes/elem). `from_norm`: the input
     is a norm output (weights' dtype), which matters under fp16 autocast over bf16 weights."""
     lora = m.name in st.targets
@@ -271,32 +272,27 @@ def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int, fro
         if xl != x:
             w.drop(xl)
         xl = xd
+    # lora_A/lora_B's input `xa`, `a_b` bytes/elem: as it comes, or under autocast cast to the compute dtype
+    # (saved for the weight gradient), with the fp32 adapter weights cast once and cached (their backward
+    # yields the fp32 gradients).
+    xa, a_b = xl, xl_b
     if st.amp:
-        # lora_A/lora_B under autocast: the input is cast to the compute dtype (saved for the weight gradient)
-        # and the fp32 adapter weights are cast once and cached (their backward yields the fp32 gradients).
-        xa = xl
+        a_b = c
         if not st.same_as_c(xl_b, from_norm and not convert):
             xa = w.op("lora_a_in", N * m.in_features * c, ins=(xl,))
             if xl != x:
                 w.drop(xl)
-        if st.lora_w != c:
-            wa = w.op("lora_a_wcast", r * m.in_features * c, params=ga)
-            wb = w.op("lora_b_wcast", r * m.out_features * c, params=gb)
-            a = w.op("lora_a_out", N * r * c, ins=(xa, wa), saves=(xa, wa))
-            bo = w.op("lora_b_out", N * m.out_features * c, ins=(a, wb), saves=(a, wb))
-            w.drop(wa, wb)
-        else:
-            a = w.op("lora_a_out", N * r * c, ins=(xa,), saves=(xa,), params=ga)
-            bo = w.op("lora_b_out", N * m.out_features * c, ins=(a,), saves=(a,), params=gb)
-        a_b = c
-        if xa != x:
-            w.drop(xa)
+    if st.amp and st.lora_w != c:
+        wa = w.op("lora_a_wcast", r * m.in_features * c, params=ga)
+        wb = w.op("lora_b_wcast", r * m.out_features * c, params=gb)
+        a = w.op("lora_a_out", N * r * c, ins=(xa, wa), saves=(xa, wa))
+        bo = w.op("lora_b_out", N * m.out_features * c, ins=(a, wb), saves=(a, wb))
+        w.drop(wa, wb)
     else:
-        a = w.op("lora_a_out", N * r * xl_b, ins=(xl,), saves=(xl,), params=ga)
-        bo = w.op("lora_b_out", N * m.out_features * xl_b, ins=(a,), saves=(a,), params=gb)
-        a_b = xl_b
-        if xl != x:
-            w.drop(xl)
+        a = w.op("lora_a_out", N * r * a_b, ins=(xa,), saves=(xa,), params=ga)
+        bo = w.op("lora_b_out", N * m.out_features * a_b, ins=(a,), saves=(a,), params=gb)
+    if xa != x:
+        w.drop(xa)
     w.drop(a)
     sc = w.op("lora_scaled", N * m.out_features * a_b, ins=(bo,))
     w.drop(bo)

@@ -47,7 +47,8 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
         per_batch = 2 * alloc_bytes(N * 8)
         batches = max(1, -(-eval_samples // eval_batch)) if eval_samples else 1
         kept = per_batch * (min(batches, eval_accumulation_steps) if eval_accumulation_steps else batches)
-        detail = f"argmax ids + labels of {batches if not eval_accumulation_steps else min(batches, eval_accumulation_steps)} batch(es)"
+        detail = ("argmax ids + labels of "
+                  f"{batches if not eval_accumulation_steps else min(batches, eval_accumulation_steps)} batch(es)")
     kv = 0
     if predict_with_generate:
         kv = 2 * L * alloc_bytes(eval_batch * (st.seq + max_new_tokens) * arch.kv_dim * st.c)

@@ -40,7 +40,8 @@ def _module_numel(arch: Arch, name: str) -> int:
         return arch.vocab_size * arch.hidden_size
     if name == "norm":
         return arch.hidden_size
-    raise ConfigError(f"additional_target {name!r} is not modelled. Use embed_tokens, lm_head or norm, or leave it unset.")
+    raise ConfigError(f"additional_target {name!r} is not modelled. Use embed_tokens, lm_head or norm, "
+                      "or leave it unset.")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ def quant4_bytes(n: int, double_quant: bool) -> int:
     code = alloc_bytes(16 * FP32)
     if not double_quant:
         return packed + alloc_bytes(blocks * FP32) + code
-    nested = alloc_bytes(blocks) + alloc_bytes(ceil_div(blocks, 256) * FP32) + alloc_bytes(256 * FP32) + alloc_bytes(FP32)
+    nested = (alloc_bytes(blocks) + alloc_bytes(ceil_div(blocks, 256) * FP32) + alloc_bytes(256 * FP32)
+              + alloc_bytes(FP32))
     return packed + code + nested
 
 

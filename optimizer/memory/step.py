@@ -71,7 +71,8 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         what = f"{L} layers x saved activations"
     weight_terms = (
         ("weights_decoder_linears", weights["decoder_linears"], _weights_detail(st)),
-        ("weights_embed_tokens", weights["embed_tokens"], f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
+        ("weights_embed_tokens", weights["embed_tokens"],
+         f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
@@ -94,6 +95,13 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     # second, and the later micro-batch's peaks are never below the first's, so they are the phases' peaks.
     later = plan.gradient_accumulation_steps > 1
     held = ("accumulated_grads", grads if later else 0, "gradients (.grad) of the earlier micro-batches")
+
+    def forward_saved(norm_detail: str = "") -> tuple[tuple[str, int, str], ...]:
+        """What the forward leaves saved for backward, held from the loss to the lm_head's backward."""
+        return (("activations_shared", shared, ""), ("activations_layers", acts_all, what),
+                ("final_norm_saved", head.final_norm_saved, norm_detail),
+                ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"))
+
     forward = PhasePeak(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
                         terms=static + terms(
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
@@ -103,10 +111,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     ))
     loss = PhasePeak(phase=Phase.LOSS, kind=Moment.LOSS_FORWARD,
                      moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
-        ("activations_shared", shared, ""),
-        ("activations_layers", acts_all, what),
-        ("final_norm_saved", head.final_norm_saved, "final RMSNorm saved tensors (+ lm_head input when it trains)"),
-        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        *forward_saved("final RMSNorm saved tensors (+ lm_head input when it trains)"),
         ("logits_and_loss", pref.loss_peak_extra if pref else max(head.loss_peak_extra, head.forward_end_extra),
          f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
@@ -116,10 +121,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     if pref is not None and pref.reference_extra:
         reference = PhasePeak(phase=Phase.LOSS, kind=Moment.REFERENCE_FORWARD,
                               moment="DPO reference forward (no_grad) + its log-softmax", terms=static + terms(
-            ("activations_shared", shared, ""),
-            ("activations_layers", acts_all, what),
-            ("final_norm_saved", head.final_norm_saved, ""),
-            ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+            *forward_saved(),
             ("policy_logits_and_logps", pref.held_after_loss, f"fp32 logits [{N}, {arch.vocab_size}] (metrics) + "
              "saved log-softmax"),
             ("reference_forward", pref.reference_extra, "the reference's no_grad layer or its logits + log-softmax"),
@@ -129,10 +131,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
     ce = PhasePeak(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward", terms=static + terms(
         bw_ws,
-        ("activations_shared", shared, ""),
-        ("activations_layers", acts_all, what),
-        ("final_norm_saved", head.final_norm_saved, ""),
-        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        *forward_saved(),
         ("loss_saved", pref.loss_saved if pref else head.loss_saved, "saved log-softmax fp32 [N, V]"),
         ("loss_backward", pref.ce_backward_extra if pref else head.ce_backward_extra,
          "dense fp32 [N, V] gradients of " + ("gather, log_softmax and the [:, :-1] slice" if pref else
@@ -166,29 +165,25 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         top = (L - 1) * lay.saved_bytes + bwd_peak
         bottom = bwd_peak + (L - 1) * left
         layer_moment = "a decoder layer's backward"
+
+    def layer_backward(kind: Moment, which: str, activations: int, detail: str) -> PhasePeak:
+        """The top or bottom decoder layer's backward: `activations` in the layers, the head's gradients held."""
+        return PhasePeak(phase=Phase.BACKWARD, kind=kind, moment=f"{which} {layer_moment}", terms=static + terms(
+            bw_ws, ("activations_shared", shared, ""),
+            ("activations_layers", activations, detail),
+            ("grads", head_grads, "gradients of the lm_head/final norm"),
+            held,
+        ))
+
     lb = max(
-        PhasePeak(phase=Phase.BACKWARD, kind=Moment.LAYER_BACKWARD_TOP, moment=f"top {layer_moment}",
-                  terms=static + terms(
-            bw_ws, ("activations_shared", shared, ""),
-            ("activations_layers", top, "saved activations + the layer's backward (gradients, freed inputs)"),
-            ("grads", head_grads, "gradients of the lm_head/final norm"),
-            held,
-        )),
-        PhasePeak(phase=Phase.BACKWARD, kind=Moment.LAYER_BACKWARD_BOTTOM, moment=f"bottom {layer_moment}",
-                  terms=static + terms(
-            bw_ws, ("activations_shared", shared, ""),
-            ("activations_layers", bottom, "the first layer's backward"),
-            ("grads", head_grads, "gradients of the lm_head/final norm"),
-            held,
-        )),
+        layer_backward(Moment.LAYER_BACKWARD_TOP, "top", top,
+                       "saved activations + the layer's backward (gradients, freed inputs)"),
+        layer_backward(Moment.LAYER_BACKWARD_BOTTOM, "bottom", bottom, "the first layer's backward"),
         key=lambda p: p.total_bytes,
     )
     lmb = PhasePeak(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward", terms=static + terms(
         bw_ws,
-        ("activations_shared", shared, ""),
-        ("activations_layers", acts_all, what),
-        ("final_norm_saved", head.final_norm_saved, ""),
-        ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"),
+        *forward_saved(),
         ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
         held,
     ))
@@ -217,7 +212,8 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
                           moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
         bw_ws,
         ("grads", grads, "one gradient per trainable tensor"),
-        ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
+        ("optimizer_step_temporaries", opt_tmp,
+         "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
     phases = [forward, loss, backward, optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
@@ -268,23 +264,28 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
         notes.append(context_window_problem(plan.cutoff_len, arch.max_position_embeddings))
     if plan.pairwise:
         notes.append(f"stage dpo: {plan.per_device_train_batch_size} pair(s) = {st.batch} sequences per forward "
-                     "(chosen + rejected); " + ("the reference pass (no_grad, " + ("adapters disabled" if not st.full and
-                     plan.ref_model is None else "a frozen copy of the model") + ") runs while the policy's fp32 "
-                     "logits and log-softmax are held" if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
+                     "(chosen + rejected); "
+                     + ("the reference pass (no_grad, "
+                        + ("adapters disabled" if not st.full and plan.ref_model is None
+                           else "a frozen copy of the model")
+                        + ") runs while the policy's fp32 logits and log-softmax are held"
+                        if plan.use_ref_model else f"{plan.pref_loss}: no reference"))
     if plan.gradient_accumulation_steps > 1:
         notes.append(
             f"gradient_accumulation_steps {plan.gradient_accumulation_steps}: from the second micro-batch on, the "
             f"{grads / MIB:,.1f} MiB of accumulated gradients (.grad) stay live through forward, loss and backward "
             "(counted in the peak; the same for any value > 1; gradient_accumulation_steps 1 saves them)"
         )
-    if plan.per_device_train_batch_size > 1 and st.attn == "sdpa" and arch.num_key_value_heads < arch.num_attention_heads:
+    if (plan.per_device_train_batch_size > 1 and st.attn == "sdpa"
+            and arch.num_key_value_heads < arch.num_attention_heads):
         notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "
                      "repeat K/V to every head (transformers sdpa_attention_forward); the estimate's worst case, "
                      "every sample at cutoff_len, has no padding")
     if plan.flash_attn == "fa2":
         notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
     if plan.optim == "paged_adamw_8bit":
-        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in reserved/device")
+        notes.append("paged_adamw_8bit states live in CUDA managed memory: not in peak allocated, counted in "
+                     "reserved/device")
     if not plan.bf16 and not plan.fp16 and not plan.pure_bf16:
         notes.append("no bf16/fp16: no autocast; LoRA runs in fp32 and the base in the checkpoint dtype")
     return notes

@@ -57,8 +57,8 @@ def attn_impl_for(plan: Plan) -> tuple[str, list[str]]:
         return "eager", notes
     if plan.flash_attn == "fa2":
         notes.append(
-            "flash_attn=fa2: FlashAttention-2 has no CPU kernel, so the trace runs sdpa (flash kernel, is_causal, GQA). "
-            "FA2 keeps the same saved tensors (output + fp32 logsumexp) but its varlen path and workspace differ."
+            "flash_attn=fa2: FlashAttention-2 has no CPU kernel, so the trace runs sdpa (flash kernel, is_causal, "
+            "GQA). FA2 keeps the same saved tensors (output + fp32 logsumexp) but its varlen path and workspace differ."
         )
     return "sdpa", notes
 
@@ -290,8 +290,9 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
                 if p.requires_grad:
                     p.data = p.data.to(torch.float32)
         elif any(p.requires_grad and p.dtype == torch.float32 for p in top.parameters()):
-            notes.append("pure_bf16: PEFT creates the LoRA adapters in fp32 (get_peft_model autocast_adapter_dtype=True, "
-                         "which LLaMA-Factory keeps), so adapters, their grads and optimizer states stay fp32.")
+            notes.append("pure_bf16: PEFT creates the LoRA adapters in fp32 (get_peft_model "
+                         "autocast_adapter_dtype=True, which LLaMA-Factory keeps), so adapters, their grads and "
+                         "optimizer states stay fp32.")
     else:
         top = model
         for p in model.parameters():

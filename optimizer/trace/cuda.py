@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from ..schema import Plan
-from .build import BuiltModel, build_model, count_parameters, padded_seq_len, tied_groups
+from .build import BuiltModel, build_model, count_parameters, tied_groups
 from .result import TraceResult
-from .tracker import PHASE_OF_SUB, StepStats
+from .tracker import StepStats
 from .trainer import TrainerStep
 
 __all__ = ["run_on_device", "CudaProbe", "materialize_real"]
@@ -128,7 +128,7 @@ def materialize_real(built: BuiltModel, plan: Plan, device: torch.device) -> Non
 def run_on_device(config: dict[str, Any], plan: Plan, *, layers: int | None, steps: int,
                   device: torch.device) -> TraceResult:
     from .patches import quiet_library_warnings
-    from .run import _phase_peaks, versions
+    from .run import _measured_fields, versions
 
     t0 = time.perf_counter()
     with quiet_library_warnings():
@@ -158,21 +158,10 @@ def run_on_device(config: dict[str, Any], plan: Plan, *, layers: int | None, ste
         "included.",
     ]
     return TraceResult(
-        arch=built.arch,
-        layers=built.layers,
-        extrapolated=False,
+        **_measured_fields(built, plan, measured, sub),
         device=name,
-        seq_len=padded_seq_len(plan),
-        batch_size=plan.per_device_train_batch_size,
-        peak_allocated_bytes=measured.peak_bytes,
-        peak_phase=PHASE_OF_SUB.get(measured.peak_sub_phase, "forward"),
-        peak_sub_phase=measured.peak_sub_phase,
-        phase_peaks=_phase_peaks(sub),
-        sub_phase_peaks=sub,
         step1_peak_bytes=stats[1].peak_bytes,
         step1_measured=True,
-        static_bytes=measured.start_bytes,
-        end_bytes=measured.end_bytes,
         load_bytes=load,
         trainable_params=trainable,
         all_params=total,

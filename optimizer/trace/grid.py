@@ -38,14 +38,16 @@ GRID: list[tuple[str, Plan]] = [
     (_Q05, _p(cutoff_len=128)),
     (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2)),
     (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
-    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True, flash_attn="disabled")),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True,
+              flash_attn="disabled")),
     (_Q05, _p(cutoff_len=2048, flash_attn="disabled")),
     (_Q05, _p(cutoff_len=1024, quantization_bit=4)),
     (_Q05, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True)),
     (_Q05, _p(cutoff_len=512, quantization_bit=4, double_quantization=False, quantization_type="fp4")),
     (_Q05, _p(cutoff_len=512, quantization_bit=8)),
     (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full")),
-    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full", disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=256, per_device_train_batch_size=2, finetuning_type="full",
+              disable_gradient_checkpointing=True)),
     (_Q05, _p(cutoff_len=512, finetuning_type="full", pure_bf16=True, bf16=False)),
     (_Q05, _p(cutoff_len=512, finetuning_type="full", optim="adamw_torch", per_device_train_batch_size=2)),
     (_Q05, _p(cutoff_len=512, optim="adamw_8bit")),
@@ -73,7 +75,8 @@ GRID: list[tuple[str, Plan]] = [
     (_M7, _p(cutoff_len=1024, per_device_train_batch_size=2, quantization_bit=4)),
     (_M7, _p(cutoff_len=4096, per_device_train_batch_size=4)),
     (_M7, _p(cutoff_len=2048, per_device_train_batch_size=2, flash_attn="disabled")),
-    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=4, quantization_bit=4, lora_target="gate_proj,up_proj,down_proj")),
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=4, quantization_bit=4,
+             lora_target="gate_proj,up_proj,down_proj")),
     # Qwen3-0.6B: q/k norms, tied
     (_Q3, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
     (_Q3, _p(cutoff_len=1024, quantization_bit=4, per_device_train_batch_size=2)),
@@ -85,7 +88,8 @@ GRID: list[tuple[str, Plan]] = [
     (_PHI, _p(cutoff_len=1024, quantization_bit=4, lora_target="qkv_proj,o_proj")),
     # SmolLM2-1.7B: tied, 49k, MHA
     (_SMOL, _p(cutoff_len=2048, per_device_train_batch_size=2)),
-    (_SMOL, _p(cutoff_len=512, per_device_train_batch_size=4, disable_gradient_checkpointing=True, flash_attn="disabled")),
+    (_SMOL, _p(cutoff_len=512, per_device_train_batch_size=4, disable_gradient_checkpointing=True,
+               flash_attn="disabled")),
     (_SMOL, _p(cutoff_len=1024, finetuning_type="full", per_device_train_batch_size=1)),
 ]
 GRID += [

@@ -68,7 +68,9 @@ class TraceResult(BaseModel):
     device: str = Field(default="fake", description="`fake` (FakeTensorMode on the CPU) or the CUDA device name.")
     seq_len: int = Field(description="Padded sequence length (cutoff_len rounded up to a multiple of 8).")
     batch_size: int = Field(description="per_device_train_batch_size.")
-    peak_allocated_bytes: int = Field(description="Peak of live allocated bytes in the measured step (max_memory_allocated).")
+    peak_allocated_bytes: int = Field(
+        description="Peak of live allocated bytes in the measured step (max_memory_allocated)."
+    )
     peak_phase: str = Field(description="forward, loss, backward or optimizer: where the peak happens.")
     peak_sub_phase: str = Field(default="", description="The finer instant of the peak (see TRACE_SUB_PHASES).")
     phase_peaks: dict[str, int] = Field(description="Peak live bytes per phase of the measured step.")
@@ -81,7 +83,9 @@ class TraceResult(BaseModel):
     )
     static_bytes: int = Field(description="Live bytes at the start of the measured step (weights + optimizer state).")
     end_bytes: int = Field(default=0, description="Live bytes after the measured step: equals static_bytes (no leak).")
-    load_bytes: int = Field(default=0, description="Live bytes after model load, before any step (weights, adapters, buffers).")
+    load_bytes: int = Field(
+        default=0, description="Live bytes after model load, before any step (weights, adapters, buffers)."
+    )
     trainable_params: int = Field(description="Trainable parameters, as LLaMA-Factory's count_parameters prints them.")
     all_params: int = Field(description="All parameters, as LLaMA-Factory's count_parameters prints them.")
     peak_breakdown: dict[str, int] = Field(
@@ -92,6 +96,8 @@ class TraceResult(BaseModel):
     notes: list[str] = Field(default_factory=list, description="Where this run differs from a CUDA run.")
     wall_s: float = Field(description="Wall-clock seconds of the run (imports excluded).")
     aten_ops: int = Field(default=0, description="Aten ops dispatched (fake runs).")
-    versions: dict[str, str] = Field(default_factory=dict, description="torch/transformers/peft/bitsandbytes/accelerate.")
+    versions: dict[str, str] = Field(
+        default_factory=dict, description="torch/transformers/peft/bitsandbytes/accelerate."
+    )
     peak_reserved_bytes: int | None = Field(default=None, description="run_cuda: torch.cuda.max_memory_reserved().")
     nvml_used_bytes: int | None = Field(default=None, description="run_cuda: device memory used as NVML reports it.")

@@ -65,8 +65,8 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
         "Kernel-internal scratch that CUDA kernels take from the caching allocator is invisible here: cuBLAS/cuBLASLt "
         "workspaces (~8 MiB per handle and stream, up to 32 MiB on Hopper), flash-attention backward buffers "
         "(fp32 dq accumulator; expanded dK/dV under GQA), embedding-backward sort buffers.",
-        "Inputs are one micro-batch with every sample at cutoff_len (no padding, attention_mask dropped as transformers "
-        "does for an all-ones mask on a GPU); LLaMA-Factory pads to the longest sample in the batch.",
+        "Inputs are one micro-batch with every sample at cutoff_len (no padding, attention_mask dropped as "
+        "transformers does for an all-ones mask on a GPU); LLaMA-Factory pads to the longest sample in the batch.",
         "The CE loss uses reduction=sum with num_items_in_batch, as HF Trainer passes it (same buffers as mean).",
         "Autograd's gradient sums (InputBuffer) never run in place on fake tensors; the tracker replays eager "
         "autograd's rule (in place when the first gradient is an exclusively owned dense tensor, calibrated on this "
@@ -87,17 +87,19 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
             )
     if plan.bf16 or plan.fp16:
         notes.append(
-            "AMP runs torch's CPU autocast in place of CUDA autocast (same lower-precision list for linear/matmul/sdpa; "
-            "the fp32 lists differ only in ops these models do not use), then accelerate's fp32 copy of the outputs."
+            "AMP runs torch's CPU autocast in place of CUDA autocast (same lower-precision list for "
+            "linear/matmul/sdpa; the fp32 lists differ only in ops these models do not use), then accelerate's fp32 "
+            "copy of the outputs."
         )
     if plan.lora_dropout > 0 and plan.finetuning_type == "lora":
-        notes.append("LoRA dropout traced with native_dropout (bool mask) as on CUDA, not the CPU kernel's float noise.")
+        notes.append("LoRA dropout traced with native_dropout (bool mask) as on CUDA, not the CPU kernel's "
+                     "float noise.")
     if built.bnb4:
         notes.append(
-            "bitsandbytes 4-bit matmul traced as dequantize + F.linear (its CUDA path above 1536 tokens per micro-batch "
-            "and on sm90/sm100 for most shapes): a transient 16-bit [out, in] weight per call. Below that, on other "
-            "GPUs, the fused gemm_4bit kernel skips that transient weight. Weights are quantized from fake tensors "
-            "(bnb's fake kernels give packed data + absmax + nested state shapes)."
+            "bitsandbytes 4-bit matmul traced as dequantize + F.linear (its CUDA path above 1536 tokens per "
+            "micro-batch and on sm90/sm100 for most shapes): a transient 16-bit [out, in] weight per call. Below "
+            "that, on other GPUs, the fused gemm_4bit kernel skips that transient weight. Weights are quantized from "
+            "fake tensors (bnb's fake kernels give packed data + absmax + nested state shapes)."
         )
     if built.bnb8:
         notes.append(
@@ -105,7 +107,8 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
             "inputs with |x| > 6.0 add small fp16 copies of the outlier columns."
         )
     if plan.optim == "adamw_torch":
-        notes.append("adamw_torch: foreach AdamW as torch picks on CUDA; its step counters live on the host (not counted).")
+        notes.append("adamw_torch: foreach AdamW as torch picks on CUDA; its step counters live on the host "
+                     "(not counted).")
     if plan.optim == "paged_adamw_8bit":
         notes.append("paged_adamw_8bit: states of tensors >= 1e5 elements are cudaMallocManaged pages, outside the "
                      "torch allocator (not in max_memory_allocated; NVML shows the resident pages).")
@@ -202,6 +205,28 @@ def _phase_peaks(sub_peaks: dict[str, int]) -> dict[str, int]:
     return peaks
 
 
+def _measured_fields(built: Any, plan: Plan, measured: Any, sub_peaks: dict[str, int]) -> dict[str, Any]:
+    """The TraceResult fields a measured step fills alike on fake tensors (`run_fake`) and on a device
+    (cuda.py `run_on_device`): the model, the plan's shape and the measured step's peaks."""
+    from .build import padded_seq_len
+    from .tracker import PHASE_OF_SUB
+
+    return {
+        "arch": built.arch,
+        "layers": built.layers,
+        "extrapolated": False,
+        "seq_len": padded_seq_len(plan),
+        "batch_size": plan.per_device_train_batch_size,
+        "peak_allocated_bytes": measured.peak_bytes,
+        "peak_phase": PHASE_OF_SUB.get(measured.peak_sub_phase, "forward"),
+        "peak_sub_phase": measured.peak_sub_phase,
+        "phase_peaks": _phase_peaks(sub_peaks),
+        "sub_phase_peaks": sub_peaks,
+        "static_bytes": measured.start_bytes,
+        "end_bytes": measured.end_bytes,
+    }
+
+
 def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, steps: int = 2, top: int = 10,
              measure_step1: bool = False) -> TraceResult:
     require_trace_extra(plan)
@@ -209,7 +234,7 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         raise ConfigError(f"steps must be >= 1, got {steps}.")
     import torch
 
-    from .build import build_model, build_reference, count_parameters, materialize, padded_seq_len
+    from .build import build_model, build_reference, count_parameters, materialize
     from .patches import quiet_library_warnings, trace_patches
     from .tracker import PHASE_OF_SUB, StorageTracker, tracked_backward, tracking_fake_mode
     from .trainer import TrainerStep
@@ -254,7 +279,6 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         ) from None
 
     sub_peaks = {k: v for k, v in measured.sub_peaks.items() if k in PHASE_OF_SUB and PHASE_OF_SUB[k] != "setup"}
-    phase_peaks = _phase_peaks(sub_peaks)
     step1 = stats[1]
     if steps == 1:
         step1_peak, step1_measured = step1.peak_bytes, True
@@ -266,21 +290,10 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         step1_peak, step1_measured = step1.peak_bytes, True
     top_list, breakdown = _top_tensors(live, steps, top)
     return TraceResult(
-        arch=built.arch,
-        layers=built.layers,
-        extrapolated=False,
+        **_measured_fields(built, plan, measured, sub_peaks),
         device="fake",
-        seq_len=padded_seq_len(plan),
-        batch_size=plan.per_device_train_batch_size,
-        peak_allocated_bytes=measured.peak_bytes,
-        peak_phase=PHASE_OF_SUB.get(measured.peak_sub_phase, "forward"),
-        peak_sub_phase=measured.peak_sub_phase,
-        phase_peaks=phase_peaks,
-        sub_phase_peaks=sub_peaks,
         step1_peak_bytes=step1_peak,
         step1_measured=step1_measured,
-        static_bytes=measured.start_bytes,
-        end_bytes=measured.end_bytes,
         load_bytes=load_bytes,
         trainable_params=trainable,
         all_params=total,
@@ -353,7 +366,9 @@ def run_real_cuda(config: dict[str, Any], plan: Plan, *, layers: int | None = No
     import torch
 
     if not torch.cuda.is_available():
-        raise TrainfitError("no CUDA device: --device cuda needs a GPU and a CUDA build of torch. Use --device cpu (the fake-tensor trace) instead.")
+        raise TrainfitError("no CUDA device: --device cuda needs a GPU and a CUDA build of torch. "
+                            "Use --device cpu (the fake-tensor trace) instead.")
     from .cuda import run_on_device
 
-    return run_on_device(config, plan, layers=layers, steps=steps, device=torch.device("cuda", torch.cuda.current_device()))
+    return run_on_device(config, plan, layers=layers, steps=steps,
+                         device=torch.device("cuda", torch.cuda.current_device()))

@@ -2,7 +2,8 @@
 
 `StorageTracker` counts storages. It works as a TorchDispatchMode entered *inside* a FakeTensorMode, or (the
 faster form the runner uses) fed by `tracking_fake_mode`, a FakeTensorMode that reports its top-level op
-outputs. Every aten op output that brings a new storage into existence is counted once, rounded up to the CUDA caching allocator's 512-byte block, and
+outputs. Every aten op output that brings a new storage into existence is counted once, rounded up to the \
+CUDA caching allocator's 512-byte block, and
 uncounted when the storage object dies (a weakref callback; storages keep one Python object for their whole
 life, so the callback fires exactly when the last tensor, view or autograd-saved reference goes away).
 
