@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 import sys
-import typing
 from enum import Enum
-from typing import Any, Optional
+from typing import Optional
 
 import typer
 
+from .cli_common import (
+    REPORT_HELP,
+    calibration_context,
+    dist_estimate,
+    fail,
+    one_line,
+    resolve_plan,
+    with_plan_flags,
+    yaml_model,
+)
 from .errors import ConfigError, TrainfitError
 from .llamafactory.read import plan_from_dict, read_yaml
 from .memory import DEFAULT_MARGIN, setting_for
@@ -19,130 +26,9 @@ from .memory import estimate as run_estimate
 from .models import catalog
 from .models.arch import param_counts
 from .report import estimate_json, estimate_table, gpus_table, models_table
-from .schema import Arch, Plan
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="The best fine-tuning config that fits your GPU: memory model, search, LLaMA-Factory configs.")
-
-
-class FlashAttn(str, Enum):
-    auto = "auto"
-    disabled = "disabled"
-    sdpa = "sdpa"
-    fa2 = "fa2"
-
-
-class Optim(str, Enum):
-    adamw_torch = "adamw_torch"
-    adamw_torch_fused = "adamw_torch_fused"
-    adamw_8bit = "adamw_8bit"
-    adamw_bnb_8bit = "adamw_bnb_8bit"
-    paged_adamw_8bit = "paged_adamw_8bit"
-    sgd = "sgd"
-
-
-class FinetuningType(str, Enum):
-    lora = "lora"
-    full = "full"
-
-
-def _one_line(text: str) -> str:
-    """A message as one readable line, whatever the input put into it: control characters escaped, a token longer
-    than 120 characters (a pasted value) cut in its middle, and at most 2,000 characters, keeping the end (the fix)."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    text = " ".join(w if len(w) <= 120 else f"{w[:80]}...{w[-30:]}" for w in text.split(" "))
-    return text if len(text) <= 2000 else f"{text[:1200]} ... {text[-700:]}"
-
-
-def _fail(exc: Exception) -> None:
-    typer.echo(f"Error: {_one_line(str(exc))}", err=True)
-    raise typer.Exit(1)
-
-
-_REPORT_HELP = "Write a self-contained HTML report (charts, offline) to this file (needs the report extra)."
-
-# Flags named after LLaMA-Factory's keys; None = not given (the YAML's value or LLaMA-Factory's default).
-_FLAG_HELP = "LLaMA-Factory key; overrides --config"
-
-
-def _resolve(config: Optional[str], model: Optional[str], overrides: dict[str, Any]) -> tuple[Arch, Plan]:
-    data: dict[str, Any] = {}
-    where = "flags"
-    if config:
-        data = read_yaml(config)
-        where = config
-    for key, value in overrides.items():
-        if value is not None:
-            data[key] = value.value if isinstance(value, Enum) else value
-    kbit = data.pop("kbit_prepare", None)
-    plan, yaml_model = plan_from_dict(data, where)
-    if kbit:
-        plan = plan.model_copy(update={"kbit_prepare": True})
-    name = model or yaml_model
-    if not name:
-        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
-    return catalog.resolve_arch(name), plan
-
-
-def _yaml_model(config: Optional[str]) -> str:
-    data = read_yaml(config) if config else {}
-    if not data.get("model_name_or_path"):
-        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
-    return str(data["model_name_or_path"])
-
-
-def _plan_flags(
-    finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
-    quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
-    quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
-    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization", help=_FLAG_HELP),
-    lora_rank: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    lora_alpha: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    lora_dropout: Optional[float] = typer.Option(None, help=_FLAG_HELP),
-    lora_target: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (all, or q_proj,v_proj,...)"),
-    additional_target: Optional[str] = typer.Option(None, help=_FLAG_HELP),
-    cutoff_len: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    per_device_train_batch_size: Optional[int] = typer.Option(None, help=_FLAG_HELP),
-    gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (> 1 keeps gradients live)"),
-    max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
-    use_reentrant_gc: Optional[bool] = typer.Option(None, "--use-reentrant-gc/--no-use-reentrant-gc", help=_FLAG_HELP),
-    flash_attn: Optional[FlashAttn] = typer.Option(None, help=_FLAG_HELP),
-    optim: Optional[Optim] = typer.Option(None, help=_FLAG_HELP),
-    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help=_FLAG_HELP),
-    fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help=_FLAG_HELP),
-    pure_bf16: Optional[bool] = typer.Option(None, "--pure-bf16/--no-pure-bf16", help=_FLAG_HELP),
-    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel", help=_FLAG_HELP),
-    upcast_layernorm: Optional[bool] = typer.Option(None, "--upcast-layernorm/--no-upcast-layernorm", help=_FLAG_HELP),
-    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output", help=_FLAG_HELP),
-    max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
-    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
-) -> None:
-    """The LLaMA-Factory keys both `estimate` and `trace` take as flags (None = not given)."""
-
-
-def _resolved_params(fn) -> list[inspect.Parameter]:
-    """Parameters with real annotation objects (this module uses postponed annotations; typer needs types)."""
-    hints = typing.get_type_hints(fn)
-    return [p.replace(annotation=hints.get(p.name, p.annotation)) for p in inspect.signature(fn).parameters.values()]
-
-
-_PLAN_FLAG_PARAMS = _resolved_params(_plan_flags)
-
-
-def with_plan_flags(fn):
-    """Give a command every plan flag; it receives them as one `overrides` dict."""
-    sig = inspect.signature(fn)
-    own = [p for p in _resolved_params(fn) if p.name != "overrides"]
-
-    @functools.wraps(fn)
-    def wrapper(**kwargs: Any) -> Any:
-        overrides = {p.name: kwargs.pop(p.name) for p in _PLAN_FLAG_PARAMS}
-        return fn(overrides=overrides, **kwargs)
-
-    wrapper.__signature__ = sig.replace(parameters=own + _PLAN_FLAG_PARAMS, return_annotation=None)
-    return wrapper
 
 
 @app.command()
@@ -153,7 +39,7 @@ def estimate(
     gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
     margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
+    report: Optional[str] = typer.Option(None, "--report", help=REPORT_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite the --report file if it exists."),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in all (per-GPU estimate)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="ddp (default), zero1-3, fsdp, fsdp2, fsdp_grad_op."),
@@ -165,11 +51,11 @@ def estimate(
 ) -> None:
     """Peak GPU memory of one training step, term by term and phase by phase, and whether it fits."""
     try:
-        arch, plan = _resolve(config, model, overrides)
+        arch, plan = resolve_plan(config, model, overrides)
         spec = catalog.get_gpu(gpu) if gpu else None
-        with _calibrated(gpu):
+        with calibration_context(gpu):
             est = run_estimate(arch, plan)
-        dist = _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init)
+        dist = dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init)
         if report:
             if dist is not None:
                 raise ConfigError("--report covers one GPU for now. Drop --report or the multi-GPU flags.")
@@ -180,29 +66,17 @@ def estimate(
                                    spec.model_dump(mode="json") if spec else None, margin)
             write_text_atomic(report, html, force=force)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if dist is not None:
-        from .distributed.report import dist_json, dist_table, launch_text
+        from .distributed.report import dist_json, dist_table
+        from .llamafactory.launch import launch_text
 
         typer.echo(dist_json(dist, spec, margin) if json_out else dist_table(dist, spec, margin))
         if not json_out:
             typer.echo(launch_text(plan, dist, config or "train.yaml"))
         return
     typer.echo(estimate_json(est, spec, plan, margin) if json_out else estimate_table(est, spec, margin))
-
-
-def _dist_estimate(arch, plan, est, num_gpus, engine, offload, nodes, host_ram_gib, zero_init):
-    """The multi-GPU estimate when any multi-GPU flag is given, else None."""
-    if num_gpus is None and engine is None and offload is None:
-        return None
-    from .distributed import DistSettings, parse_engine, per_gpu
-
-    if offload not in (None, "none", "optimizer", "params"):
-        raise ConfigError(f"--offload {offload!r} is not none, optimizer or params. Pick one of those.")
-    dist = DistSettings(engine=parse_engine(engine or "ddp"), num_gpus=num_gpus if num_gpus is not None else 1,
-                        nodes=nodes, offload=offload or "none", host_ram_gib=host_ram_gib, zero_init=zero_init)
-    return per_gpu(arch, plan, dist, est)
 
 
 @app.command()
@@ -222,9 +96,9 @@ def trace(
     from .trace import run_cuda, run_trace, run_trace_extrapolated
 
     try:
-        arch, plan = _resolve(config, model, overrides)
+        arch, plan = resolve_plan(config, model, overrides)
         setting_for(arch, plan)  # the same validation as estimate (lora_target names, quantization, ...)
-        cfg = catalog.resolve_config(model or _yaml_model(config))
+        cfg = catalog.resolve_config(model or yaml_model(config))
         if device == "cuda":
             result = run_cuda(cfg, plan, layers=layers)
         elif device != "cpu":
@@ -234,10 +108,10 @@ def trace(
         else:
             result = run_trace(cfg, plan, layers=layers, top=top)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     except NotImplementedError as exc:
-        _fail(ConfigError(f"{exc}"))
+        fail(ConfigError(f"{exc}"))
         return
     typer.echo(result.model_dump_json(indent=2) if json_out else trace_table(result))
 
@@ -277,7 +151,7 @@ def check(
     write: Optional[str] = typer.Option(None, "--write", help="Write the config with the fix applied to this path."),
     force: bool = typer.Option(False, "--force", help="Overwrite the --write and --report files if they exist."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
-    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP),
+    report: Optional[str] = typer.Option(None, "--report", help=REPORT_HELP),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", help="GPUs in all (multi-GPU check)."),
     engine: Optional[str] = typer.Option(None, "--engine", help="ddp, zero1-3, fsdp, fsdp2, fsdp_grad_op; default: "
                                          "the config's deepspeed JSON, else ddp."),
@@ -314,7 +188,7 @@ def check(
             raise ConfigError("no model given. Pass --model or set model_name_or_path.")
         arch = catalog.resolve_arch(name)
         spec = catalog.get_gpu(gpu)
-        with _calibrated(gpu):
+        with calibration_context(gpu):
             rep = run_check(data, plan, arch, spec, margin=margin, config_path=config, optimize=optimize)
         if write:
             if rep.fix is None:
@@ -331,7 +205,7 @@ def check(
                                    spec.model_dump(mode="json"), margin, ev)
             write_text_atomic(report, html, force=force)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     typer.echo(rep.model_dump_json(indent=2) if json_out else check_text(rep))
     if write and not json_out:
@@ -366,7 +240,7 @@ def data(
         tokens = analyze_dataset(path, model=model, model_type=arch_type, template=template, tokenizer=tokenizer,
                                  dataset=dataset, formatting=formatting)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if json_out:
         import json
@@ -407,7 +281,7 @@ def solve(
     jobs: int = typer.Option(0, "--jobs", min=0, help="Parallel solves for several problems (0 = one per CPU)."),
     timings: bool = typer.Option(False, "--timings", help="Report the solve's wall time (solve_s; otherwise the "
                                  "output is byte-identical run to run)."),
-    report: Optional[str] = typer.Option(None, "--report", help=_REPORT_HELP + " Several problems: the matrix."),
+    report: Optional[str] = typer.Option(None, "--report", help=REPORT_HELP + " Several problems: the matrix."),
 ) -> None:
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
     from .llamafactory.configs import config_files, write_configs
@@ -425,7 +299,7 @@ def solve(
             catalog.get_gpu(g)
         items = expand(loaded, model_list, gpu_list)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     single = len(items) == 1
     chosen = (pick or (Pick.all if single else Pick.balanced)).value
@@ -434,10 +308,10 @@ def solve(
         from .search.solve import solve_problem
 
         try:
-            with _calibrated(problem.gpu if isinstance(problem.gpu, str) else None):
+            with calibration_context(problem.gpu if isinstance(problem.gpu, str) else None):
                 result = solve_problem(problem, base, solver.value, timings)
         except TrainfitError as exc:
-            _fail(exc)
+            fail(exc)
             return
         results = [(path, problem, base, result, None)]
     else:
@@ -469,7 +343,7 @@ def solve(
                      "result": r.model_dump(mode="json") if r else None, "error": e} for _, pr, _, r, e in results]
             write_text_atomic(report, batch_report(rows), force=force)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if json_out:
         import json
@@ -482,18 +356,6 @@ def solve(
         typer.echo(summary_matrix(results))
     if any(r is None for *_, r, _e in results):
         raise typer.Exit(3)
-
-
-def _calibrated(gpu_id: Optional[str]):
-    """The calibration profile's allocator overheads for this GPU, when a profile exists (optimizer/train/calibrate.py);
-    otherwise a no-op. Says so on stderr when one applies."""
-    from .memory.allocator import calibrated
-    from .train.calibrate import active_calibration
-
-    cal, note = active_calibration(gpu_id)
-    if note:
-        typer.echo(note, err=True)
-    return calibrated(cal)
 
 
 @app.command()
@@ -515,10 +377,10 @@ def train(
     from .train.run import preflight, run_training, train_text
 
     try:
-        with _calibrated(gpu):
+        with calibration_context(gpu):
             pre = preflight(config, gpu, margin)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     if pre.note:
         typer.echo(pre.note, err=True)
@@ -532,7 +394,7 @@ def train(
         path = log or str(default_log_path())
         append_record(rec, path)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     typer.echo(train_text(rec, path))
 
@@ -553,7 +415,7 @@ def calibrate(
         path = out or str(default_profile_path())
         write_text_atomic(path, profile.text(), force=force)
     except TrainfitError as exc:
-        _fail(exc)
+        fail(exc)
         return
     typer.echo(calibration_text(profile, path))
 
@@ -562,7 +424,7 @@ def main() -> None:
     try:
         app()
     except TrainfitError as exc:  # pragma: no cover - commands catch their own
-        print(f"Error: {_one_line(str(exc))}", file=sys.stderr)
+        print(f"Error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(1)
     except (MemoryError, RecursionError) as exc:  # pragma: no cover - the readers bound what they accept
         print(f"Error: trainfit ran out of {'memory' if isinstance(exc, MemoryError) else 'stack'} on this input. "

@@ -65,7 +65,7 @@ LAYERS = {  # a module may import only from its own layer or the layers before i
     "search": 4,
     "llamafactory": 5,
     "check": 6, "report": 6, "report_html": 6,
-    "trace": 7, "cli": 8, "__main__": 8, "__init__": 8,
+    "distributed": 3, "trace": 7, "train": 7, "cli": 8, "cli_common": 8, "__main__": 8, "__init__": 8,
 }
 
 

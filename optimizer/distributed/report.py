@@ -42,18 +42,3 @@ def dist_json(d: DistEstimate, gpu: GpuSpec | None, margin: float) -> str:
         out["gpu"] = gpu.id
         out["verdict"] = fits(d.device_peak_bytes, gpu.memory_bytes, margin)
     return json.dumps(out, indent=2)
-
-
-def launch_text(plan, d: DistEstimate, config_name: str) -> str:
-    """How to launch the run: the command and the launcher file it needs (optimizer.llamafactory.launch)."""
-    from ..llamafactory.launch import deepspeed_key, launch_command, launch_files
-    from .engines import DistSettings
-
-    dist = DistSettings(engine=d.engine, num_gpus=d.num_gpus, nodes=d.nodes, offload=d.offload)  # type: ignore[arg-type]
-    lines = [f"Launch{' (node 0; the others with their NODE_RANK or --machine_rank)' if d.nodes > 1 else ''}: "
-             f"{launch_command(dist, config_name)}"]
-    for path in launch_files(plan, dist, config_name):
-        lines.append(f"  with {path} next to the YAML (LLaMA-Factory's example"
-                     + (f"; the YAML sets deepspeed: {deepspeed_key(dist, config_name)})" if path.endswith(".json")
-                        else "; run from a LLaMA-Factory checkout: src/train.py)"))
-    return "\n".join(lines)

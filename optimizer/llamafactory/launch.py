@@ -21,9 +21,10 @@ import json
 import posixpath
 
 from ..distributed.engines import DEEPSPEED, DistSettings
+from ..distributed.memory import DistEstimate
 from ..schema import Plan
 
-__all__ = ["launch_files", "launch_command", "deepspeed_key", "DEFAULT_MASTER_ADDR", "DEFAULT_MASTER_PORT"]
+__all__ = ["launch_files", "launch_command", "launch_text", "deepspeed_key", "DEFAULT_MASTER_ADDR", "DEFAULT_MASTER_PORT"]
 
 # [S] LLaMA-Factory examples/README.md multi-node example and accelerate's default main_process_port.
 DEFAULT_MASTER_ADDR = "192.168.0.1"
@@ -146,3 +147,15 @@ def launch_command(dist: DistSettings, config_name: str, *, node_rank: int = 0,
         env += f" NNODES={dist.nodes} NODE_RANK={node_rank} MASTER_ADDR={master_addr} MASTER_PORT={master_port}"
     env += f" NPROC_PER_NODE={dist.gpus_per_node}"
     return f"{env} llamafactory-cli train {config_name}"
+
+
+def launch_text(plan, d: DistEstimate, config_name: str) -> str:
+    """How to launch the run: the command and the launcher file it needs (optimizer.llamafactory.launch)."""
+    dist = DistSettings(engine=d.engine, num_gpus=d.num_gpus, nodes=d.nodes, offload=d.offload)  # type: ignore[arg-type]
+    lines = [f"Launch{' (node 0; the others with their NODE_RANK or --machine_rank)' if d.nodes > 1 else ''}: "
+             f"{launch_command(dist, config_name)}"]
+    for path in launch_files(plan, dist, config_name):
+        lines.append(f"  with {path} next to the YAML (LLaMA-Factory's example"
+                     + (f"; the YAML sets deepspeed: {deepspeed_key(dist, config_name)})" if path.endswith(".json")
+                        else "; run from a LLaMA-Factory checkout: src/train.py)"))
+    return "\n".join(lines)
