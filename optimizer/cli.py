@@ -35,9 +35,13 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @with_plan_flags
 def estimate(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
-    gpu: Optional[str] = typer.Option(None, "--gpu", "-g", help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
-    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99, help="Share of GPU memory to keep free for 'fits with margin'."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Catalog id or path to a config.json (or its folder); overrides "
+                                             "model_name_or_path."),
+    gpu: Optional[str] = typer.Option(None, "--gpu", "-g",
+                                      help="Catalog GPU id for the verdict (see `trainfit gpus`)."),
+    margin: float = typer.Option(DEFAULT_MARGIN, min=0.0, max=0.99,
+                                 help="Share of GPU memory to keep free for 'fits with margin'."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     report: Optional[str] = typer.Option(None, "--report", help=REPORT_HELP),
     force: bool = typer.Option(False, "--force", help="Overwrite the --report file if it exists."),
@@ -83,10 +87,14 @@ def estimate(
 @with_plan_flags
 def trace(
     config: Optional[str] = typer.Option(None, "--config", "-c", help="A LLaMA-Factory training YAML."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or path to a config.json (or its folder); overrides model_name_or_path."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Catalog id or path to a config.json (or its folder); overrides "
+                                             "model_name_or_path."),
     layers: Optional[int] = typer.Option(None, "--layers", min=1, help="Run a shortened model of N decoder layers."),
-    extrapolate: bool = typer.Option(False, "--extrapolate", help="Run 1 and 2 layers and extrapolate linearly to the full depth."),
-    device: str = typer.Option("cpu", "--device", help="cpu (fake tensors, no GPU needed) or cuda (a real step on the GPU)."),
+    extrapolate: bool = typer.Option(False, "--extrapolate",
+                                     help="Run 1 and 2 layers and extrapolate linearly to the full depth."),
+    device: str = typer.Option("cpu", "--device",
+                               help="cpu (fake tensors, no GPU needed) or cuda (a real step on the GPU)."),
     top: int = typer.Option(10, "--top", min=0, help="Largest live tensors to list at the peak."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON object."),
     overrides: Optional[dict] = None,  # filled by with_plan_flags
@@ -192,7 +200,8 @@ def check(
             rep = run_check(data, plan, arch, spec, margin=margin, config_path=config, optimize=optimize)
         if write:
             if rep.fix is None:
-                raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass --optimize.")
+                raise ConfigError(f"nothing to write: {rep.fix_note or 'no change is needed'}. Drop --write or pass "
+                                  f"--optimize.")
             text = read_text(config, error=ConfigError, what="a LLaMA-Factory training YAML")
             write_text_atomic(write, patch_yaml(text, rep.fix.changes), force=force)
         if report:
@@ -216,13 +225,20 @@ def check(
 
 @app.command()
 def data(
-    path: str = typer.Argument(..., help="A LLaMA-Factory data file (.json/.jsonl, alpaca/sharegpt/openai) or a dataset_info.json."),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Catalog id or config.json path: picks the chat template and tokenizer."),
-    template: Optional[str] = typer.Option(None, "--template", help="LLaMA-Factory template name (overrides the model's)."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Path to a tokenizer.json (or its folder) for exact counts."),
+    path: str = typer.Argument(...,
+                               help="A LLaMA-Factory data file (.json/.jsonl, alpaca/sharegpt/openai) or a "
+                                    "dataset_info.json."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Catalog id or config.json path: picks the chat template and tokenizer."),
+    template: Optional[str] = typer.Option(None, "--template",
+                                           help="LLaMA-Factory template name (overrides the model's)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer",
+                                            help="Path to a tokenizer.json (or its folder) for exact counts."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Dataset name inside a dataset_info.json."),
-    formatting: Optional[str] = typer.Option(None, "--formatting", help="alpaca, sharegpt or openai (default: detected)."),
-    cutoffs: str = typer.Option("256,384,512,768,1024,1536,2048,4096", "--cutoffs", help="cutoff_len values for the coverage table."),
+    formatting: Optional[str] = typer.Option(None, "--formatting",
+                                             help="alpaca, sharegpt or openai (default: detected)."),
+    cutoffs: str = typer.Option("256,384,512,768,1024,1536,2048,4096", "--cutoffs",
+                                help="cutoff_len values for the coverage table."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage."""
@@ -233,7 +249,8 @@ def data(
         try:
             cuts = sorted({int(c) for c in cutoffs.split(",") if c.strip()})
         except ValueError:
-            raise ConfigError(f"--cutoffs {cutoffs!r} is not a comma list of integers. Pass e.g. 256,512,1024.") from None
+            raise ConfigError(f"--cutoffs {cutoffs!r} is not a comma list of integers. Pass e.g. "
+                              f"256,512,1024.") from None
         if not cuts or min(cuts) <= 0:
             raise ConfigError("--cutoffs needs positive integers. Pass e.g. 256,512,1024.")
         arch_type = catalog.resolve_arch(model).model_type if model else None
@@ -320,7 +337,10 @@ def solve(
         for path, problem, base, result, _err in results:
             if result is None or not (write or (report and single)):
                 continue
-            out_dir = out if (out and single) else (f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}")
+            if out and single:
+                out_dir = out
+            else:
+                out_dir = f"{out.rstrip('/')}/{problem.name}" if out else f"configs/{problem.name}"
             data = str(base / problem.dataset.file) if problem.dataset.file else None
             if data:
                 data = os.path.relpath(data)

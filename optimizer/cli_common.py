@@ -72,14 +72,16 @@ def resolve_plan(config: Optional[str], model: Optional[str], overrides: dict[st
         plan = plan.model_copy(update={"kbit_prepare": True})
     name = model or yaml_model
     if not name:
-        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
+        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set "
+                          "model_name_or_path.")
     return catalog.resolve_arch(name), plan
 
 
 def yaml_model(config: Optional[str]) -> str:
     data = read_yaml(config) if config else {}
     if not data.get("model_name_or_path"):
-        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set model_name_or_path.")
+        raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set "
+                          "model_name_or_path.")
     return str(data["model_name_or_path"])
 
 
@@ -87,7 +89,8 @@ def _plan_flags(
     finetuning_type: Optional[FinetuningType] = typer.Option(None, help=_FLAG_HELP),
     quantization_bit: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (4 or 8)"),
     quantization_type: Optional[str] = typer.Option(None, help=_FLAG_HELP + " (nf4 or fp4)"),
-    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization", help=_FLAG_HELP),
+    double_quantization: Optional[bool] = typer.Option(None, "--double-quantization/--no-double-quantization",
+                                                       help=_FLAG_HELP),
     lora_rank: Optional[int] = typer.Option(None, help=_FLAG_HELP),
     lora_alpha: Optional[int] = typer.Option(None, help=_FLAG_HELP),
     lora_dropout: Optional[float] = typer.Option(None, help=_FLAG_HELP),
@@ -98,18 +101,23 @@ def _plan_flags(
     gradient_accumulation_steps: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (> 1 keeps gradients live)"),
     max_samples: Optional[int] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
     num_train_epochs: Optional[float] = typer.Option(None, help=_FLAG_HELP + " (no memory effect)"),
-    disable_gradient_checkpointing: Optional[bool] = typer.Option(None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
+    disable_gradient_checkpointing: Optional[bool] = typer.Option(
+        None, "--disable-gradient-checkpointing/--gradient-checkpointing", help=_FLAG_HELP),
     use_reentrant_gc: Optional[bool] = typer.Option(None, "--use-reentrant-gc/--no-use-reentrant-gc", help=_FLAG_HELP),
     flash_attn: Optional[FlashAttn] = typer.Option(None, help=_FLAG_HELP),
     optim: Optional[Optim] = typer.Option(None, help=_FLAG_HELP),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help=_FLAG_HELP),
     fp16: Optional[bool] = typer.Option(None, "--fp16/--no-fp16", help=_FLAG_HELP),
     pure_bf16: Optional[bool] = typer.Option(None, "--pure-bf16/--no-pure-bf16", help=_FLAG_HELP),
-    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel", help=_FLAG_HELP),
+    enable_liger_kernel: Optional[bool] = typer.Option(None, "--enable-liger-kernel/--no-enable-liger-kernel",
+                                                       help=_FLAG_HELP),
     upcast_layernorm: Optional[bool] = typer.Option(None, "--upcast-layernorm/--no-upcast-layernorm", help=_FLAG_HELP),
-    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output", help=_FLAG_HELP),
+    upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output",
+                                                        help=_FLAG_HELP),
     max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
-    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare", help="Model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts, not LLaMA-Factory)."),
+    kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare",
+                                                help="Model prepared by PEFT's prepare_model_for_kbit_training "
+                                                     "(PEFT/TRL scripts, not LLaMA-Factory)."),
 ) -> None:
     """The LLaMA-Factory keys both `estimate` and `trace` take as flags (None = not given)."""
 
