@@ -58,17 +58,22 @@ def test_solve_rewrites_nothing_when_current_and_refuses_other_content(tmp_path)
     assert res.exit_code == 1
     assert "exist with other content" in res.output and "--force" in res.output
     assert target.read_text() == "edited\n"
-    assert runner.invoke(app, ["solve", REF, "--out", str(tmp_path / "c"), "--pick", "balanced", "--force"]).exit_code == 0
+    forced = runner.invoke(app, ["solve", REF, "--out", str(tmp_path / "c"), "--pick", "balanced", "--force"])
+    assert forced.exit_code == 0
     assert target.read_text() != "edited\n"
 
 
 def test_solve_json_and_brute(tmp_path):
     import json
 
-    a = json.loads(runner.invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--json", "--no-write"]).output)
+    problem = "problems/qwen2.5-7b-rtx3060-12gb.yaml"
+    a = json.loads(runner.invoke(app, ["solve", problem, "--json", "--no-write"]).output)
     b = json.loads(runner.invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--json", "--no-write",
                                        "--solver", "brute"]).output)
-    assert [(s["quality"], s["time_s"], s["plan"]) for s in a["front"]] == [(s["quality"], s["time_s"], s["plan"]) for s in b["front"]]
+    def vectors(r):
+        return [(s["quality"], s["time_s"], s["plan"]) for s in r["front"]]
+
+    assert vectors(a) == vectors(b)
     assert a["proven_optimal"] is True
 
 

@@ -26,7 +26,8 @@ def _problem(model="Qwen/Qwen2.5-0.5B-Instruct", gpu: str | CustomGpu = "rtx-306
 SMALL = st.fixed_dictionaries({
     "model": st.sampled_from(["Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-0.6B"]),
     "memory_mib": st.sampled_from([3000, 4000, 6000, 12288]),
-    "finetuning_type": st.lists(st.sampled_from(["lora", "qlora4", "qlora8", "full"]), min_size=1, max_size=3, unique=True),
+    "finetuning_type": st.lists(st.sampled_from(["lora", "qlora4", "qlora8", "full"]), min_size=1, max_size=3,
+                                unique=True),
     "lora_rank": st.lists(st.sampled_from([4, 8, 16, 64]), min_size=1, max_size=2, unique=True),
     "lora_target": st.lists(st.sampled_from(["attention", "mlp", "all"]), min_size=1, max_size=3, unique=True),
     "cutoff_len": st.lists(st.sampled_from([128, 512, 1024, 2048]), min_size=1, max_size=3, unique=True),
@@ -34,7 +35,8 @@ SMALL = st.fixed_dictionaries({
     "gradient_accumulation_steps": st.lists(st.sampled_from([1, 4, 16, 64]), min_size=1, max_size=2, unique=True),
     "max_samples": st.lists(st.sampled_from([None, 50, 200]), min_size=1, max_size=2, unique=True),
     "gradient_checkpointing": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
-    "optim": st.lists(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_8bit"]), min_size=1, max_size=2, unique=True),
+    "optim": st.lists(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_8bit"]), min_size=1, max_size=2,
+                      unique=True),
     "enable_liger_kernel": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
 })
 
@@ -72,7 +74,8 @@ def test_every_solution_revalidates_against_the_memory_model(d):
 
 
 def test_front_is_not_dominated_and_order_invariant():
-    pts = [(5, 10, (1,), "a"), (5, 9, (2,), "b"), (4, 9, (0,), "c"), (6, 20, (0,), "d"), (6, 20, (3,), "e"), (1, 1, (9,), "f")]
+    pts = [(5, 10, (1,), "a"), (5, 9, (2,), "b"), (4, 9, (0,), "c"), (6, 20, (0,), "d"), (6, 20, (3,), "e"),
+           (1, 1, (9,), "f")]
     front = non_dominated(pts)
     assert [p[3] for p in front] == ["d", "b", "f"]
     assert non_dominated(reversed(pts)) == front
@@ -100,7 +103,8 @@ def test_output_is_deterministic():
 
 
 def test_infeasible_problem_says_the_smallest_peak_and_what_to_relax():
-    p = _problem(model="Qwen/Qwen2.5-7B-Instruct", gpu=CustomGpu(name="tiny", memory_mib=2048, bf16_tflops=10, bandwidth_gbps=100))
+    tiny = CustomGpu(name="tiny", memory_mib=2048, bf16_tflops=10, bandwidth_gbps=100)
+    p = _problem(model="Qwen/Qwen2.5-7B-Instruct", gpu=tiny)
     with pytest.raises(InfeasibleError) as err:
         solve_problem(p)
     msg = str(err.value)

@@ -67,10 +67,12 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         header = [
             f"trainfit {__version__}: front point {i + 1} of {len(result.front)} for problem {result.problem!r}"
             + (f" ({', '.join(s.labels)})" if s.labels else ""),
-            f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): device {s.device_peak_bytes / GIB:.2f} GiB "
+            f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): "
+            f"device {s.device_peak_bytes / GIB:.2f} GiB "
             f"(allocated {s.peak_allocated_bytes / GIB:.2f} GiB), headroom {s.headroom_bytes / GIB:.2f} GiB "
             f"({100 * s.headroom_bytes / result.gpu_total_bytes:.0f}%)",
-            f"estimated training time: {_dur(s.time_s)} for {s.num_train_epochs:g} epochs ({_dur(s.epoch_s)} per epoch); "
+            f"estimated training time: {_dur(s.time_s)} for {s.num_train_epochs:g} epochs "
+            f"({_dur(s.epoch_s)} per epoch); "
             f"quality score {s.quality:.4f}; keeps {s.kept_token_share:.0%} of the supervised tokens",
             f"run (in the folder trainfit solve ran in): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
             f"regenerate: trainfit solve {problem_path}",

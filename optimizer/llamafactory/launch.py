@@ -24,7 +24,8 @@ from ..distributed.engines import DEEPSPEED, DistSettings
 from ..distributed.memory import DistEstimate
 from ..schema import Plan
 
-__all__ = ["launch_files", "launch_command", "launch_text", "deepspeed_key", "DEFAULT_MASTER_ADDR", "DEFAULT_MASTER_PORT"]
+__all__ = ["launch_files", "launch_command", "launch_text", "deepspeed_key", "DEFAULT_MASTER_ADDR",
+           "DEFAULT_MASTER_PORT"]
 
 # [S] LLaMA-Factory examples/README.md multi-node example and accelerate's default main_process_port.
 DEFAULT_MASTER_ADDR = "192.168.0.1"

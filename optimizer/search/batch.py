@@ -84,7 +84,8 @@ def summary_matrix(results) -> str:
         else:
             s = res.front[res.recommended]
             kind = s.finetuning_type + ("" if s.finetuning_type == "full" else f" r{s.lora_rank} {s.lora_target}")
-            cell = f"{kind} c{s.cutoff_len} b{s.per_device_train_batch_size} {s.device_peak_bytes / GIB:.1f}G {s.time_s / 60:.0f}min"
+            cell = (f"{kind} c{s.cutoff_len} b{s.per_device_train_batch_size} {s.device_peak_bytes / GIB:.1f}G "
+                    f"{s.time_s / 60:.0f}min")
         rows.setdefault(problem.model, {})[gpu] = cell
     width = max([len(c) for r in rows.values() for c in r.values()] + [len(c) for c in cols] + [10])
     mw = max(len(m) for m in rows)

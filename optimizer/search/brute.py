@@ -17,12 +17,14 @@ P = TypeVar("P")
 
 def point_key(inst: Instance, combo_pos: int, accum: int, samples) -> tuple:
     d = inst.domains
-    return inst.combos[combo_pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples))
+    accum_i, samples_i = d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples)
+    return inst.combos[combo_pos].index + (accum_i, samples_i)
 
 
 def all_points(inst: Instance):
     d = inst.domains
-    for pos, accum, samples in itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"]):
+    grid = itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"])
+    for pos, accum, samples in grid:
         if not inst.combos[pos].allows(accum):
             continue
         q, t = point_objectives(inst, inst.combos[pos], accum, samples)

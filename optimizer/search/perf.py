@@ -43,7 +43,8 @@ ADAMW_BYTES_PER_PARAM = 28
 
 
 def matmul_params(arch: Arch) -> int:
-    return arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch)) + arch.vocab_size * arch.hidden_size
+    decoder = arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch))
+    return decoder + arch.vocab_size * arch.hidden_size
 
 
 def flops_per_token(arch: Arch, *, full: bool, gc: bool, seq_len: int, lora_params: int) -> float:

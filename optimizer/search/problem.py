@@ -58,13 +58,16 @@ class SearchSpace(BaseModel):
 
     model_config = _STRICT
     finetuning_type: list[Literal["lora", "qlora4", "qlora8", "full"]] = Field(
-        default=["lora", "qlora4"], min_length=1, description="lora (16-bit base), qlora4, qlora8 (bitsandbytes), full.")
+        default=["lora", "qlora4"], min_length=1,
+        description="lora (16-bit base), qlora4, qlora8 (bitsandbytes), full.")
     lora_rank: list[int] = Field(default=[8, 16, 32, 64], min_length=1, description="LoRA ranks.")
     lora_target: list[Literal["attention", "mlp", "all"]] = Field(
         default=["attention", "mlp", "all"], min_length=1, description="Which Linear layers get adapters.")
-    cutoff_len: list[int] = Field(default=[256, 384, 512, 768, 1024, 1536, 2048], min_length=1, description="cutoff_len values.")
+    cutoff_len: list[int] = Field(default=[256, 384, 512, 768, 1024, 1536, 2048], min_length=1,
+                                  description="cutoff_len values.")
     per_device_train_batch_size: list[int] = Field(default=[1, 2, 4, 8], min_length=1, description="Micro-batch sizes.")
-    gradient_accumulation_steps: list[int] = Field(default=[1, 2, 4, 8, 16], min_length=1, description="Accumulation steps.")
+    gradient_accumulation_steps: list[int] = Field(default=[1, 2, 4, 8, 16], min_length=1,
+                                                   description="Accumulation steps.")
     max_samples: list[int | None] = Field(default=[None], min_length=1, description="max_samples (null = all).")
     gradient_checkpointing: list[bool] = Field(default=[True, False], min_length=1, description="Checkpointing on/off.")
     flash_attn: list[Literal["auto", "sdpa", "fa2", "disabled"]] = Field(
@@ -85,9 +88,11 @@ class SearchSpace(BaseModel):
 
 class Objective(BaseModel):
     model_config = _STRICT
-    num_train_epochs: float | None = Field(default=None, ge=0.001, le=10_000, allow_inf_nan=False, description="Epochs (time objective and configs); "
+    num_train_epochs: float | None = Field(default=None, ge=0.001, le=10_000, allow_inf_nan=False,
+                                           description="Epochs (time objective and configs); "
                                            "null: the recipe for the data size (search/quality.py recipe_epochs).")
-    max_hours: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False, description="Time budget: the recommendation trains within "
+    max_hours: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False,
+                                    description="Time budget: the recommendation trains within "
                                     "it when any front point does.")
     prefer: Literal["quality", "balanced", "speed"] = Field(
         default="balanced", description="Which front point to recommend: the best score (quality), the fastest point "
