@@ -22,7 +22,6 @@ TIME_LIMIT_S = 30.0
 
 class SolveStats:
     def __init__(self) -> None:
-        self.solves = 0
         self.proven = True
 
 
@@ -95,7 +94,6 @@ def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, i
     s.parameters.cp_model_probing_level = 0
     s.parameters.find_big_linear_overlap = False
     st = s.solve(m)
-    stats.solves += 1
     if st == cp_model.FEASIBLE:
         stats.proven = False
     return s, st
