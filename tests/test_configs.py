@@ -110,3 +110,16 @@ def test_one_point_front_writes_a_config_for_every_pick(pick):
     assert result.front[0].labels == ["best-quality", "fastest", "balanced"]
     files = config_files(result, problem, "p.yaml", "out", pick, None)
     assert sorted(files) == ["dataset_info.json", "p01_lora_r8_all_c512_b1x4.yaml"]
+
+
+def test_a_search_space_past_the_context_window_is_rejected(tmp_path):
+    f = tmp_path / "p.yaml"
+    f.write_text("name: x\nmodel: Qwen/Qwen2.5-0.5B-Instruct\ngpu: t4\n"
+                 "dataset: {summary: {num_samples: 10, token_length_percentiles: {50: 100, 100: 200}}}\n"
+                 "search: {cutoff_len: [512, 65536]}\n")
+    res = runner.invoke(app, ["solve", str(f), "--no-write"])
+    assert res.exit_code == 1
+    # Qwen2.5-0.5B-Instruct's config.json: max_position_embeddings 32768
+    assert res.output.startswith("Error: search.cutoff_len: cutoff_len 65536 exceeds the model's context window "
+                                 "(max_position_embeddings 32768)")
+    assert res.output.rstrip().endswith("Remove 65536 from search.cutoff_len.")

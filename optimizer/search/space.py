@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..errors import ProblemError
 from ..memory import budget_bytes, count_params, estimate
+from ..memory.step import context_window_problem
 from ..memory.terms import TermMemo, memoized
 from ..models import catalog
 from ..models.arch import layer_linears
@@ -133,6 +134,11 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
         notes.append(f"fa2 dropped: {gpu.name} has FlashAttention-2 support '{gpu.flash_attn2}'")
     if not attn:
         raise ProblemError(f"search.flash_attn allows only fa2, which {gpu.name} lacks. Add auto or sdpa.")
+    window = arch.max_position_embeddings
+    beyond = [c for c in s.cutoff_len if window is not None and c > window]
+    if beyond:
+        raise ProblemError(f"search.cutoff_len: {context_window_problem(max(beyond), window)}. Remove "
+                           f"{', '.join(map(str, sorted(set(beyond))))} from search.cutoff_len.")
     liger = list(s.enable_liger_kernel)
     if not family_of(arch.model_type).liger:
         liger = [False]
