@@ -39,9 +39,10 @@ def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
 
-def estimate(arch: Arch, plan: Plan) -> Estimate:
-    """The memory model of one steady-state step of `plan` on `arch`."""
-    st = setting_for(arch, plan)
+def estimate(arch: Arch, plan: Plan, setting: Setting | None = None) -> Estimate:
+    """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
+    when an engine changes them: optimizer/distributed/memory.py)."""
+    st = setting or setting_for(arch, plan)
     L = arch.num_hidden_layers
     N = st.tokens
     weights = _part("weights", st, plan, lambda: base_weight_bytes(arch, st))

@@ -15,9 +15,58 @@ from typing import Any
 from ..errors import ConfigError
 from ..schema import Plan
 
-__all__ = ["run_fake_rank", "run_rank_extrapolated", "TRACED_ENGINES"]
+__all__ = ["run_fake_rank", "run_rank_extrapolated", "TRACED_ENGINES", "GRID_MULTI", "UNTRACED_ENGINES"]
 
 TRACED_ENGINES = ("fsdp2",)
+# Why the other engines have no rank oracle (benchmarks/accuracy_multi.py prints these).
+UNTRACED_ENGINES = {
+    "ddp": "its C++ Reducer reads parameter data across ranks (_verify_params_across_processes); fake tensors "
+           "have none",
+    "zero1/zero2/zero3": "DeepSpeed's engine needs an accelerator and real collectives; its model states are "
+                         "cross-checked against DeepSpeed's own estimators (tests/test_distributed.py)",
+    "fsdp/fsdp_grad_op": "FSDP1 flat parameters are not traced; the model shares FSDP2's rules",
+}
+
+_Q05, _L1, _Q3 = "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-0.6B"
+_SMOL, _M7, _PHI = "HuggingFaceTB/SmolLM2-1.7B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3", \
+    "microsoft/Phi-3.5-mini-instruct"
+
+
+def _p(**kw: Any) -> Plan:
+    return Plan(**{"bf16": True, "per_device_train_batch_size": 1, **kw})
+
+
+_NOGC = {"disable_gradient_checkpointing": True}
+_FULL = {"finetuning_type": "full"}
+# The FSDP2 accuracy grid (model, plan, N): tied and untied embeddings, biases, q/k norms, MHA, fused qkv, LoRA and
+# full fine-tuning, 2/4/8 GPUs, checkpointing on and off, gradient accumulation.
+GRID_MULTI: list[tuple[str, Plan, int]] = [
+    (_Q05, _p(cutoff_len=256), 2),
+    (_Q05, _p(cutoff_len=256), 4),
+    (_Q05, _p(cutoff_len=256), 8),
+    (_Q05, _p(cutoff_len=1024, per_device_train_batch_size=2), 4),
+    (_Q05, _p(cutoff_len=256, **_FULL), 4),
+    (_Q05, _p(cutoff_len=256, **_FULL, **_NOGC), 2),
+    (_Q05, _p(cutoff_len=512, **_FULL), 8),
+    (_Q05, _p(cutoff_len=512, **_NOGC), 4),
+    (_Q05, _p(cutoff_len=256, gradient_accumulation_steps=2, **_FULL), 4),
+    (_L1, _p(cutoff_len=512), 4),
+    (_L1, _p(cutoff_len=256, **_FULL), 8),
+    (_L1, _p(cutoff_len=512, **_NOGC), 2),
+    (_L1, _p(cutoff_len=512, **_FULL, **_NOGC), 4),
+    (_Q3, _p(cutoff_len=512, **_NOGC), 2),
+    (_Q3, _p(cutoff_len=512), 8),
+    (_Q3, _p(cutoff_len=256, **_FULL), 4),
+    (_Q3, _p(cutoff_len=256, **_FULL, **_NOGC), 2),
+    (_SMOL, _p(cutoff_len=512), 4),
+    (_SMOL, _p(cutoff_len=512, **_FULL), 8),
+    (_SMOL, _p(cutoff_len=256, **_NOGC), 2),
+    (_M7, _p(cutoff_len=512), 8),
+    (_M7, _p(cutoff_len=256, **_FULL), 8),
+    (_M7, _p(cutoff_len=1024, **_NOGC), 4),
+    (_PHI, _p(cutoff_len=512), 4),
+    (_PHI, _p(cutoff_len=256, **_FULL), 8),
+]
 
 
 @contextlib.contextmanager
