@@ -149,7 +149,7 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     eng, N, n_node = dist.engine, dist.num_gpus, dist.gpus_per_node
     aplan = activation_plan(plan, eng)
     cst = _compute_setting(arch, aplan, eng)
-    base = estimate(arch, aplan, cst) if (single is None or aplan is not plan or cst) else single
+    base = estimate(arch, aplan, cst, all_moments=True)
     one = single.peak_allocated_bytes if single is not None else estimate(arch, plan).peak_allocated_bytes
     st = setting_for(arch, aplan)
     L, V, H = arch.num_hidden_layers, arch.vocab_size, arch.hidden_size
@@ -304,9 +304,14 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                 # embedding gradient. [T] accuracy_multi full fine-tuning rows.
                 root_g = (alloc_bytes(ceil_div(V * H, N) * 2) * (1 if arch.tie_word_embeddings else 2)
                           + alloc_bytes(ceil_div(H, N) * 2)) if full_fsdp else 0
-                grads_by_moment = {Moment.LAYER_BACKWARD_TOP: 0, Moment.CE_BACKWARD: 0, Moment.LM_HEAD_BACKWARD: 0,
-                                   Moment.LAYER_BACKWARD_BOTTOM: (_sum_alloc(sh) - root_g) * (L - 1) // L,
-                                   Moment.EMBEDDING_GRAD_END: _sum_alloc(sh) - root_g}
+                # The root's unsharded lm_head gradient (16-bit, V x H) waits from the lm_head backward to the
+                # root's reduce-scatter; tied, the embedding-end transient of the single-GPU estimate holds it there.
+                head_g = alloc_bytes(V * H * 2) if full_fsdp else 0
+                grads_by_moment = {Moment.LAYER_BACKWARD_TOP: head_g, Moment.CE_BACKWARD: 0,
+                                   Moment.LM_HEAD_BACKWARD: 0,
+                                   Moment.LAYER_BACKWARD_BOTTOM: (_sum_alloc(sh) - root_g) * (L - 1) // L + head_g,
+                                   Moment.EMBEDDING_GRAD_END: _sum_alloc(sh) - root_g
+                                   + (0 if arch.tie_word_embeddings else head_g)}
             opt_only.append(("optimizer_step_temporaries", _step_temps(sh, plan.optim, clip),
                              "clip norms of the shards"))
         else:
@@ -334,9 +339,18 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
             # .reduce_scatter_states keeps until the next unit's post-backward (reduce_scatter_max_input_buffers
             # 1); the layers' gathered weights are resharded after their backward, so at the embedding gradient
             # only the root's weights and the bottom layer's reduce-scatter input are left.
+            # With gradient checkpointing the recompute runs the layer's forward hooks in FORWARD state, so
+            # wait_for_unshard keeps the layer's all-gather output (comm_ctx.all_gather_state) beside its copied-out
+            # parameters while the next layer's all-gather is prefetched: three layers at the top; at the bottom
+            # no prefetch but the layer above's reduce-scatter input. [T] accuracy_multi Mistral/Phi rows.
             rs_in = alloc_bytes((pc.per_layer if full_fsdp else lora_layer_numel) * 2)
-            ws["bwd"] = root_b + 2 * layer_b + rs_in
+            gc_kept = layer_b if full_fsdp and not plan.disable_gradient_checkpointing else 0
+            ws["bwd"] = root_b + 2 * layer_b + gc_kept
+            ws["bwd_bottom"] = root_b + layer_b + gc_kept + rs_in
             ws["emb"] = root_b + rs_in
+            # [T] the first layer's forward: the root's flat all-gather output is still held (all_gather_state)
+            # beside the root's copied-out weights while the first layer is gathered and copied out.
+            ws["fwd_first"] = 2 * root_b + 2 * layer_b
             shards.append(f"FSDP FULL_SHARD shards weights (the frozen base too), gradients and optimizer states "
                           f"(1/{N}); one layer is gathered in forward, two in backward (prefetch), the root unit "
                           "(embeddings, lm_head) stays gathered from forward to backward.")
@@ -346,6 +360,16 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                      if dist.cpu_ram_efficient_loading else f"{n_node} ranks each load the full checkpoint"))
 
     phases = _rebuild(base, static, grads_bwd, opt_only, ws, eng, st, lay, L, grads_by_moment)
+    if ws.get("fwd_first"):
+        fwd = next(p for p in phases if p.phase == "forward")
+        keep = [t for t in fwd.terms if t.name not in ("gathered_params", "activations_layers")]
+        phases.append(PhasePeak(phase=fwd.phase, kind=fwd.kind, moment="the first decoder layer's forward",
+                                terms=[MemoryTerm(name="gathered_params", bytes=ws["fwd_first"],
+                                                  detail="the root's all-gather output and weights + the first "
+                                                         "layer's all-gather output and weights")] + keep))
+    # every backward moment was rebuilt (the engine changes which one is largest); keep the largest per phase
+    phases = [max((p for p in phases if p.phase == ph), key=lambda p: p.total_bytes)
+              for ph in dict.fromkeys(p.phase for p in phases)]
     peak = max(phases, key=lambda p: p.total_bytes)
     host_terms = [MemoryTerm(name=a, bytes=int(b), detail=d) for a, b, d in host if b]
     load_b = sum(t.bytes for t in host_terms if t.name.startswith("load_"))
@@ -366,12 +390,16 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
              grads_by_moment: dict[Moment, int]) -> list[PhasePeak]:
     """Each single-GPU phase with its model-state terms replaced by the engine's."""
     sharded_grads = eng not in ("ddp", "zero1")
+    # gradient accumulation: the earlier micro-batches' (sharded) gradients are held through every phase
+    ga_held = any(t.name == "accumulated_grads" for ph in base.phases for t in ph.terms)
     out = []
     for ph in base.phases:
         keep = []
         for t in ph.terms:
             if t.name in _STATE_TERMS or (eng != "ddp" and t.name in _CAST_TERMS):
                 continue
+            if sharded_grads and t.name == "accumulated_grads":
+                continue  # the earlier micro-batches' gradients are the sharded grads term (added below)
             b = t.bytes
             if sharded_grads and st.full and t.name == "activations_layers" and ph.kind == Moment.LAYER_BACKWARD_BOTTOM:
                 b -= (L - 1) * lay.param_grad_bytes  # the layers' gradients above are in the sharded grads term
@@ -379,12 +407,14 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
         kind = {"forward": "fwd", "loss": "loss"}.get(ph.phase, "bwd")
         if ph.kind in (Moment.CE_BACKWARD, Moment.LM_HEAD_BACKWARD):
             kind = "loss"
-        if ph.kind == Moment.EMBEDDING_GRAD_END and ws["emb"]:
+        if ph.kind == Moment.EMBEDDING_GRAD_END and ws.get("emb"):
             kind = "emb"
+        if ph.kind == Moment.LAYER_BACKWARD_BOTTOM and ws.get("bwd_bottom"):
+            kind = "bwd_bottom"
         extra = list(static)
         if ph.phase == "backward" and ph.kind in grads_by_moment:
             extra += [(n, grads_by_moment[ph.kind], d + " (units reduced so far)") for n, _, d in grads_bwd]
-        elif ph.phase in ("backward", "optimizer"):
+        elif ph.phase in ("backward", "optimizer") or (sharded_grads and ga_held):
             extra += grads_bwd
         if ph.phase == "optimizer":
             extra += opt_only

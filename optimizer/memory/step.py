@@ -39,9 +39,10 @@ def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
 
-def estimate(arch: Arch, plan: Plan, setting: Setting | None = None) -> Estimate:
+def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:
     """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
-    when an engine changes them: optimizer/distributed/memory.py)."""
+    when an engine changes them; `all_moments`: list every backward moment, not only the largest, for an engine
+    that replaces terms: optimizer/distributed/memory.py)."""
     st = setting or setting_for(arch, plan)
     L = arch.num_hidden_layers
     N = st.tokens
@@ -143,7 +144,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None) -> Estimate
         top = (L - 1) * lay.saved_bytes + bwd_peak
         bottom = bwd_peak + (L - 1) * left
         layer_moment = "a decoder layer's backward"
-    lb = max(
+    lbs = (
         PhasePeak(phase=Phase.BACKWARD, kind=Moment.LAYER_BACKWARD_TOP, moment=f"top {layer_moment}",
                   terms=static + terms(
             bw_ws, ("activations_shared", shared, ""),
@@ -158,8 +159,8 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None) -> Estimate
             ("grads", head_grads, "gradients of the lm_head/final norm"),
             held,
         )),
-        key=lambda p: p.total_bytes,
     )
+    lb = max(lbs, key=lambda p: p.total_bytes)
     lmb = PhasePeak(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward", terms=static + terms(
         bw_ws,
         ("activations_shared", shared, ""),
@@ -196,7 +197,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None) -> Estimate
         ("grads", grads, "one gradient per trainable tensor"),
         ("optimizer_step_temporaries", opt_tmp, "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
-    phases = [forward, loss, backward, optimizer]
+    phases = [forward, loss, *([ce, *lbs, *candidates[2:]] if all_moments else [backward]), optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
     trainable, all_params = _part("params", st, plan, lambda: count_params(arch, plan))
     large = large_blocks_at(arch, plan, peak.kind)
