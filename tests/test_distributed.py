@@ -265,6 +265,15 @@ def test_cli_estimate_prints_the_launch_command():
     assert "ds_z3_offload_config.json" in r.output
 
 
+def test_reader_accepts_the_deepspeed_key_and_ignores_it_for_the_plan():
+    from optimizer.llamafactory.read import plan_from_dict
+
+    data = yaml.safe_load(_FULL7)
+    plain, _ = plan_from_dict(dict(data))
+    with_ds, _ = plan_from_dict({**data, "deepspeed": "ds_z3_config.json"})
+    assert with_ds == plain
+
+
 # --- trainfit check with the multi-GPU flags (optimizer/check.py::check_multi, optimizer/distributed/advice.py) ---
 
 _FULL7 = """model_name_or_path: Qwen/Qwen2.5-7B-Instruct
