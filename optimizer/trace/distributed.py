@@ -25,6 +25,8 @@ UNTRACED_ENGINES = {
     "zero1/zero2/zero3": "DeepSpeed's engine needs an accelerator and real collectives; its model states are "
                          "cross-checked against DeepSpeed's own estimators (tests/test_distributed.py)",
     "fsdp/fsdp_grad_op": "FSDP1 flat parameters are not traced; the model shares FSDP2's rules",
+    "fsdp2 + QLoRA": "bitsandbytes re-wraps the all-gathered 4-bit weight as Params4bit in forward "
+                     "(nn/modules.py::fix_4bit_weight_quant_state_from_module), which a FakeTensor cannot become",
 }
 
 _Q05, _L1, _Q3 = "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-0.6B"
