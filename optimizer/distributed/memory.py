@@ -344,13 +344,14 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
             # parameters while the next layer's all-gather is prefetched: three layers at the top; at the bottom
             # no prefetch but the layer above's reduce-scatter input. [T] accuracy_multi Mistral/Phi rows.
             rs_in = alloc_bytes((pc.per_layer if full_fsdp else lora_layer_numel) * 2)
-            gc_kept = layer_b if full_fsdp and not plan.disable_gradient_checkpointing else 0
+            fsdp2 = eng == "fsdp2"  # the all_gather_state rules below are FSDP2's (FSDP1 gathers into the flat param)
+            gc_kept = layer_b if fsdp2 and full_fsdp and not plan.disable_gradient_checkpointing else 0
             ws["bwd"] = root_b + 2 * layer_b + gc_kept
             ws["bwd_bottom"] = root_b + layer_b + gc_kept + rs_in
             ws["emb"] = root_b + rs_in
             # [T] the first layer's forward: the root's flat all-gather output is still held (all_gather_state)
             # beside the root's copied-out weights while the first layer is gathered and copied out.
-            ws["fwd_first"] = 2 * root_b + 2 * layer_b
+            ws["fwd_first"] = 2 * root_b + 2 * layer_b if fsdp2 else 0
             shards.append(f"FSDP FULL_SHARD shards weights (the frozen base too), gradients and optimizer states "
                           f"(1/{N}); one layer is gathered in forward, two in backward (prefetch), the root unit "
                           "(embeddings, lm_head) stays gathered from forward to backward.")
