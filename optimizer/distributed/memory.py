@@ -149,7 +149,9 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     eng, N, n_node = dist.engine, dist.num_gpus, dist.gpus_per_node
     aplan = activation_plan(plan, eng)
     cst = _compute_setting(arch, aplan, eng)
-    base = estimate(arch, aplan, cst, all_moments=True)
+    # FSDP changes which backward moment is largest (gradients appear unit by unit): rebuild them all. DDP/ZeRO keep
+    # the single-GPU estimate's moment (their rules are not per-moment; not traced).
+    base = estimate(arch, aplan, cst, all_moments=eng.startswith("fsdp"))
     one = single.peak_allocated_bytes if single is not None else estimate(arch, plan).peak_allocated_bytes
     st = setting_for(arch, aplan)
     L, V, H = arch.num_hidden_layers, arch.vocab_size, arch.hidden_size
@@ -400,7 +402,11 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
             if t.name in _STATE_TERMS or (eng != "ddp" and t.name in _CAST_TERMS):
                 continue
             if sharded_grads and t.name == "accumulated_grads":
-                continue  # the earlier micro-batches' gradients are the sharded grads term (added below)
+                # the earlier micro-batches' gradients live in the sharded grads term (added below): [S] FSDP2
+                # post_backward reduce-scatters every micro-batch into the sharded .grad ([T] accuracy_multi ga2
+                # row); deepspeed stage_1_and_2.py copies each reduced bucket into grads_in_partition and drops
+                # param.grad; stage3.py accumulates into grad_partitions_flat_buffer
+                continue
             b = t.bytes
             if sharded_grads and st.full and t.name == "activations_layers" and ph.kind == Moment.LAYER_BACKWARD_BOTTOM:
                 b -= (L - 1) * lay.param_grad_bytes  # the layers' gradients above are in the sharded grads term
