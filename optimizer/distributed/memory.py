@@ -11,6 +11,8 @@ Rules carry [S] (read in the named source) or [T] (checked by optimizer/trace/di
 
 from __future__ import annotations
 
+import dataclasses
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..memory import estimate, layer_forward, setting_for
@@ -74,6 +76,18 @@ def activation_plan(plan: Plan, engine: str) -> Plan:
     return plan
 
 
+def _compute_setting(arch: Arch, plan: Plan, engine: str) -> Setting | None:
+    """The dtypes the step computes in when the engine changes them, else None. Under FSDP with bf16 mixed
+    precision the fp32 LoRA shards are all-gathered as bf16 (MixedPrecisionPolicy param_dtype: [S] torch
+    _fully_shard/_fsdp_param.py::init_all_gather_outputs; FSDP1 MixedPrecision the same), so PEFT's
+    `_cast_input_dtype(x, lora_A.weight.dtype)` and autocast's casts of each adapter input never happen: the
+    activations are those of bf16 adapters under autocast. [T] accuracy_multi LoRA no-GC rows (a fp32-adapter
+    walk overstated Qwen3-0.6B s512 N=2 by 5.7%)."""
+    if not (engine.startswith("fsdp") and plan.finetuning_type != "full" and plan.bf16 and not plan.pure_bf16):
+        return None
+    return dataclasses.replace(setting_for(arch, plan), lora_w=2)
+
+
 def _shard(groups: Groups, N: int, w: int | None = None) -> Groups:
     """Each tensor split on its first dimension over N ranks, padded ([S] torch distributed/fsdp/_fully_shard/
     _fsdp_param.py: Shard(0) with padding to a multiple of N; FSDP1 flat parameters pad the same way)."""
@@ -134,7 +148,10 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     validate(dist, plan)
     eng, N, n_node = dist.engine, dist.num_gpus, dist.gpus_per_node
     aplan = activation_plan(plan, eng)
-    base = estimate(arch, aplan) if (single is None or aplan is not plan) else single
+    cst = _compute_setting(arch, aplan, eng)
+    # FSDP changes which backward moment is largest (gradients appear unit by unit): rebuild them all. DDP/ZeRO keep
+    # the single-GPU estimate's moment (their rules are not per-moment; not traced).
+    base = estimate(arch, aplan, cst, all_moments=eng.startswith("fsdp"))
     one = single.peak_allocated_bytes if single is not None else estimate(arch, plan).peak_allocated_bytes
     st = setting_for(arch, aplan)
     L, V, H = arch.num_hidden_layers, arch.vocab_size, arch.hidden_size
@@ -152,7 +169,8 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     static: list[tuple[str, int, str]] = []  # every phase
     grads_bwd: list[tuple[str, int, str]] = []  # backward and optimizer phases
     opt_only: list[tuple[str, int, str]] = []  # optimizer phase
-    ws = {"fwd": 0, "loss": 0, "bwd": 0}  # gathered parameters per phase kind
+    ws = {"fwd": 0, "loss": 0, "bwd": 0, "emb": 0}  # gathered parameters per phase kind (emb: end of backward)
+    grads_by_moment: dict[Moment, int] = {}  # grads term per backward moment where it differs from grads_bwd
     host: list[tuple[str, int, str]] = []
     shards: list[str] = []
     notes: list[str] = []
@@ -281,6 +299,21 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                 static.append(("adapters_shard", _sum_alloc(sh), f"LoRA A/B fp32, 1/{N}"))
             static.append(("optimizer_states", _opt_states(sh, plan.optim), f"{plan.optim} of the shards, 1/{N}"))
             grads_bwd.append(("grads_shard", _sum_alloc(sh), f"sharded gradients, 1/{N}"))
+            if eng != "fsdp_grad_op" and plan.gradient_accumulation_steps == 1:
+                # [S] torch _fully_shard/_fsdp_param_group.py::post_backward: a unit's sharded gradient appears
+                # when its own post-backward reduce-scatters it, and HF Trainer's zero_grad (set_to_none) dropped
+                # the previous step's; the root unit (embeddings, lm_head, final norm) reduces last, after the
+                # embedding gradient. [T] accuracy_multi full fine-tuning rows.
+                root_g = (alloc_bytes(ceil_div(V * H, N) * 2) * (1 if arch.tie_word_embeddings else 2)
+                          + alloc_bytes(ceil_div(H, N) * 2)) if full_fsdp else 0
+                # The root's unsharded lm_head gradient (16-bit, V x H) waits from the lm_head backward to the
+                # root's reduce-scatter; tied, the embedding-end transient of the single-GPU estimate holds it there.
+                head_g = alloc_bytes(V * H * 2) if full_fsdp else 0
+                grads_by_moment = {Moment.LAYER_BACKWARD_TOP: head_g, Moment.CE_BACKWARD: 0,
+                                   Moment.LM_HEAD_BACKWARD: 0,
+                                   Moment.LAYER_BACKWARD_BOTTOM: (_sum_alloc(sh) - root_g) * (L - 1) // L + head_g,
+                                   Moment.EMBEDDING_GRAD_END: _sum_alloc(sh) - root_g
+                                   + (0 if arch.tie_word_embeddings else head_g)}
             opt_only.append(("optimizer_step_temporaries", _step_temps(sh, plan.optim, clip),
                              "clip norms of the shards"))
         else:
@@ -303,8 +336,24 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
             # stays through the loss.
             ws["fwd"] = root_b + 2 * layer_b
             ws["loss"] = root_b + layer_b
-            ws["bwd"] = root_b + 2 * layer_b + (alloc_bytes(sum(m.weight_numel for m in layer_linears(arch)) * 2)
-                                                if full_fsdp else 0)
+            # [S] _fsdp_param_group.py::post_backward + _fsdp_collectives.py::foreach_reduce: a unit's gradients
+            # are copied into one flat reduce-scatter input (reduce dtype = param_dtype bf16) that comm_ctx
+            # .reduce_scatter_states keeps until the next unit's post-backward (reduce_scatter_max_input_buffers
+            # 1); the layers' gathered weights are resharded after their backward, so at the embedding gradient
+            # only the root's weights and the bottom layer's reduce-scatter input are left.
+            # With gradient checkpointing the recompute runs the layer's forward hooks in FORWARD state, so
+            # wait_for_unshard keeps the layer's all-gather output (comm_ctx.all_gather_state) beside its copied-out
+            # parameters while the next layer's all-gather is prefetched: three layers at the top; at the bottom
+            # no prefetch but the layer above's reduce-scatter input. [T] accuracy_multi Mistral/Phi rows.
+            rs_in = alloc_bytes((pc.per_layer if full_fsdp else lora_layer_numel) * 2)
+            fsdp2 = eng == "fsdp2"  # the all_gather_state rules below are FSDP2's (FSDP1 gathers into the flat param)
+            gc_kept = layer_b if fsdp2 and full_fsdp and not plan.disable_gradient_checkpointing else 0
+            ws["bwd"] = root_b + 2 * layer_b + gc_kept
+            ws["bwd_bottom"] = root_b + layer_b + gc_kept + rs_in
+            ws["emb"] = root_b + rs_in
+            # [T] the first layer's forward: the root's flat all-gather output is still held (all_gather_state)
+            # beside the root's copied-out weights while the first layer is gathered and copied out.
+            ws["fwd_first"] = 2 * root_b + 2 * layer_b if fsdp2 else 0
             shards.append(f"FSDP FULL_SHARD shards weights (the frozen base too), gradients and optimizer states "
                           f"(1/{N}); one layer is gathered in forward, two in backward (prefetch), the root unit "
                           "(embeddings, lm_head) stays gathered from forward to backward.")
@@ -313,7 +362,17 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
                      "cpu_ram_efficient_loading: rank 0 loads, the others start on meta and receive shards"
                      if dist.cpu_ram_efficient_loading else f"{n_node} ranks each load the full checkpoint"))
 
-    phases = _rebuild(base, static, grads_bwd, opt_only, ws, eng, st, lay, L)
+    phases = _rebuild(base, static, grads_bwd, opt_only, ws, eng, st, lay, L, grads_by_moment)
+    if ws.get("fwd_first"):
+        fwd = next(p for p in phases if p.phase == "forward")
+        keep = [t for t in fwd.terms if t.name not in ("gathered_params", "activations_layers")]
+        phases.append(PhasePeak(phase=fwd.phase, kind=fwd.kind, moment="the first decoder layer's forward",
+                                terms=[MemoryTerm(name="gathered_params", bytes=ws["fwd_first"],
+                                                  detail="the root's all-gather output and weights + the first "
+                                                         "layer's all-gather output and weights")] + keep))
+    # every backward moment was rebuilt (the engine changes which one is largest); keep the largest per phase
+    phases = [max((p for p in phases if p.phase == ph), key=lambda p: p.total_bytes)
+              for ph in dict.fromkeys(p.phase for p in phases)]
     peak = max(phases, key=lambda p: p.total_bytes)
     host_terms = [MemoryTerm(name=a, bytes=int(b), detail=d) for a, b, d in host if b]
     load_b = sum(t.bytes for t in host_terms if t.name.startswith("load_"))
@@ -330,14 +389,23 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     )
 
 
-def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Setting, lay, L: int) -> list[PhasePeak]:
+def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Setting, lay, L: int,
+             grads_by_moment: dict[Moment, int]) -> list[PhasePeak]:
     """Each single-GPU phase with its model-state terms replaced by the engine's."""
     sharded_grads = eng not in ("ddp", "zero1")
+    # gradient accumulation: the earlier micro-batches' (sharded) gradients are held through every phase
+    ga_held = any(t.name == "accumulated_grads" for ph in base.phases for t in ph.terms)
     out = []
     for ph in base.phases:
         keep = []
         for t in ph.terms:
             if t.name in _STATE_TERMS or (eng != "ddp" and t.name in _CAST_TERMS):
+                continue
+            if sharded_grads and t.name == "accumulated_grads":
+                # the earlier micro-batches' gradients live in the sharded grads term (added below): [S] FSDP2
+                # post_backward reduce-scatters every micro-batch into the sharded .grad ([T] accuracy_multi ga2
+                # row); deepspeed stage_1_and_2.py copies each reduced bucket into grads_in_partition and drops
+                # param.grad; stage3.py accumulates into grad_partitions_flat_buffer
                 continue
             b = t.bytes
             if sharded_grads and st.full and t.name == "activations_layers" and ph.kind == Moment.LAYER_BACKWARD_BOTTOM:
@@ -346,8 +414,14 @@ def _rebuild(base: Estimate, static, grads_bwd, opt_only, ws, eng: str, st: Sett
         kind = {"forward": "fwd", "loss": "loss"}.get(ph.phase, "bwd")
         if ph.kind in (Moment.CE_BACKWARD, Moment.LM_HEAD_BACKWARD):
             kind = "loss"
+        if ph.kind == Moment.EMBEDDING_GRAD_END and ws.get("emb"):
+            kind = "emb"
+        if ph.kind == Moment.LAYER_BACKWARD_BOTTOM and ws.get("bwd_bottom"):
+            kind = "bwd_bottom"
         extra = list(static)
-        if ph.phase in ("backward", "optimizer"):
+        if ph.phase == "backward" and ph.kind in grads_by_moment:
+            extra += [(n, grads_by_moment[ph.kind], d + " (units reduced so far)") for n, _, d in grads_bwd]
+        elif ph.phase in ("backward", "optimizer") or (sharded_grads and ga_held):
             extra += grads_bwd
         if ph.phase == "optimizer":
             extra += opt_only

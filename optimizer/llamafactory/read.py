@@ -31,9 +31,12 @@ PLAN_KEYS = tuple(k for k in Plan.model_fields if k != "kbit_prepare")
 NOT_MODELLED: dict[str, Any] = {
     "use_unsloth": False, "use_unsloth_gc": False, "use_galore": False, "use_apollo": False, "use_badam": False,
     "use_adam_mini": False, "use_muon": False, "use_dora": False, "pissa_init": False, "use_llama_pro": False,
-    "deepspeed": None, "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
+    "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
 }
+
+# `deepspeed:` (a LLaMA-Factory train argument naming a DeepSpeed JSON) is accepted and ignored by the single-GPU plan:
+# `check` and `estimate` read its JSON for the per-GPU estimate (optimizer/check.py::check_multi, cli.py).
 
 # [S] LLaMA-Factory hparams/generating_args.py: GeneratingArguments.max_new_tokens default 1024.
 GENERATE_MAX_NEW_TOKENS = 1024

@@ -40,9 +40,11 @@ def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
     return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
 
 
-def estimate(arch: Arch, plan: Plan) -> Estimate:
-    """The memory model of one steady-state step of `plan` on `arch`."""
-    st = setting_for(arch, plan)
+def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:
+    """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
+    when an engine changes them; `all_moments`: list every backward moment, not only the largest, for an engine
+    that replaces terms: optimizer/distributed/memory.py)."""
+    st = setting or setting_for(arch, plan)
     L = arch.num_hidden_layers
     N = st.tokens
     weights = _part("weights", st, plan, lambda: base_weight_bytes(arch, st))
@@ -175,12 +177,12 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
             held,
         ))
 
-    lb = max(
+    lbs = (
         layer_backward(Moment.LAYER_BACKWARD_TOP, "top", top,
                        "saved activations + the layer's backward (gradients, freed inputs)"),
         layer_backward(Moment.LAYER_BACKWARD_BOTTOM, "bottom", bottom, "the first layer's backward"),
-        key=lambda p: p.total_bytes,
     )
+    lb = max(lbs, key=lambda p: p.total_bytes)
     lmb = PhasePeak(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward", terms=static + terms(
         bw_ws,
         *forward_saved(),
@@ -215,7 +217,7 @@ def estimate(arch: Arch, plan: Plan) -> Estimate:
         ("optimizer_step_temporaries", opt_tmp,
          "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
-    phases = [forward, loss, backward, optimizer]
+    phases = [forward, loss, *([ce, *lbs, *candidates[2:]] if all_moments else [backward]), optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
     trainable, all_params = _part("params", st, plan, lambda: count_params(arch, plan))
     large = large_blocks_at(arch, plan, peak.kind)

@@ -15,9 +15,60 @@ from typing import Any
 from ..errors import ConfigError
 from ..schema import Plan
 
-__all__ = ["run_fake_rank", "run_rank_extrapolated", "TRACED_ENGINES"]
+__all__ = ["run_fake_rank", "run_rank_extrapolated", "TRACED_ENGINES", "GRID_MULTI", "UNTRACED_ENGINES"]
 
 TRACED_ENGINES = ("fsdp2",)
+# Why the other engines have no rank oracle (benchmarks/accuracy_multi.py prints these).
+UNTRACED_ENGINES = {
+    "ddp": "its C++ Reducer reads parameter data across ranks (_verify_params_across_processes); fake tensors "
+           "have none",
+    "zero1/zero2/zero3": "DeepSpeed's engine needs an accelerator and real collectives; its model states are "
+                         "cross-checked against DeepSpeed's own estimators (tests/test_distributed.py)",
+    "fsdp/fsdp_grad_op": "FSDP1 flat parameters are not traced; the model shares FSDP2's rules",
+    "fsdp2 + QLoRA": "bitsandbytes re-wraps the all-gathered 4-bit weight as Params4bit in forward "
+                     "(nn/modules.py::fix_4bit_weight_quant_state_from_module), which a FakeTensor cannot become",
+}
+
+_Q05, _L1, _Q3 = "Qwen/Qwen2.5-0.5B-Instruct", "meta-llama/Llama-3.2-1B-Instruct", "Qwen/Qwen3-0.6B"
+_SMOL, _M7, _PHI = "HuggingFaceTB/SmolLM2-1.7B-Instruct", "mistralai/Mistral-7B-Instruct-v0.3", \
+    "microsoft/Phi-3.5-mini-instruct"
+
+
+def _p(**kw: Any) -> Plan:
+    return Plan(**{"bf16": True, "per_device_train_batch_size": 1, **kw})
+
+
+_NOGC = {"disable_gradient_checkpointing": True}
+_FULL = {"finetuning_type": "full"}
+# The FSDP2 accuracy grid (model, plan, N): tied and untied embeddings, biases, q/k norms, MHA, fused qkv, LoRA and
+# full fine-tuning, 2/4/8 GPUs, checkpointing on and off, gradient accumulation.
+GRID_MULTI: list[tuple[str, Plan, int]] = [
+    (_Q05, _p(cutoff_len=256), 2),
+    (_Q05, _p(cutoff_len=256), 4),
+    (_Q05, _p(cutoff_len=256), 8),
+    (_Q05, _p(cutoff_len=1024, per_device_train_batch_size=2), 4),
+    (_Q05, _p(cutoff_len=256, **_FULL), 4),
+    (_Q05, _p(cutoff_len=256, **_FULL, **_NOGC), 2),
+    (_Q05, _p(cutoff_len=512, **_FULL), 8),
+    (_Q05, _p(cutoff_len=512, **_NOGC), 4),
+    (_Q05, _p(cutoff_len=256, gradient_accumulation_steps=2, **_FULL), 4),
+    (_L1, _p(cutoff_len=512), 4),
+    (_L1, _p(cutoff_len=256, **_FULL), 8),
+    (_L1, _p(cutoff_len=512, **_NOGC), 2),
+    (_L1, _p(cutoff_len=512, **_FULL, **_NOGC), 4),
+    (_Q3, _p(cutoff_len=512, **_NOGC), 2),
+    (_Q3, _p(cutoff_len=512), 8),
+    (_Q3, _p(cutoff_len=256, **_FULL), 4),
+    (_Q3, _p(cutoff_len=256, **_FULL, **_NOGC), 2),
+    (_SMOL, _p(cutoff_len=512), 4),
+    (_SMOL, _p(cutoff_len=512, **_FULL), 8),
+    (_SMOL, _p(cutoff_len=256, **_NOGC), 2),
+    (_M7, _p(cutoff_len=512), 8),
+    (_M7, _p(cutoff_len=256, **_FULL), 8),
+    (_M7, _p(cutoff_len=1024, **_NOGC), 4),
+    (_PHI, _p(cutoff_len=512), 4),
+    (_PHI, _p(cutoff_len=256, **_FULL), 8),
+]
 
 
 @contextlib.contextmanager
@@ -136,16 +187,21 @@ def _traced_steps(built: Any, aplan: Plan, plan: Plan, mesh: Any, steps: int) ->
         finally:
             trainer.close()
     m = stats[steps]
-    return {"peak_allocated_bytes": m.peak_bytes, "static_bytes": m.start_bytes}
+    return {"peak_allocated_bytes": m.peak_bytes, "static_bytes": m.start_bytes,
+            **{"sub:" + k: v for k, v in m.sub_peaks.items()}}
 
 
 def run_rank_extrapolated(config: dict[str, Any], plan: Plan, engine: str, world_size: int,
-                          layers_a: int = 1, layers_b: int = 2) -> dict[str, int]:
-    """Rank 0 traced with `layers_a` and `layers_b` decoder layers, extrapolated linearly to the full depth."""
+                          layers_a: int = 3, layers_b: int = 4) -> dict[str, int]:
+    """Rank 0 traced with `layers_a` and `layers_b` decoder layers, extrapolated linearly to the full depth: each
+    sub-phase's peak on its own, the peak the largest of them (as trace.run.run_extrapolated does: the step's peak
+    can sit in the loss with 1 layer and in backward with 2, so extrapolating the two peaks would mix moments)."""
     from .run import _num_layers
 
     target = _num_layers(config)
     a = run_fake_rank(config, plan, engine, world_size, layers=layers_a)
     b = run_fake_rank(config, plan, engine, world_size, layers=layers_b)
     span = layers_b - layers_a
-    return {k: int(round(a[k] + (b[k] - a[k]) * (target - layers_a) / span)) for k in a}
+    out = {k: int(round(a.get(k, 0) + (b[k] - a.get(k, 0)) * (target - layers_a) / span)) for k in b}
+    out["peak_allocated_bytes"] = max(v for k, v in out.items() if k.startswith("sub:"))
+    return out
