@@ -11,6 +11,7 @@ import typer
 
 from .cli_common import (
     REPORT_HELP,
+    USER_ERRORS,
     calibration_context,
     dist_estimate,
     fail,
@@ -19,7 +20,7 @@ from .cli_common import (
     with_plan_flags,
     yaml_model,
 )
-from .errors import ConfigError, TrainfitError
+from .errors import ConfigError
 from .llamafactory.read import plan_from_dict, read_yaml
 from .memory import DEFAULT_MARGIN, setting_for
 from .memory import estimate as run_estimate
@@ -69,7 +70,7 @@ def estimate(
             html = estimate_report(est.model_dump(mode="json"), plan.model_dump(mode="json"),
                                    spec.model_dump(mode="json") if spec else None, margin)
             write_text_atomic(report, html, force=force)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     if dist is not None:
@@ -115,7 +116,7 @@ def trace(
             result = run_trace_extrapolated(cfg, plan)
         else:
             result = run_trace(cfg, plan, layers=layers, top=top)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     except NotImplementedError as exc:
@@ -213,7 +214,7 @@ def check(
             html = estimate_report(rep.estimate.model_dump(mode="json"), plan.model_dump(mode="json"),
                                    spec.model_dump(mode="json"), margin, ev)
             write_text_atomic(report, html, force=force)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     typer.echo(rep.model_dump_json(indent=2) if json_out else check_text(rep))
@@ -256,7 +257,7 @@ def data(
         arch_type = catalog.resolve_arch(model).model_type if model else None
         tokens = analyze_dataset(path, model=model, model_type=arch_type, template=template, tokenizer=tokenizer,
                                  dataset=dataset, formatting=formatting)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     if json_out:
@@ -315,7 +316,7 @@ def solve(
         for g in gpu_list:
             catalog.get_gpu(g)
         items = expand(loaded, model_list, gpu_list)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     single = len(items) == 1
@@ -327,7 +328,7 @@ def solve(
         try:
             with calibration_context(problem.gpu if isinstance(problem.gpu, str) else None):
                 result = solve_problem(problem, base, solver.value, timings)
-        except TrainfitError as exc:
+        except USER_ERRORS as exc:
             fail(exc)
             return
         results = [(path, problem, base, result, None)]
@@ -362,7 +363,7 @@ def solve(
             rows = [{"model": r.model if r else pr.model, "gpu": r.gpu if r else str(pr.gpu),
                      "result": r.model_dump(mode="json") if r else None, "error": e} for _, pr, _, r, e in results]
             write_text_atomic(report, batch_report(rows), force=force)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     if json_out:
@@ -399,7 +400,7 @@ def train(
     try:
         with calibration_context(gpu):
             pre = preflight(config, gpu, margin)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     if pre.note:
@@ -413,7 +414,7 @@ def train(
         rec = run_training(pre, max_steps=max_steps)
         path = log or str(default_log_path())
         append_record(rec, path)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     typer.echo(train_text(rec, path))
@@ -434,7 +435,7 @@ def calibrate(
         profile = calibrate_log(log)
         path = out or str(default_profile_path())
         write_text_atomic(path, profile.text(), force=force)
-    except TrainfitError as exc:
+    except USER_ERRORS as exc:
         fail(exc)
         return
     typer.echo(calibration_text(profile, path))
@@ -443,7 +444,7 @@ def calibrate(
 def main() -> None:
     try:
         app()
-    except TrainfitError as exc:  # pragma: no cover - commands catch their own
+    except USER_ERRORS as exc:  # pragma: no cover - commands catch their own
         print(f"Error: {one_line(str(exc))}", file=sys.stderr)
         sys.exit(1)
     except (MemoryError, RecursionError) as exc:  # pragma: no cover - the readers bound what they accept

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import typer
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainfitError
 from .llamafactory.read import plan_from_dict, read_yaml
 from .models import catalog
 from .schema import Arch, Plan
@@ -46,8 +46,18 @@ def one_line(text: str) -> str:
     return text if len(text) <= 2000 else f"{text[:1200]} ... {text[-700:]}"
 
 
+# What a command turns into one `Error:` line: trainfit's own errors, and OS errors on a path the user gave that no
+# reader converted first (e.g. a name longer than the file system allows: pathlib's is_file() raises then).
+USER_ERRORS = (TrainfitError, OSError)
+
+
 def fail(exc: Exception) -> None:
-    typer.echo(f"Error: {one_line(str(exc))}", err=True)
+    if isinstance(exc, OSError) and not isinstance(exc, TrainfitError):
+        where = f" {exc.filename}" if exc.filename else ""
+        msg = f"cannot use{where}: {exc.strerror or exc}. Pass an existing, readable path of a valid length"
+    else:
+        msg = str(exc)
+    typer.echo(f"Error: {one_line(msg)}", err=True)
     raise typer.Exit(1)
 
 

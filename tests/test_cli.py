@@ -134,3 +134,15 @@ def test_trace_command_runs_and_validates():
     assert bad.exit_code == 1 and bad.output.startswith("Error: lora_target bogus matches no Linear layer")
     dev = run("trace", "--model", "Qwen/Qwen2.5-0.5B-Instruct", "--device", "tpu", "--layers", "1")
     assert dev.exit_code == 1 and "--device 'tpu' is not cpu or cuda" in dev.output
+
+
+def test_a_path_longer_than_the_file_system_allows_is_one_error_line(tmp_path, monkeypatch):
+    """pathlib's is_file()/is_dir() raise OSError (ENAMETOOLONG) rather than answer False; found by tests/test_fuzz.py
+    through a dataset_info.json `file_name`."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dataset_info.json").write_text(json.dumps({"ds": {"file_name": "x" * 300, "formatting": "alpaca"}}))
+    for argv in (["data", "dataset_info.json"], ["data", "y" * 300]):
+        res = run(*argv)
+        assert res.exit_code == 1, res.output
+        assert res.output.startswith("Error: cannot use ") and "File name too long" in res.output
+        assert len(res.output.strip().splitlines()) == 1
