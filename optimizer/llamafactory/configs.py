@@ -7,12 +7,14 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..distributed import DistSettings
 from ..errors import TrainfitError
 from ..io import WriteError, make_parents, os_error_message, remove_folders, write_text_atomic
 from ..models.families import template_for
 from ..search.problem import Problem
 from ..search.solve import Solution, SolveResult
 from ..units import GIB
+from .launch import deepspeed_key, launch_command, launch_files
 from .write import dataset_info_entry, format_float, render_config
 
 __all__ = ["config_files", "write_configs", "picked"]
@@ -30,6 +32,8 @@ def _stem(i: int, s: Solution) -> str:
     if s.finetuning_type != "full":
         parts += [f"r{s.lora_rank}", s.lora_target or "all"]
     parts += [f"c{s.cutoff_len}", f"b{s.per_device_train_batch_size}x{s.gradient_accumulation_steps}"]
+    if s.engine is not None:
+        parts += [f"g{s.num_gpus}", s.engine] + ([f"off-{s.offload}"] if s.offload != "none" else [])
     return "_".join(parts)
 
 
@@ -64,17 +68,22 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         s = result.front[i]
         stem = _stem(i, s)
         path = f"{out_dir.rstrip('/')}/{stem}.yaml"
+        dist = None
+        run = f"CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}"
+        if s.engine is not None:
+            dist = DistSettings(engine=s.engine, num_gpus=s.num_gpus, nodes=s.nodes, offload=s.offload)
+            run = launch_command(dist, path)
         header = [
             f"trainfit {__version__}: front point {i + 1} of {len(result.front)} for problem {result.problem!r}"
             + (f" ({', '.join(s.labels)})" if s.labels else ""),
-            f"predicted peak on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): "
+            f"predicted peak{' per GPU' if dist else ''} on {result.gpu} ({result.gpu_total_bytes / GIB:.2f} GiB): "
             f"device {s.device_peak_bytes / GIB:.2f} GiB "
             f"(allocated {s.peak_allocated_bytes / GIB:.2f} GiB), headroom {s.headroom_bytes / GIB:.2f} GiB "
             f"({100 * s.headroom_bytes / result.gpu_total_bytes:.0f}%)",
             f"estimated training time: {_dur(s.time_s)} for {s.num_train_epochs:g} epochs "
             f"({_dur(s.epoch_s)} per epoch); "
             f"quality score {s.quality:.4f}; keeps {s.kept_token_share:.0%} of the supervised tokens",
-            f"run (in the folder trainfit solve ran in): CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}",
+            f"run (in the folder trainfit solve ran in): {run}",
             f"regenerate: trainfit solve {problem_path}",
         ]
         if not data_file:
@@ -86,6 +95,14 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
             shown = format_float(value) if isinstance(value, float) else str(value).lower()
             header.append(f"  {key}: {shown} - {s.hparam_sources[key]}")
         extra: dict = {"warmup_steps": s.hparams["warmup_steps"]}
+        if dist is not None:
+            header.insert(2, f"{s.num_gpus} GPUs on {s.nodes} node(s), engine {s.engine}, offload {s.offload}; "
+                          + (f"host RAM per node {s.host_peak_bytes / GIB:.2f} GiB" if s.host_peak_bytes else ""))
+            key = deepspeed_key(dist, path)
+            if key:
+                extra["deepspeed"] = key
+            for fpath, text in launch_files(s.plan, dist, path).items():
+                files[os.path.basename(fpath)] = text
         if s.hparams.get("use_rslora"):
             extra["use_rslora"] = True
         files[f"{stem}.yaml"] = render_config(

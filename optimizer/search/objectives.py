@@ -77,11 +77,13 @@ def optimizer_steps(epochs: float, samples: int, batch: int, accumulation: int) 
 
 
 def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> dict:
-    """The plan dict `quality.quality` scores (its keys are documented there)."""
-    n, b = inst.samples_used[samples], c.per_device_train_batch_size
+    """The plan dict `quality.quality` scores (its keys are documented there). With N GPUs (data parallel) the
+    effective batch is the global one, b x accumulation x N, and each rank sees ceil(n / N) samples
+    (torch DistributedSampler pads to a multiple of N), so the optimizer steps fall N-fold."""
+    n, b, g = inst.samples_used[samples], c.per_device_train_batch_size, inst.num_gpus
     return {"finetuning_type": c.finetuning_type, "lora_rank": c.lora_rank, "lora_target": c.lora_target,
-            "effective_batch": b * accumulation, "num_train_epochs": inst.epochs,
-            "optimizer_steps": optimizer_steps(inst.epochs, n, b, accumulation),
+            "effective_batch": b * accumulation * g, "num_train_epochs": inst.epochs,
+            "optimizer_steps": optimizer_steps(inst.epochs, -(-n // g), b, accumulation),
             "kept_token_share": inst.coverage[c.cutoff_len], "samples_used": n}
 
 
@@ -98,8 +100,8 @@ def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int 
 
 def point_time(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
     """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie and the
-    tie-break decides."""
-    n, b = inst.samples_used[samples], c.per_device_train_batch_size
+    tie-break decides. With N GPUs each rank runs ceil(n / N) samples; c.opt_ms includes the communication."""
+    n, b = -(-inst.samples_used[samples] // inst.num_gpus), c.per_device_train_batch_size
     ms = micro_batches(inst.epochs, n, b) * c.micro_ms + optimizer_steps(inst.epochs, n, b, accumulation) * c.opt_ms
     return -(-ms // TIME_UNIT_MS)
 

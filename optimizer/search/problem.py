@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..errors import ProblemError
+from ..errors import ConfigError, ProblemError
 from ..io import join_problems, read_mapping
 from ..memory import DEFAULT_MARGIN
 from ..schema import DatasetSummary
 
-__all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES"]
+__all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES",
+           "Cluster"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
 
@@ -94,10 +95,58 @@ class Objective(BaseModel):
     max_hours: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False,
                                     description="Time budget: the recommendation trains within "
                                     "it when any front point does.")
-    prefer: Literal["quality", "balanced", "speed"] = Field(
+    prefer: Literal["quality", "balanced", "speed", "fewest_gpus"] = Field(
         default="balanced", description="Which front point to recommend: the best score (quality), the fastest point "
-        "within the score's resolution of it (balanced), or the fastest defensible point (speed); see "
-        "search/objectives.py recommend.")
+        "within the score's resolution of it (balanced), the fastest defensible point (speed), or, with a cluster, "
+        "the point with the fewest GPUs among those balanced would consider (within the score's resolution of the "
+        "best; ties to the fastest); see search/objectives.py recommend and search/solve.py.")
+
+
+class Cluster(BaseModel):
+    """The GPUs a run may use: the search adds the number of GPUs, the engine and the offload as dimensions."""
+
+    model_config = _STRICT
+    count: int = Field(ge=1, le=4096, description="GPUs available in all (of the problem's `gpu`), across every node.")
+    nodes: int = Field(default=1, ge=1, description="Machines; every GPU count searched is a multiple of it.")
+    gpu_counts: Literal["all", "powers_of_two"] = Field(
+        default="all", description="GPU counts searched: every count 1..count (all) or 1, 2, 4, ... up to count.")
+    host_ram_gib: float | None = Field(default=None, gt=0, allow_inf_nan=False,
+                                       description="Host RAM per node, GiB: bounds the host peak (loading, offload).")
+    engines: list[str] = Field(default=["ddp", "zero2", "zero3", "fsdp2"], min_length=1,
+                               description="Engines searched with more than one GPU (distributed/engines.py names: "
+                               "ddp, zero1, zero2, zero3, fsdp, fsdp2, fsdp_grad_op).")
+    offload: list[Literal["none", "optimizer", "params"]] = Field(
+        default=["none"], min_length=1, description="Offload settings searched (pairs an engine cannot do are "
+        "skipped: distributed/engines.py validate).")
+
+    @field_validator("engines")
+    @classmethod
+    def _engines(cls, v: list[str]) -> list[str]:
+        from ..distributed import parse_engine
+
+        out = []
+        for name in v:
+            try:
+                out.append(parse_engine(name))
+            except ConfigError as exc:
+                raise ValueError(str(exc).rstrip(".")) from None
+        return list(dict.fromkeys(out))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Cluster:
+        if self.count % self.nodes:
+            raise ValueError(f"count {self.count} does not split evenly over {self.nodes} nodes")
+        if any(o != "none" for o in self.offload) and self.host_ram_gib is None:
+            raise ValueError("offload needs host_ram_gib (offloaded states live in host RAM)")
+        return self
+
+    def gpu_count_values(self) -> list[int]:
+        """The GPU counts searched, ascending (multiples of nodes, plus 1 on one node)."""
+        if self.gpu_counts == "all":
+            vals = list(range(1, self.count + 1))
+        else:
+            vals = [1 << i for i in range(self.count.bit_length()) if 1 << i <= self.count]
+        return [n for n in vals if n % self.nodes == 0 or (n == 1 and self.nodes == 1)]
 
 
 class Problem(BaseModel):
@@ -108,7 +157,9 @@ class Problem(BaseModel):
                       description="Problem name (letters, digits, '.', '_', '-'); configs go under configs/<name>/.")
     model: str = Field(description="Catalog model id or a path to a config.json (relative to the problem file).")
     gpu: str | CustomGpu = Field(description="Catalog GPU id, or a custom card with its memory.")
-    num_gpus: Literal[1] = Field(default=1, description="GPUs (1 for now).")
+    num_gpus: Literal[1] = Field(default=1, description="GPUs (1; give `cluster` to search several).")
+    cluster: Cluster | None = Field(default=None, description="Several GPUs of the kind `gpu`: the search adds the "
+                                    "GPU count, engine and offload (one solve per setting, fronts merged).")
     trainer: Literal["llamafactory"] = Field(default="llamafactory", description="The trainer the configs are for.")
     dataset: DatasetSpec = Field(description="The training data.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="The search space.")

@@ -7,14 +7,15 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_serializer
 
+from ..distributed import DistSettings, per_gpu, validate
 from ..errors import InfeasibleError
 from ..memory import estimate
 from ..schema import Plan
 from ..units import GIB
 from . import quality as qm
-from .brute import solve_brute
+from .brute import non_dominated, solve_brute
 from .cpsat import SolveStats, solve_cpsat
 from .objectives import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, FrontRow, point_plan, recommend
 from .perf import time_band
@@ -57,6 +58,20 @@ class Solution(BaseModel):
     hparams: dict[str, float | int | bool] = Field(description="Recipe hyperparameters the emitted config carries.")
     hparam_sources: dict[str, str] = Field(description="Where each value of `hparams` comes from.")
     labels: list[str] = Field(default_factory=list, description="best-quality, fastest, balanced.")
+    num_gpus: int = Field(default=1, description="GPUs of this point (a problem with a cluster).")
+    nodes: int = Field(default=1, description="Machines of this point.")
+    engine: str | None = Field(default=None, description="Multi-GPU engine (None on one GPU).")
+    offload: str | None = Field(default=None, description="none, optimizer or params (None on one GPU).")
+    host_peak_bytes: int | None = Field(default=None, description="Host RAM per node at its worst (several GPUs).")
+
+    @model_serializer(mode="wrap")
+    def _drop_single(self, handler):
+        """One GPU: the multi-GPU fields are left out, so single-GPU output is what it was before clusters."""
+        out = handler(self)
+        if self.engine is None:
+            for k in ("num_gpus", "nodes", "engine", "offload", "host_peak_bytes"):
+                out.pop(k, None)
+        return out
 
 
 class SolveResult(BaseModel):
@@ -98,75 +113,138 @@ def _infeasible(inst: Instance) -> InfeasibleError:
     )
 
 
+def _instances(problem: Problem, base: Path | None) -> list[Instance]:
+    """One instance per (GPU count, engine, offload) of the cluster (one GPU: the plain single-GPU instance)."""
+    cl = problem.cluster
+    if cl is None:
+        return [build_instance(problem, base)]
+    out = []
+    for n in cl.gpu_count_values():
+        if n == 1:
+            out.append(build_instance(problem, base))
+            continue
+        for engine in cl.engines:
+            for off in cl.offload:
+                dist = DistSettings(engine=engine, num_gpus=n, nodes=cl.nodes, offload=off,
+                                    host_ram_gib=cl.host_ram_gib)
+                try:
+                    validate(dist, Plan())
+                except Exception:  # an engine/offload pair LLaMA-Factory cannot run: not a point of the space
+                    continue
+                out.append(build_instance(problem, base, dist))
+    return out
+
+
+def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples) -> tuple[Solution, FrontRow]:
+    total_tokens = inst.context["supervised_tokens_total"]
+    c = inst.combos[pos]
+    knobs = {**c.knobs(), "gradient_accumulation_steps": accum, "max_samples": samples}
+    ft = c.finetuning_type
+    point = point_plan(inst, c, accum, samples)
+    steps = point["optimizer_steps"]
+    h = hparams_for(inst, ft, c.lora_rank, steps)
+    src = h.pop("sources")
+    hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": inst.epochs,
+          "warmup_steps": math.ceil(steps * h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
+    hsrc = {"learning_rate": src["learning_rate"], "num_train_epochs": inst.epochs_source,
+            "warmup_steps": f"ceil({h['warmup_ratio']} x {steps} optimizer steps); " + src["warmup_ratio"],
+            "max_grad_norm": src["max_grad_norm"]}
+    if ft != "full":
+        for k in ("lora_alpha", "use_rslora", "lora_dropout"):
+            hp[k], hsrc[k] = h[k], src[k]
+    plan = plan_for(inst.arch, inst.gpu, knobs, plan_fields(inst, ft, c.lora_rank))
+    est = estimate(inst.arch, plan)
+    allocated, device, multi = est.peak_allocated_bytes, est.device_peak_bytes, {}
+    if inst.dist is not None:
+        d = per_gpu(inst.arch, plan, inst.dist, est)
+        allocated, device = d.peak_allocated_bytes, d.device_peak_bytes
+        multi = {"num_gpus": d.num_gpus, "nodes": d.nodes, "engine": d.engine, "offload": d.offload,
+                 "host_peak_bytes": d.host_peak_bytes}
+    if device > inst.budget_bytes:  # re-validation against the memory model
+        raise AssertionError(f"solver returned an infeasible plan: {knobs}")  # pragma: no cover
+    n = inst.samples_used[samples]
+    tokens = round(total_tokens * n / inst.summary.num_samples * point["kept_token_share"])
+    time_s = t * TIME_UNIT_MS / 1000
+    terms = {k: round(v, 4) for k, v in qm.quality_terms(point, inst.context).items()}
+    sol = Solution(
+        **knobs, plan=plan, peak_allocated_bytes=allocated, device_peak_bytes=device,
+        headroom_bytes=inst.gpu.memory_bytes - device, quality=q / QUALITY_SCALE,
+        quality_terms=terms, time_s=time_s, epoch_s=round(time_s / inst.epochs, 1), num_train_epochs=inst.epochs,
+        optimizer_steps=steps, kept_token_share=round(point["kept_token_share"], 4), supervised_tokens=tokens,
+        hparams=hp, hparam_sources=hsrc, **multi,
+    )
+    return sol, FrontRow(quality=q / QUALITY_SCALE, time_s=time_s, supervised_tokens=tokens, optimizer_steps=steps)
+
+
 def solve_problem(problem: Problem, base: Path | None = None, method: str = "cpsat",
                   timings: bool = False) -> SolveResult:
+    """The front of the problem. With a cluster: one exact solve per (GPU count, engine, offload), the fronts merged
+    by brute.non_dominated (exact: the front of a union is the front of the union of the fronts); ties go to the
+    fewest GPUs, then the cluster's engine and offload order."""
     t0 = time.perf_counter()
-    inst = build_instance(problem, base)
-    if not inst.combos:
-        raise _infeasible(inst)
+    insts = _instances(problem, base)
     stats = SolveStats()
-    raw = solve_cpsat(inst, stats) if method == "cpsat" else solve_brute(inst)
-    if not raw:
-        raise _infeasible(inst)
+    merged = []
+    for ii, inst in enumerate(insts):
+        if not inst.combos:
+            continue
+        raw = solve_cpsat(inst, stats) if method == "cpsat" else solve_brute(inst)
+        merged += [(q, t, (ii,) + key, (ii, pl)) for q, t, key, pl in raw]
+    if not merged:
+        raise _infeasible(min(insts, key=lambda i: i.min_peak[0] if i.min_peak else 1 << 62))
+    raw = non_dominated(merged) if len(insts) > 1 else [(q, t, k[1:], p) for q, t, k, p in merged]
     front: list[Solution] = []
     rows: list[FrontRow] = []
-    total_tokens = inst.context["supervised_tokens_total"]
-    for q, t, _key, (pos, accum, samples) in raw:
-        c = inst.combos[pos]
-        knobs = {**c.knobs(), "gradient_accumulation_steps": accum, "max_samples": samples}
-        ft = c.finetuning_type
-        point = point_plan(inst, c, accum, samples)
-        steps = point["optimizer_steps"]
-        h = hparams_for(inst, ft, c.lora_rank, steps)
-        src = h.pop("sources")
-        hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": inst.epochs,
-              "warmup_steps": math.ceil(steps * h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
-        hsrc = {"learning_rate": src["learning_rate"], "num_train_epochs": inst.epochs_source,
-                "warmup_steps": f"ceil({h['warmup_ratio']} x {steps} optimizer steps); " + src["warmup_ratio"],
-                "max_grad_norm": src["max_grad_norm"]}
-        if ft != "full":
-            for k in ("lora_alpha", "use_rslora", "lora_dropout"):
-                hp[k], hsrc[k] = h[k], src[k]
-        plan = plan_for(inst.arch, inst.gpu, knobs, plan_fields(inst, ft, c.lora_rank))
-        est = estimate(inst.arch, plan)
-        if est.device_peak_bytes > inst.budget_bytes:  # re-validation against the memory model
-            raise AssertionError(f"solver returned an infeasible plan: {knobs}")  # pragma: no cover
-        n = inst.samples_used[samples]
-        tokens = round(total_tokens * n / inst.summary.num_samples * point["kept_token_share"])
-        time_s = t * TIME_UNIT_MS / 1000
-        terms = {k: round(v, 4) for k, v in qm.quality_terms(point, inst.context).items()}
-        front.append(Solution(
-            **knobs, plan=plan, peak_allocated_bytes=est.peak_allocated_bytes, device_peak_bytes=est.device_peak_bytes,
-            headroom_bytes=inst.gpu.memory_bytes - est.device_peak_bytes, quality=q / QUALITY_SCALE,
-            quality_terms=terms, time_s=time_s, epoch_s=round(time_s / inst.epochs, 1), num_train_epochs=inst.epochs,
-            optimizer_steps=steps, kept_token_share=round(point["kept_token_share"], 4), supervised_tokens=tokens,
-            hparams=hp, hparam_sources=hsrc,
-        ))
-        rows.append(FrontRow(quality=q / QUALITY_SCALE, time_s=time_s, supervised_tokens=tokens, optimizer_steps=steps))
+    for q, t, _key, (ii, (pos, accum, samples)) in raw:
+        sol, row = _solution(insts[ii], q, t, pos, accum, samples)
+        front.append(sol)
+        rows.append(row)
+    inst = insts[0]
     obj = problem.objective
-    rec = recommend(rows, max_s=obj.max_hours * 3600 if obj.max_hours else None, prefer=obj.prefer)
+    max_s = obj.max_hours * 3600 if obj.max_hours else None
+    rec = recommend(rows, max_s=max_s, prefer="balanced" if obj.prefer == "fewest_gpus" else obj.prefer)
+    rec_index, reason = rec.index, rec.reason
+    if obj.prefer == "fewest_gpus":
+        rec_index, reason = _fewest_gpus(front, rows, rec, max_s)
     labels: dict[int, list[str]] = {}
     for i, label in ((0, "best-quality"), (len(front) - 1, "fastest"), (rec.balanced, "balanced")):
         labels.setdefault(i, []).append(label)  # a one-point front carries all three
     front = [s.model_copy(update={"labels": labels.get(i, [])}) for i, s in enumerate(front)]
-    r = front[rec.index]
-    ebs = r.per_device_train_batch_size * r.gradient_accumulation_steps
-    why = f"{rec.reason}. {_accumulation_reason(r, ebs)}"
+    r = front[rec_index]
+    ebs = r.per_device_train_batch_size * r.gradient_accumulation_steps * r.num_gpus
+    why = f"{reason}. {_accumulation_reason(r, ebs)}"
+    notes = list(inst.notes)
+    if problem.cluster is not None:
+        notes.append(f"cluster: {len(insts)} settings of GPU count x engine x offload solved, fronts merged")
     return SolveResult(
         problem=problem.name, model=inst.arch.name, gpu=inst.gpu.id, gpu_total_bytes=inst.gpu.memory_bytes,
         budget_bytes=inst.budget_bytes, margin=problem.margin, method=method, proven_optimal=stats.proven,
-        front=front, recommended=rec.index, why=why, num_train_epochs=inst.epochs, epochs_source=inst.epochs_source,
+        front=front, recommended=rec_index, why=why, num_train_epochs=inst.epochs, epochs_source=inst.epochs_source,
         max_hours=obj.max_hours, prefer=obj.prefer, data_lengths=list(inst.lengths) if inst.lengths else None,
         cutoff_coverage={c: round(v, 4) for c, v in sorted(inst.coverage.items())},
-        evaluated_plans=inst.evaluated, num_samples=inst.summary.num_samples,
-        solve_s=round(time.perf_counter() - t0, 3) if timings else None, notes=inst.notes + [time_band(inst.gpu)],
+        evaluated_plans=sum(i.evaluated for i in insts), num_samples=inst.summary.num_samples,
+        solve_s=round(time.perf_counter() - t0, 3) if timings else None, notes=notes + [time_band(inst.gpu)],
     )
+
+
+def _fewest_gpus(front: list[Solution], rows: list[FrontRow], rec, max_s: float | None) -> tuple[int, str]:
+    """prefer fewest_gpus: among the points within the score's resolution (quality.TIE_TOL) of the best point in
+    the time budget, the one with the fewest GPUs (ties: the fastest)."""
+    budget = [i for i, r in enumerate(rows) if max_s is None or r.time_s <= max_s]
+    if not budget:
+        return rec.index, rec.reason
+    anchor = rows[budget[0]]
+    close = [i for i in budget if rows[i].quality >= anchor.quality - qm.TIE_TOL]
+    pick = min(close, key=lambda i: (front[i].num_gpus, rows[i].time_s))
+    return pick, (f"fewest_gpus: {front[pick].num_gpus} GPU(s), the fewest of the points scoring within the score's "
+                  f"resolution {qm.TIE_TOL} of the best ({anchor.quality - rows[pick].quality:.3f} lower)")
 
 
 def _accumulation_reason(s: Solution, ebs: int) -> str:
     """Why this accumulation: the effective batch and step count against the quality model's evidence."""
+    gpus = f" x {s.num_gpus} GPUs" if s.num_gpus > 1 else ""
     head = (f"Accumulation {s.gradient_accumulation_steps}: effective batch {s.per_device_train_batch_size} x "
-            f"{s.gradient_accumulation_steps} = {ebs}, {s.optimizer_steps} optimizer steps")
+            f"{s.gradient_accumulation_steps}{gpus} = {ebs}, {s.optimizer_steps} optimizer steps")
     if ebs > qm.BATCH_OK:
         return head + f" (above {qm.BATCH_OK}: the large-batch penalty is paid for speed)"
     band = f"{qm.BATCH_LOW}-{qm.BATCH_OK}"

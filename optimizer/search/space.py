@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ProblemError
+from ..distributed import DistSettings, comm_time_s, per_gpu
+from ..errors import ConfigError, ProblemError
 from ..memory import budget_bytes, count_params, estimate
 from ..memory.step import context_window_problem
 from ..memory.terms import TermMemo, memoized
@@ -20,6 +21,7 @@ from ..models import catalog
 from ..models.arch import layer_linears
 from ..models.families import family_of
 from ..schema import Arch, GpuSpec, Plan
+from ..units import GIB
 from . import quality as qm
 from .objectives import MEM_KNOBS, Candidate
 from .perf import (
@@ -54,6 +56,11 @@ class Instance:
     terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
     notes: list[str] = field(default_factory=list)
+    dist: DistSettings | None = None  # several GPUs (problem.cluster): engine, count, offload of this instance
+
+    @property
+    def num_gpus(self) -> int:
+        return self.dist.num_gpus if self.dist is not None else 1
 
 
 def resolve_gpu(problem: Problem) -> GpuSpec:
@@ -165,12 +172,14 @@ def _unique(values: list) -> list:
     return list(dict.fromkeys(values))
 
 
-def build_instance(problem: Problem, base: Path | None = None) -> Instance:
+def build_instance(problem: Problem, base: Path | None = None, dist: DistSettings | None = None) -> Instance:
+    """The instance of one GPU, or of `dist` (several GPUs: per-GPU memory from distributed.per_gpu, host RAM per
+    node bounded by dist.host_ram_gib, samples split over the GPUs, communication per optimizer step)."""
     arch = resolve_model(problem, base)
     gpu = resolve_gpu(problem)
     domains, notes = _domains(problem, arch, gpu)
     budget = budget_bytes(gpu.memory_bytes, problem.margin)
-    inst = Instance(problem, arch, gpu, budget, domains, [], {}, notes=notes)
+    inst = Instance(problem, arch, gpu, budget, domains, [], {}, notes=notes, dist=dist)
     measured = None
     if problem.dataset.file:
         from ..data.dataset import analyze_dataset
@@ -294,8 +303,7 @@ def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[in
     j = len(batches) - 1
     for i in range(len(cutoffs)):
         while j >= 0:
-            est = _evaluate(inst, knobs, cutoffs[i], batches[j], accum)
-            if est.device_peak_bytes <= inst.budget_bytes:
+            if _evaluate(inst, knobs, cutoffs[i], batches[j], accum) <= inst.budget_bytes:
                 break
             j -= 1
         if j < 0:
@@ -310,10 +318,26 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int, accum: int):
                     plan_fields(inst, knobs["finetuning_type"], knobs["lora_rank"]))
     est = estimate(inst.arch, plan)
     inst.evaluated += 1
-    if inst.min_peak is None or est.device_peak_bytes < inst.min_peak[0]:
-        inst.min_peak = (est.device_peak_bytes, tuple(sorted({**knobs, "cutoff_len": cutoff,
-                                                               "per_device_train_batch_size": batch}.items())))
-    return est
+    peak = est.device_peak_bytes
+    if inst.dist is not None:
+        peak = dist_peak(inst, plan, est)
+    if inst.min_peak is None or peak < inst.min_peak[0]:
+        inst.min_peak = (peak, tuple(sorted({**knobs, "cutoff_len": cutoff,
+                                             "per_device_train_batch_size": batch}.items())))
+    return peak
+
+
+def dist_peak(inst: Instance, plan: Plan, est) -> int:
+    """Per-GPU device peak of `plan` under inst.dist; a plan the engine cannot run (distributed.validate) or whose
+    host peak per node exceeds dist.host_ram_gib counts as not fitting (a peak above every budget)."""
+    dist = inst.dist
+    try:
+        d = per_gpu(inst.arch, plan, dist, est)
+    except ConfigError:
+        return 1 << 62
+    if dist.host_ram_gib is not None and d.host_peak_bytes > dist.host_ram_gib * GIB:
+        return 1 << 62
+    return d.device_peak_bytes
 
 
 def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: bool, accumulated: bool) -> None:
@@ -330,6 +354,10 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: boo
     micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=knobs["gradient_checkpointing"],
                                   batch=batch, seq_len=seq, lora_params=0 if is_full else trainable)
     opt_s = optimizer_step_seconds(trainable, inst.gpu)
+    if inst.dist is not None:  # communication of one optimizer step, not overlapped (distributed/comm.py)
+        total = count_params(inst.arch, Plan(finetuning_type="full"))[1]
+        d = per_gpu(inst.arch, plan, inst.dist)
+        opt_s += comm_time_s(d, trainable, max(total - trainable, 0) if not is_full else 0, inst.gpu).seconds
     index = tuple(
         0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
     )
