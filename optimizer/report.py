@@ -136,9 +136,17 @@ def front_table(result) -> str:
         f"{'kept':>4s} {'steps':>5s} {'GC':>3s} {'optim':17s} {'liger':5s} {'peak':>9s} {'headroom':>9s} {'time':>7s} "
         f"{'/epoch':>7s} {'quality':>7s}  pick",
     ]
+    multi = any(s.num_gpus > 1 for s in result.front)
+    if multi:  # a cluster problem: GPUs, engine and offload of each point, and host RAM per node
+        lines[1] = f"{lines[1][:3]}{'gpus engine':20s} {'host':>9s} {lines[1][3:]}"
     for i, s in enumerate(result.front, 1):
+        where = ""
+        if multi:
+            setup = f"{s.num_gpus} {s.engine or '-'}" + (f"+{s.offload}" if s.offload not in (None, "none") else "")
+            host = f"{s.host_peak_bytes / GIB:5.1f} GiB" if s.host_peak_bytes is not None else "-"
+            where = f"{setup:20s} {host:>9s} "
         lines.append(
-            f"{i:2d} {s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} "
+            f"{i:2d} {where}{s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} "
             f"{s.cutoff_len:6d} "
             f"{s.per_device_train_batch_size:5d} {s.gradient_accumulation_steps:5d} {str(s.max_samples or 'all'):>7s} "
             f"{s.kept_token_share:4.0%} {s.optimizer_steps:5d} {'on' if s.gradient_checkpointing else 'off':>3s} "
