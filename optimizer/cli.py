@@ -288,7 +288,8 @@ class Pick(str, Enum):
 def solve(
     problems: list[str] = typer.Argument(..., help="Problem YAML file(s) (see problems/)."),
     models: Optional[str] = typer.Option(None, "--models", help="Comma list of models: solve each problem for each."),
-    gpus_: Optional[str] = typer.Option(None, "--gpus", help="Comma list of GPU ids: solve each problem on each."),
+    gpus_: Optional[str] = typer.Option(None, "--gpus", help="Comma list of GPU ids (`rtx-4090x2`: up to 2 of "
+                                        "them): solve each problem on each."),
     solver: Solver = typer.Option(Solver.cpsat, "--solver", help="cpsat, or brute (enumeration, small spaces)."),
     pick: Optional[Pick] = typer.Option(None, "--pick", help="Configs to write: all front points (default for one "
                                         "problem) or one labelled point (default balanced for several)."),
@@ -304,7 +305,7 @@ def solve(
     """The Pareto front of quality vs training time under the memory bound, and LLaMA-Factory configs."""
     from .llamafactory.configs import config_files, write_configs
     from .report import front_table
-    from .search.batch import expand, run_batch, summary_matrix
+    from .search.batch import expand, gpu_spec, run_batch, summary_matrix
     from .search.problem import load_problem
 
     try:
@@ -314,7 +315,7 @@ def solve(
         for m in model_list:
             catalog.resolve_arch(m)
         for g in gpu_list:
-            catalog.get_gpu(g)
+            catalog.get_gpu(gpu_spec(g)[0])
         items = expand(loaded, model_list, gpu_list)
     except USER_ERRORS as exc:
         fail(exc)

@@ -92,3 +92,21 @@ def test_committed_multi_gpu_configs_are_current(ref):
             assert "FORCE_TORCHRUN=1" in text or "accelerate launch" in text
             if "deepspeed" in data:
                 assert Path(data["deepspeed"]).name in files
+
+
+def test_batch_gpus_take_a_count():
+    """`--gpus rtx-4090x2`: the problem solved on up to two RTX 4090s (a cluster), named so in the matrix."""
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+    from optimizer.search.batch import gpu_spec
+
+    assert gpu_spec("rtx-4090x2") == ("rtx-4090", 2) and gpu_spec("a100-80gb") == ("a100-80gb", None)
+    res = CliRunner().invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--models",
+                                   "Qwen/Qwen2.5-7B-Instruct", "--gpus", "rtx-3060-12gb,rtx-4090x2", "--no-write",
+                                   "--jobs", "1"])
+    assert res.exit_code == 0, res.output
+    header = [ln for ln in res.output.splitlines() if ln.startswith("model")][0]
+    assert "rtx-4090x2" in header and "rtx-3060-12gb" in header
+    bad = CliRunner().invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--gpus", "rtx-40900x2"])
+    assert bad.exit_code == 1 and "unknown GPU 'rtx-40900'" in bad.output

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import TrainfitError
 from ..units import GIB
-from .problem import Problem
+from .problem import Cluster, Problem
 from .solve import SolveResult, solve_problem
 
 __all__ = ["expand", "run_batch", "summary_matrix"]
@@ -20,8 +20,16 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "-", text.split("/")[-1]).strip("-").lower()
 
 
+def gpu_spec(spec: str) -> tuple[str, int | None]:
+    """`rtx-4090x2` -> ("rtx-4090", 2): a catalog id, optionally with `x<count>` for that many of it (a cluster whose
+    search covers 1..count GPUs with the default engines); `rtx-4090` -> ("rtx-4090", None)."""
+    m = re.fullmatch(r"(.+?)x(\d+)", spec)
+    return (m.group(1), int(m.group(2))) if m else (spec, None)
+
+
 def expand(loaded: list[tuple[str, Problem, Path]], models: list[str], gpus: list[str]):
-    """Each problem, or each problem x model x GPU when lists are given (names get -<model>-<gpu>)."""
+    """Each problem, or each problem x model x GPU when lists are given (names get -<model>-<gpu>). A GPU given as
+    `<id>x<count>` replaces the problem's cluster with `count` of that GPU (its host RAM and nodes kept)."""
     out = []
     for path, problem, base in loaded:
         ms = models or [problem.model]
@@ -33,7 +41,15 @@ def expand(loaded: list[tuple[str, Problem, Path]], models: list[str], gpus: lis
                     continue
                 gname = g if isinstance(g, str) else _slug(g.name)
                 name = f"{problem.name}--{_slug(m)}--{gname}"
-                out.append((path, problem.model_copy(update={"model": m, "gpu": g, "name": name}), base))
+                update: dict = {"model": m, "gpu": g, "name": name}
+                if isinstance(g, str) and gpus:
+                    gid, count = gpu_spec(g)
+                    update["gpu"] = gid
+                    if count is not None:
+                        old = problem.cluster
+                        keep = {"host_ram_gib": old.host_ram_gib, "nodes": 1} if old else {}
+                        update["cluster"] = None if count == 1 else Cluster(count=count, **keep)
+                out.append((path, problem.model_copy(update=update), base))
     return out
 
 
@@ -77,6 +93,8 @@ def summary_matrix(results) -> str:
     cols: list[str] = []
     for _, problem, _, res, err in results:
         gpu = problem.gpu if isinstance(problem.gpu, str) else problem.gpu.name
+        if problem.cluster is not None:
+            gpu = f"{gpu}x{problem.cluster.count}"
         if gpu not in cols:
             cols.append(gpu)
         if res is None:
@@ -84,8 +102,9 @@ def summary_matrix(results) -> str:
         else:
             s = res.front[res.recommended]
             kind = s.finetuning_type + ("" if s.finetuning_type == "full" else f" r{s.lora_rank} {s.lora_target}")
-            cell = (f"{kind} c{s.cutoff_len} b{s.per_device_train_batch_size} {s.device_peak_bytes / GIB:.1f}G "
-                    f"{s.time_s / 60:.0f}min")
+            setup = f" {s.num_gpus}x {s.engine}" if s.num_gpus > 1 else ""
+            cell = (f"{kind} c{s.cutoff_len} b{s.per_device_train_batch_size}{setup} "
+                    f"{s.device_peak_bytes / GIB:.1f}G {s.time_s / 60:.0f}min")
         rows.setdefault(problem.model, {})[gpu] = cell
     width = max([len(c) for r in rows.values() for c in r.values()] + [len(c) for c in cols] + [10])
     mw = max(len(m) for m in rows)
