@@ -1,5 +1,8 @@
 """Read the user's data as LLaMA-Factory 0.9.5 reads an SFT dataset (the counting is in `data.dataset`).
 
+(Just over 500 lines: one converter per LLaMA-Factory format, each with the row checks LLaMA-Factory applies, and
+the dataset_info.json schema they share.)
+
 Reading (nothing is ever written next to the data):
 
 - alpaca records ``{"instruction", "input", "output", "system", "history": [[q, a], ...]}``: the user turn is

@@ -1,5 +1,9 @@
 """Token counters: how many tokens a piece of text is for a model's tokenizer, offline.
 
+(About 600 lines on purpose: the three counters share one resolution order and one specials rule, and the
+approximation's piece classes must match the tables `benchmarks/tokens.py --fit` writes; split apart they would
+have to import each other.)
+
 Three kinds, best first (:func:`resolve_counter` picks):
 
 1. **The model's own ``tokenizer.json``** read with the ``tokenizers`` package (optional, imported lazily):
