@@ -405,6 +405,9 @@ def solve_page(result: Any, config_texts: dict[str, str]) -> str:
     from .memory import estimate
     from .models.catalog import resolve_arch
 
+    if any(s.num_gpus > 1 for s in result.front):
+        raise TrainfitError("--report covers one GPU for now; this front has multi-GPU points. Drop --report (the "
+                            "table, --json and the configs' headers give the per-GPU figures).")
     arch = resolve_arch(result.model)
     estimates = [estimate(arch, s.plan).model_dump(mode="json") for s in result.front]
     configs = {str(int(name.split("_")[0][1:]) - 1): text for name, text in config_texts.items()

@@ -304,7 +304,7 @@ def test_check_reads_the_deepspeed_json_and_proposes_the_smallest_multi_gpu_chan
     assert "ZeRO-2 keeps the bf16 weights whole on every GPU" in r.output
     # FSDP shards the bf16 weights, gradients and bf16 Adam states: ~18.9 GiB per GPU (the FSDP2 oracle puts the same
     # plan with GA=1 within 0.5% of its own FSDP2 estimate), so switching the engine is enough
-    assert "smallest multi-GPU change that fits (cost 1): --engine fsdp -> per-GPU 18.92 GiB" in r.output
+    assert "smallest multi-GPU change that fits (cost 1): --engine fsdp -> per-GPU 19.50 GiB" in r.output
 
 
 def test_check_explains_why_zero2_does_not_lower_lora_memory(tmp_path):
@@ -321,7 +321,7 @@ def test_check_host_ram_shortfall_and_its_fix(tmp_path):
     assert r.exit_code == 3, r.output
     assert "why: host RAM: the run needs 127.7 GiB per node" in r.output
     # FSDP with cpu_ram_efficient_loading needs one checkpoint per node and no offload: it fits on these 8 GPUs
-    assert "smallest multi-GPU change that fits (cost 1): --engine fsdp -> per-GPU 11.82 GiB, host 14.2 GiB" in r.output
+    assert "smallest multi-GPU change that fits (cost 1): --engine fsdp -> per-GPU 12.40 GiB, host 14.2 GiB" in r.output
 
 
 def test_check_qlora_under_fsdp_names_the_quant_storage(tmp_path):

@@ -110,3 +110,31 @@ def test_batch_gpus_take_a_count():
     assert "rtx-4090x2" in header and "rtx-3060-12gb" in header
     bad = CliRunner().invoke(app, ["solve", "problems/qwen2.5-7b-rtx3060-12gb.yaml", "--gpus", "rtx-40900x2"])
     assert bad.exit_code == 1 and "unknown GPU 'rtx-40900'" in bad.output
+
+
+def test_review_fixes_cluster_edges(tmp_path):
+    """No GPU count to search, host RAM that rules everything out, NaN host RAM, and --report on a multi-GPU front:
+    each one clear line (found by a review)."""
+    from typer.testing import CliRunner
+
+    from optimizer.cli import app
+
+    base = ("name: c1\nmodel: Qwen/Qwen2.5-7B-Instruct\ngpu: rtx-4090\n"
+            "dataset: {summary: {num_samples: 100, token_length_percentiles: {50: 100, 100: 200}}}\n"
+            "search: {finetuning_type: [full], cutoff_len: [512], per_device_train_batch_size: [1], "
+            "gradient_accumulation_steps: [1]}\n")
+    run = CliRunner().invoke
+    f = tmp_path / "p.yaml"
+    f.write_text(base + "cluster: {count: 6, nodes: 3, gpu_counts: powers_of_two}\n")
+    res = run(app, ["solve", str(f), "--no-write"])
+    assert res.exit_code == 1 and "no GPU count to search" in res.output
+    f.write_text(base + "cluster: {count: 2, host_ram_gib: 0.5, offload: [none, optimizer]}\n")
+    res = run(app, ["solve", str(f), "--no-write"])
+    assert res.exit_code == 1 and "Host RAM per node (0.5 GiB) also ruled plans out" in res.output
+    assert "4294967296" not in res.output
+    res = run(app, ["estimate", "--config", "configs/reference-case/balanced.yaml", "--num-gpus", "2", "--engine",
+                    "zero3", "--host-ram-gib", "nan"])
+    assert res.exit_code == 1 and "not a finite, non-negative number" in res.output
+    res = run(app, ["solve", "problems/llama3.1-70b-2x4090.yaml", "--no-write", "--report", str(tmp_path / "r.html")])
+    assert res.exit_code == 1 and "--report covers one GPU for now" in res.output
+    assert not (tmp_path / "r.html").exists()

@@ -144,6 +144,9 @@ def test_memory_stacks_add_up_to_the_estimates(solved):
         assert abs(terms * GIB - sum(t["bytes"] for t in peak["terms"])) < 1
         assert abs(terms * GIB - est["peak_allocated_bytes"]) < 1
         assert abs(sum(tr["y"][j] for tr in bars) * GIB - est["device_peak_bytes"]) < 1
+        # and each bar is the device peak the solver reported for that front point (not only the chart's own input)
+        front_peak = solved["result"]["front"][j]["device_peak_bytes"]
+        assert abs(sum(tr["y"][j] for tr in bars) * GIB - front_peak) < 1
     lines = {round(sh["y0"] * GIB) for sh in charts["memory-bars"]["layout"]["shapes"]}
     assert lines == {solved["result"]["gpu_total_bytes"], solved["result"]["budget_bytes"]}
     est = solved["estimates"][solved["result"]["recommended"]]

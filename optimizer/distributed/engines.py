@@ -8,6 +8,7 @@ naming one of `examples/deepspeed/ds_z{0,2,3}[_offload]_config.json`), and FSDP 
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -126,8 +127,9 @@ def validate(dist: DistSettings, plan: Plan) -> None:
         if dist.host_ram_gib is not None and dist.host_ram_gib <= 0:
             problems.append(f"offload {dist.offload} with host RAM {dist.host_ram_gib:g} GiB: offloaded states live in "
                             "host RAM. Give --host-ram-gib the RAM per node, or drop --offload")
-    if dist.host_ram_gib is not None and dist.host_ram_gib < 0:
-        problems.append(f"host RAM {dist.host_ram_gib:g} GiB is negative. Give the RAM per node in GiB")
+    if dist.host_ram_gib is not None and not (dist.host_ram_gib >= 0 and math.isfinite(dist.host_ram_gib)):
+        problems.append(f"host RAM {dist.host_ram_gib:g} GiB is not a finite, non-negative number. Give the RAM per "
+                        "node in GiB")
     if dist.engine in SHARDS_PARAMS and plan.quantization_bit is not None and plan.quantization_bit != 4:
         # [S] LLaMA-Factory model/model_utils/quantization.py: "Only 4-bit quantized model can use fsdp+qlora or
         # auto device map."

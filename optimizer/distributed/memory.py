@@ -16,13 +16,14 @@ import dataclasses
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..memory import estimate, layer_forward, setting_for
-from ..memory.allocator import CUDA_CONTEXT_BYTES, reserved_bytes
+from ..memory.allocator import device_peak_for, large_blocks_at
 from ..memory.precision import FP32, Setting
 from ..memory.static import (
     _bnb8_state_bytes,
     _sum_alloc,
     base_weight_bytes,
     linear_weight_bytes,
+    paged_state_bytes,
     trainable_tensor_numels,
 )
 from ..models.arch import layer_linears, param_counts
@@ -175,7 +176,6 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     shards: list[str] = []
     notes: list[str] = []
     trainable_single = _sum_alloc(groups)
-    frozen_all = frozen_shardable + frozen_fixed + norms
     weight_terms = [("weights_" + k, v, "frozen, full copy" if not st.full else "trainable, full copy")
                     for k, v in weights.items()]
     pc = param_counts(arch)
@@ -379,11 +379,13 @@ def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None 
     steady = sum(t.bytes for t in host_terms if not t.name.startswith("load_"))
     notes.append("Activations are not sharded by any engine: they are the single-GPU estimate's terms.")
     notes.append("Host RAM leaves out each process's own baseline (Python, CUDA, NCCL: a few GiB per rank).")
-    _ = frozen_all
     return DistEstimate(
         engine=eng, num_gpus=N, nodes=dist.nodes, offload=dist.offload, phases=phases, peak_phase=peak.phase,
         peak_allocated_bytes=peak.total_bytes,
-        device_peak_bytes=reserved_bytes(peak.total_bytes, []) + CUDA_CONTEXT_BYTES,
+        # the allocator model of one GPU (memory.allocator): the peak moment's large blocks, paged (managed) optimizer
+        # states where the engine keeps torch's optimizer (DDP), the CUDA context (or a calibration profile's)
+        device_peak_bytes=device_peak_for(peak.total_bytes, large_blocks_at(arch, aplan, peak.kind),
+                                          paged_state_bytes(arch, aplan, st) if eng == "ddp" else 0),
         single_gpu_peak_allocated_bytes=one, host_terms=host_terms, host_peak_bytes=max(load_b, steady),
         shards=shards, notes=notes,
     )

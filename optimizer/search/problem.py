@@ -138,6 +138,9 @@ class Cluster(BaseModel):
             raise ValueError(f"count {self.count} does not split evenly over {self.nodes} nodes")
         if any(o != "none" for o in self.offload) and self.host_ram_gib is None:
             raise ValueError("offload needs host_ram_gib (offloaded states live in host RAM)")
+        if not self.gpu_count_values():
+            raise ValueError(f"no GPU count to search: with gpu_counts {self.gpu_counts} none of the counts up to "
+                             f"{self.count} is a multiple of nodes {self.nodes}; use gpu_counts: all or another count")
         return self
 
     def gpu_count_values(self) -> list[int]:

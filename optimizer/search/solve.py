@@ -105,9 +105,15 @@ def _infeasible(inst: Instance) -> InfeasibleError:
     peak, knobs = inst.min_peak or (0, ())
     k = dict(knobs)
     desc = ", ".join(f"{name}={k[name]}" for name in MEM_KNOBS if name in k and k[name] is not None)
+    host = ""
+    if inst.host_limited:
+        host = (f"Host RAM per node ({inst.problem.cluster.host_ram_gib:g} GiB) also ruled plans out: give "
+                "cluster.host_ram_gib more, or search less offload. ")
+    seen = (f"the smallest device peak is {peak / GIB:.2f} GiB ({desc})" if inst.min_peak is not None
+            else "no plan the engines can run")
     return InfeasibleError(
-        f"no plan of the search space fits {inst.gpu.name}: the smallest device peak is {peak / GIB:.2f} GiB "
-        f"({desc}) and the bound is {inst.budget_bytes / GIB:.2f} GiB ({inst.problem.margin:.0%} margin). "
+        f"no plan of the search space fits {inst.gpu.name}: {seen} and the bound is "
+        f"{inst.budget_bytes / GIB:.2f} GiB ({inst.problem.margin:.0%} margin). {host}"
         "Relax: allow qlora4, smaller cutoff_len and batch 1, gradient checkpointing and the liger kernel, "
         "lower the margin, or pick a bigger GPU or a smaller model."
     )
@@ -191,7 +197,9 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
         raw = solve_cpsat(inst, stats) if method == "cpsat" else solve_brute(inst)
         merged += [(q, t, (ii,) + key, (ii, pl)) for q, t, key, pl in raw]
     if not merged:
-        raise _infeasible(min(insts, key=lambda i: i.min_peak[0] if i.min_peak else 1 << 62))
+        worst = min(insts, key=lambda i: i.min_peak[0] if i.min_peak else 1 << 62)
+        worst.host_limited = any(i.host_limited for i in insts)  # the message names every bound that bit
+        raise _infeasible(worst)
     raw = non_dominated(merged) if len(insts) > 1 else [(q, t, k[1:], p) for q, t, k, p in merged]
     front: list[Solution] = []
     rows: list[FrontRow] = []

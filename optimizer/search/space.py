@@ -55,6 +55,7 @@ class Instance:
     evaluated: int = 0  # estimates (plans judged by the memory model)
     terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
+    host_limited: bool = False  # some plan fit nothing because of the host RAM per node
     notes: list[str] = field(default_factory=list)
     dist: DistSettings | None = None  # several GPUs (problem.cluster): engine, count, offload of this instance
 
@@ -321,10 +322,15 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int, accum: int):
     peak = est.device_peak_bytes
     if inst.dist is not None:
         peak = dist_peak(inst, plan, est)
-    if inst.min_peak is None or peak < inst.min_peak[0]:
+    if peak < NOT_RUNNABLE and (inst.min_peak is None or peak < inst.min_peak[0]):
         inst.min_peak = (peak, tuple(sorted({**knobs, "cutoff_len": cutoff,
                                              "per_device_train_batch_size": batch}.items())))
     return peak
+
+
+# A peak above every budget: the engine cannot run the plan, or the host RAM per node is exceeded. Never reported
+# as a smallest peak.
+NOT_RUNNABLE = 1 << 62
 
 
 def dist_peak(inst: Instance, plan: Plan, est) -> int:
@@ -334,9 +340,10 @@ def dist_peak(inst: Instance, plan: Plan, est) -> int:
     try:
         d = per_gpu(inst.arch, plan, dist, est)
     except ConfigError:
-        return 1 << 62
+        return NOT_RUNNABLE
     if dist.host_ram_gib is not None and d.host_peak_bytes > dist.host_ram_gib * GIB:
-        return 1 << 62
+        inst.host_limited = True
+        return NOT_RUNNABLE
     return d.device_peak_bytes
 
 
