@@ -36,9 +36,10 @@ from .memory import (
     large_blocks_at,
     lora_targets,
 )
+from .memory.precision import PAD_MULTIPLE, padded_length
 from .models.families import family_of
 from .schema import Arch, Estimate, GpuSpec, Moment, PhasePeak, Plan
-from .units import MIB, round_up
+from .units import MIB
 
 __all__ = ["CheckReport", "check", "patch_yaml", "NO_EFFECT_KEYS", "FIX_COSTS"]
 
@@ -290,8 +291,9 @@ def fix_options(data: dict[str, Any], plan: Plan, arch: Arch, budget: int, evalu
             tg += [(",".join(mlp), FIX_COSTS["target_mlp"]), (",".join(att), FIX_COSTS["target_attention"])]
         opts["lora_target"] = tg
     c = plan.cutoff_len
-    opts["cutoff_len"] = [(c, 0)] + [(max(8, round_up(int(c * f), 8)), cost) for f, cost in FIX_COSTS["cutoff"].items()
-                                     if round_up(int(c * f), 8) < c]
+    shorter = [(max(PAD_MULTIPLE, padded_length(int(c * f))), cost) for f, cost in FIX_COSTS["cutoff"].items()
+               if padded_length(int(c * f)) < c]
+    opts["cutoff_len"] = [(c, 0)] + shorter
     return fix_candidates(opts, data, plan, arch, budget, evaluates)
 
 

@@ -18,6 +18,16 @@ FP32 = 4
 # ---------------------------------------------------------------------------------------------------
 
 
+# [S] LLaMA-Factory data/collator.py: the SFT collator pads each batch with pad_to_multiple_of=8.
+PAD_MULTIPLE = 8
+
+
+def padded_length(tokens: int) -> int:
+    """The length a batch of `tokens`-long samples is padded to (what every per-token memory term uses)."""
+    return round_up(tokens, PAD_MULTIPLE)
+
+
+
 @dataclass(frozen=True)
 class Setting:
     """Dtypes and switches of one run, derived once from (arch, plan) by `setting_for`."""
@@ -105,7 +115,7 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         double_quant=plan.double_quantization, gc=plan.gradient_checkpointing,
         attn=_attention(arch, plan),
         targets=() if full else lora_targets(arch, plan), lora_dropout=plan.lora_dropout > 0,
-        rank=plan.lora_rank, seq=round_up(plan.cutoff_len, 8),
+        rank=plan.lora_rank, seq=padded_length(plan.cutoff_len),
         # [S] LLaMA-Factory data/collator.py::PairwiseDataCollatorWithPadding: a DPO micro-batch of b pairs is
         # one batch of 2b sequences (chosen, then rejected)
         batch=plan.per_device_train_batch_size * (2 if plan.pairwise else 1),

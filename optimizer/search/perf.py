@@ -25,9 +25,9 @@ from __future__ import annotations
 import math
 from functools import lru_cache
 
+from ..memory.precision import padded_length
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec
-from ..units import round_up
 
 __all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples"]
 
@@ -119,7 +119,7 @@ def _expected_padded_len(pts: tuple[tuple[int, int], ...], cutoff_len: int, batc
     for i in range(steps):
         u = (i + 0.5) / steps
         total += min(cutoff_len, _quantile(dict(pts), u)) * batch * u ** (batch - 1) / steps
-    return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
+    return min(padded_length(math.ceil(total)), padded_length(cutoff_len))
 
 
 def expected_padded_len_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int) -> int:
@@ -135,7 +135,7 @@ def _expected_from_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int
     total = 0.0
     for k, length in enumerate(lengths, 1):
         total += min(length, cutoff_len) * ((k / n) ** batch - ((k - 1) / n) ** batch)
-    return min(round_up(math.ceil(total), 8), round_up(cutoff_len, 8))
+    return min(padded_length(math.ceil(total)), padded_length(cutoff_len))
 
 
 def optimizer_step_seconds(trainable_params: int, gpu: GpuSpec) -> float:

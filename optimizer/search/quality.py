@@ -164,6 +164,9 @@ def _supervised_tokens(plan: dict, context: dict) -> float:
 
 
 def _steps(plan: dict, context: dict) -> float:
+    """The search always passes `optimizer_steps` (search/objectives.optimizer_steps, as the Trainer counts them);
+    the published comparisons in benchmarks/quality_evidence.yaml give only an effective batch, hence the estimate
+    below (stdlib only: the benchmark loads this module by path)."""
     if plan.get("optimizer_steps"):
         return float(plan["optimizer_steps"])
     n = plan.get("samples_used", context["samples_total"])
