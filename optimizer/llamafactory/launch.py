@@ -156,7 +156,10 @@ def launch_text(plan, d: DistEstimate, config_name: str) -> str:
     lines = [f"Launch{' (node 0; the others with their NODE_RANK or --machine_rank)' if d.nodes > 1 else ''}: "
              f"{launch_command(dist, config_name)}"]
     for path in launch_files(plan, dist, config_name):
-        lines.append(f"  with {path} next to the YAML (LLaMA-Factory's example"
-                     + (f"; the YAML sets deepspeed: {deepspeed_key(dist, config_name)})" if path.endswith(".json")
-                        else "; run from a LLaMA-Factory checkout: src/train.py)"))
+        if path.endswith(".json"):
+            lines.append(f"  needs {path} (LLaMA-Factory's examples/deepspeed file; `trainfit solve` with a cluster "
+                         f"writes it) and `deepspeed: {deepspeed_key(dist, config_name)}` in the YAML")
+        else:
+            lines.append(f"  needs {path} (LLaMA-Factory's examples/accelerate file; `trainfit solve` with a cluster "
+                         "writes it); run from a LLaMA-Factory checkout: src/train.py")
     return "\n".join(lines)
