@@ -1,6 +1,6 @@
 """The memory model against the oracle: `trainfit estimate` vs `trainfit trace` over the accuracy grid.
 
-Run: python benchmarks/accuracy.py [--full]   (needs the trace extra)
+Run: python benchmarks/accuracy.py [--full] [--single]   (--single: skip the multi-GPU rows)   (needs the trace extra)
 
 Each config is traced with 1 and 2 decoder layers and extrapolated linearly to the model's depth (per-layer
 terms are exactly linear; tests/test_trace.py checks the extrapolation against direct runs); `--full` traces
@@ -42,6 +42,7 @@ def _label(plan: Plan) -> str:
 
 
 def main() -> None:
+    """The single-GPU grid, then (unless --single) the multi-GPU rows of benchmarks/accuracy_multi.py."""
     full = "--full" in sys.argv
     errs = []
     t0 = time.perf_counter()
@@ -56,6 +57,11 @@ def main() -> None:
     print(f"{len(errs)} configs, {len({m for m, _ in GRID})} architectures: median |error| "
           f"{100 * statistics.median(errs):.2f}%, max {100 * max(errs):.2f}% (bound {100 * ERROR_BOUND:.1f}%), "
           f"{time.perf_counter() - t0:.0f} s")
+    if "--single" not in sys.argv:
+        print("\nmulti-GPU (per-GPU estimate vs the FSDP2 rank oracle):", flush=True)
+        import accuracy_multi
+
+        accuracy_multi.main()
 
 
 if __name__ == "__main__":
