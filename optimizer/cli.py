@@ -181,13 +181,21 @@ def check(
         if num_gpus is not None or engine is not None or offload is not None or data.get("deepspeed"):
             from .check import check_multi
             from .distributed.advice import advice_text
+            from .report import multi_check_extras
 
             if write or report:
                 raise ConfigError("--write and --report cover one GPU for now. Drop them or the multi-GPU flags.")
             spec = catalog.get_gpu(gpu)
             adv, dist, plan = check_multi(data, config, model, spec, margin, num_gpus=num_gpus, engine=engine,
                                           offload=offload, nodes=nodes, host_ram_gib=host_ram_gib, zero_init=zero_init)
+            one = {k: v for k, v in data.items() if k != "deepspeed"}
+            with calibration_context(gpu):
+                single = run_check(one, plan, catalog.resolve_arch(model or str(one.get("model_name_or_path"))),
+                                   spec, margin=margin, config_path=config)
+            extras = multi_check_extras(single)
             typer.echo(adv.model_dump_json(indent=2) if json_out else advice_text(adv, spec))
+            if extras and not json_out:
+                typer.echo(extras)
             if adv.verdict == "does_not_fit":
                 raise typer.Exit(3)
             return

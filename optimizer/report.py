@@ -259,3 +259,18 @@ def data_text(tokens, cutoffs: list[int]) -> str:
         lines.append(f"{c.cutoff_len:10d} {100 * c.whole_share:13.1f}% {100 * c.response_kept_share:13.1f}% "
                      f"{100 * c.tokens_kept_share:11.1f}% {c.truncated:10d}")
     return "\n".join(lines)
+
+
+def multi_check_extras(rep) -> str:
+    """What the one-GPU check of the same config adds to a multi-GPU check: its pitfalls, and the evaluation pass,
+    which the per-GPU model does not cover yet (its activations and logits do not shard, so its one-GPU peak is what
+    each GPU needs beyond the sharded states)."""
+    lines = []
+    if rep.eval is not None:
+        lines.append(f"evaluation: not modelled per GPU yet; on one GPU it peaks at "
+                     f"{rep.eval_device_peak_bytes / GIB:.2f} GiB ({rep.eval.moment}); its activations do not shard: "
+                     "lower per_device_eval_batch_size if in doubt")
+    if rep.pitfalls:
+        lines.append("pitfalls:")
+        lines += [f"  - {p.key}: {p.problem}. Fix: {p.fix}." for p in rep.pitfalls]
+    return "\n".join(lines)

@@ -355,3 +355,14 @@ def test_check_multi_gpu_errors(tmp_path, extra, args, message):
     r = _check(tmp_path, text, "--gpu", "rtx-4090", *args)
     assert r.exit_code == 1, r.output
     assert r.stderr == message.format(cfg=tmp_path / "run.yaml")
+
+
+def test_multi_gpu_check_shows_the_evaluation_pass_and_the_pitfalls(tmp_path):
+    """The per-GPU model covers training only; the check says so for evaluation and keeps the one-GPU pitfalls
+    (found by a review: the multi-GPU check was silent where the one-GPU check said 'does not fit' for evaluation)."""
+    cfg = tmp_path / "ev.yaml"
+    cfg.write_text(Path("configs/reference-case/balanced.yaml").read_text() + "eval_strategy: steps\nval_size: 0.1\n")
+    res = CliRunner().invoke(app, ["check", str(cfg), "--gpu", "rtx-5060-ti-16gb", "--num-gpus", "2", "--engine",
+                                   "fsdp"])
+    assert "evaluation: not modelled per GPU yet; on one GPU it peaks at" in res.output
+    assert "per_device_eval_batch_size: evaluation runs with HF's default batch of 8" in res.output
