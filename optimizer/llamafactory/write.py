@@ -33,6 +33,7 @@ import yaml
 from ..errors import ConfigError
 from ..schema import Plan
 from ..search.objectives import optimizer_steps
+from ..search.quality import WARMUP_RATIO, warmup_steps
 from .read import accepted_keys, plan_from_dict
 
 __all__ = [
@@ -99,7 +100,6 @@ def _format_value(key: str, value: Any) -> str:
 # --------------------------------------------------------------------------------------------------------------
 
 DEFAULT_WARMUP_STEPS = 10  # when neither `extra` nor the plan's max_samples tells the number of steps
-WARMUP_RATIO = 0.1  # LLaMA-Factory's examples use warmup_ratio 0.1
 
 SECTIONS = ("model", "method", "dataset", "output", "train", "eval")
 
@@ -154,7 +154,7 @@ def warmup_steps_for(num_samples: int, plan: Plan, num_train_epochs: float | Non
     n = min(num_samples, plan.max_samples) if plan.max_samples else num_samples
     epochs = plan.num_train_epochs if num_train_epochs is None else num_train_epochs
     steps = optimizer_steps(epochs, n, plan.per_device_train_batch_size, plan.gradient_accumulation_steps)
-    return math.ceil(steps * ratio)
+    return warmup_steps(steps, ratio)
 
 
 def _check_plan(plan: Plan) -> None:

@@ -135,6 +135,15 @@ Q_EXP = 1.0  # POLICY.
 W_LR = 0.05  # POLICY: loss at one decade away from the recipe optimum (quadratic in log10).
 
 
+# [S] LLaMA-Factory examples/train_lora/*.yaml: lr_scheduler_type cosine, warmup_ratio 0.1 (POLICY: QLoRA used 0.03).
+WARMUP_RATIO = 0.1
+
+
+def warmup_steps(optimizer_steps: int, ratio: float = WARMUP_RATIO) -> int:
+    """Integer warmup steps equal to `warmup_ratio: ratio` of the run's optimizer steps (rounded up)."""
+    return math.ceil(optimizer_steps * ratio)
+
+
 def _modules(lora_target: str | None) -> tuple[str, ...]:
     if not lora_target:
         return ALIASES["all"]
@@ -302,7 +311,7 @@ def recommended_hparams(finetuning_type: str, model_params: float, model_family:
     else:
         out["max_grad_norm"] = 1.0
         src["max_grad_norm"] = "HF Trainer / LLaMA-Factory default 1.0"
-    out["warmup_ratio"] = 0.1
+    out["warmup_ratio"] = WARMUP_RATIO
     src["warmup_ratio"] = "LLaMA-Factory examples: cosine, warmup_ratio 0.1 (QLoRA used 0.03, constant)"
     out["num_train_epochs"], src["num_train_epochs"] = recipe_epochs(samples)
     out["effective_batch"] = 16

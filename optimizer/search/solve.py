@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Literal
@@ -151,7 +150,7 @@ def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples) -> 
     h = hparams_for(inst, ft, c.lora_rank, steps)
     src = h.pop("sources")
     hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": inst.epochs,
-          "warmup_steps": math.ceil(steps * h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
+          "warmup_steps": qm.warmup_steps(steps, h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
     hsrc = {"learning_rate": src["learning_rate"], "num_train_epochs": inst.epochs_source,
             "warmup_steps": f"ceil({h['warmup_ratio']} x {steps} optimizer steps); " + src["warmup_ratio"],
             "max_grad_norm": src["max_grad_norm"]}
