@@ -289,19 +289,25 @@ def _messages(rec: dict, fmt: DatasetFormat, where: str) -> tuple[list[dict], st
     return msgs, rt, ct
 
 
+def _leading_system(msgs: list[dict], fmt: DatasetFormat, rt: str, ct: str, where: str) -> str | None:
+    """The text of a leading system message (LLaMA-Factory takes it as the system prompt), or None."""
+    if not (fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag):
+        return None
+    system = msgs[0].get(ct)
+    if not isinstance(system, str):
+        raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
+                           "Write the system prompt as text.")
+    return system
+
+
 def _convert_sharegpt(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     msgs, rt, ct = _messages(rec, fmt, where)
     col = fmt.messages or "conversations"
-    system = None
-    if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
-        system = msgs[0].get(ct)
-        if not isinstance(system, str):
-            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
-                               "Write it as text.")
+    system = _leading_system(msgs, fmt, rt, ct, where)
+    offset = 1
+    if system is not None:
         msgs = msgs[1:]
         offset = 2
-    else:
-        offset = 1
     if system is None:
         system = _system(rec, fmt, where)
     if not msgs:
@@ -341,11 +347,8 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     "detailed thinking off" appended (or is that string when empty) unless tools are given."""
     msgs, rt, ct = _messages(rec, fmt, where)
     col = fmt.messages or "conversations"
-    if fmt.system_tag and msgs and msgs[0].get(rt) == fmt.system_tag:
-        system = msgs[0].get(ct)
-        if not isinstance(system, str):
-            raise DatasetError(f"{where}: the system message's '{ct}' is {_kind(system)}, not a string. "
-                               "Write the system prompt as text.")
+    system = _leading_system(msgs, fmt, rt, ct, where)
+    if system is not None:
         msgs = msgs[1:]
     else:
         system = _system(rec, fmt, where)
