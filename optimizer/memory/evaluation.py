@@ -9,7 +9,7 @@ from .head import head_activations, shared_forward_bytes
 from .layer import layer_forward
 from .precision import setting_for
 from .static import adapter_bytes, base_weight_bytes, optimizer_state_bytes
-from .step import terms
+from .step import StepMoment, terms
 
 # ---------------------------------------------------------------------------------------------------
 # The evaluation pass (HF Trainer.evaluate inside training): its own phase
@@ -55,11 +55,11 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
         detail = f"KV cache for {st.seq} + {max_new_tokens} tokens"
     work = max(layer_peak + kv, loss)
     moment = f"evaluation batch of {eval_batch} ({detail})"
-    return PhasePeak(phase=Phase.EVAL, kind=Moment.EVAL, moment=moment, terms=terms(
+    return StepMoment(phase=Phase.EVAL, kind=Moment.EVAL, moment=moment, terms=terms(
         ("weights", weights, "model weights"),
         ("adapters", adapters, ""),
         ("optimizer_states", states, "kept during evaluation"),
         ("cublas_workspace", CUBLAS_WORKSPACE_BYTES, ""),
         ("eval_forward", work, "one layer at a time under no_grad, or the logits + loss"),
         ("eval_kept_predictions", kept, detail),
-    ))
+    )).peak()

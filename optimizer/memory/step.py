@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 from ..models.arch import layer_linears
 from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
@@ -36,14 +37,45 @@ def _part(name: str, st: Setting, plan: Plan, fn):
     return fn() if memo is None else memo.get(name, st, plan, fn)
 
 
-def terms(*pairs: tuple[str, int, str]) -> list[MemoryTerm]:
-    return [MemoryTerm(name=n, bytes=int(b), detail=d) for n, b, d in pairs if b]
+def terms(*pairs: tuple[str, int, str]) -> list[tuple[str, int, str]]:
+    return [(n, int(b), d) for n, b, d in pairs if b]
 
 
-def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:
-    """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
-    when an engine changes them; `all_moments`: list every backward moment, not only the largest, for an engine
-    that replaces terms: optimizer/distributed/memory.py)."""
+@dataclass(frozen=True, slots=True)
+class StepMoment:
+    """One instant of the step: its co-resident terms as (name, bytes, detail). A plain value (the search reads
+    thousands of them); `peak()` is the PhasePeak the Estimate shows."""
+
+    phase: Phase
+    kind: Moment
+    moment: str
+    terms: list[tuple[str, int, str]]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t[1] for t in self.terms)
+
+    def peak(self) -> PhasePeak:
+        return PhasePeak(phase=self.phase, kind=self.kind, moment=self.moment,
+                         terms=[MemoryTerm(name=n, bytes=b, detail=d) for n, b, d in self.terms])
+
+
+@dataclass(frozen=True, slots=True)
+class StepMoments:
+    """Every instant of the step in one flat order (forward, loss, [reference], cross-entropy backward, top and
+    bottom layer backward, lm_head backward, [embedding gradient], optimizer step) and what is not a moment's
+    tensor: CUDA managed memory (paged optimizer states). The peak is the first moment of largest total, the
+    same one `estimate`'s phase-by-phase maxima pick."""
+
+    moments: list[StepMoment]
+    managed_bytes: int
+    setting: Setting
+    grads_bytes: int
+
+
+def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> StepMoments:
+    """Every moment of one steady-state step of `plan` on `arch`, flat (StepMoments), as plain values: what
+    `estimate` reports and what the search's term tables are read from (search/factored.py)."""
     st = setting or setting_for(arch, plan)
     L = arch.num_hidden_layers
     N = st.tokens
@@ -104,14 +136,14 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
                 ("final_norm_saved", head.final_norm_saved, norm_detail),
                 ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"))
 
-    forward = PhasePeak(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
+    forward = StepMoment(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
                         terms=static + terms(
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
         held,
     ))
-    loss = PhasePeak(phase=Phase.LOSS, kind=Moment.LOSS_FORWARD,
+    loss = StepMoment(phase=Phase.LOSS, kind=Moment.LOSS_FORWARD,
                      moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
         *forward_saved("final RMSNorm saved tensors (+ lm_head input when it trains)"),
         ("logits_and_loss", pref.loss_peak_extra if pref else max(head.loss_peak_extra, head.forward_end_extra),
@@ -121,7 +153,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     ))
     reference = None
     if pref is not None and pref.reference_extra:
-        reference = PhasePeak(phase=Phase.LOSS, kind=Moment.REFERENCE_FORWARD,
+        reference = StepMoment(phase=Phase.LOSS, kind=Moment.REFERENCE_FORWARD,
                               moment="DPO reference forward (no_grad) + its log-softmax", terms=static + terms(
             *forward_saved(),
             ("policy_logits_and_logps", pref.held_after_loss, f"fp32 logits [{N}, {arch.vocab_size}] (metrics) + "
@@ -129,9 +161,9 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
             ("reference_forward", pref.reference_extra, "the reference's no_grad layer or its logits + log-softmax"),
             held,
         ))
-        loss = max(loss, reference, key=lambda p: p.total_bytes)
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
-    ce = PhasePeak(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward", terms=static + terms(
+    ce = StepMoment(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward",
+                    terms=static + terms(
         bw_ws,
         *forward_saved(),
         ("loss_saved", pref.loss_saved if pref else head.loss_saved, "saved log-softmax fp32 [N, V]"),
@@ -170,7 +202,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
 
     def layer_backward(kind: Moment, which: str, activations: int, detail: str) -> PhasePeak:
         """The top or bottom decoder layer's backward: `activations` in the layers, the head's gradients held."""
-        return PhasePeak(phase=Phase.BACKWARD, kind=kind, moment=f"{which} {layer_moment}", terms=static + terms(
+        return StepMoment(phase=Phase.BACKWARD, kind=kind, moment=f"{which} {layer_moment}", terms=static + terms(
             bw_ws, ("activations_shared", shared, ""),
             ("activations_layers", activations, detail),
             ("grads", head_grads, "gradients of the lm_head/final norm"),
@@ -182,14 +214,14 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
                        "saved activations + the layer's backward (gradients, freed inputs)"),
         layer_backward(Moment.LAYER_BACKWARD_BOTTOM, "bottom", bottom, "the first layer's backward"),
     )
-    lb = max(lbs, key=lambda p: p.total_bytes)
-    lmb = PhasePeak(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward", terms=static + terms(
+    lmb = StepMoment(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward",
+                     terms=static + terms(
         bw_ws,
         *forward_saved(),
         ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
         held,
     ))
-    candidates = [ce, lb, lmb]
+    candidates = [lmb]
     if st.full:
         # [T] the end of backward: the embedding's gradient (embedding_dense_backward, [V, H]) is summed with
         # the tied lm_head's share before AccumulateGrad stores it. Under autocast that share is the fp32
@@ -199,7 +231,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
         # In a later micro-batch every .grad exists (`held`) and the new embedding gradient is added into it in
         # place: tied, the same 2 (3) buffers; untied, the new [V, H] gradient is one more buffer.
         emb = (2 if st.amp else 3) * vh_grad if arch.tie_word_embeddings else (vh_grad if later else 0)
-        end = PhasePeak(phase=Phase.BACKWARD, kind=Moment.EMBEDDING_GRAD_END,
+        end = StepMoment(phase=Phase.BACKWARD, kind=Moment.EMBEDDING_GRAD_END,
                         moment="embedding gradient (end of backward)", terms=static + terms(
             bw_ws,
             ("grads", 0 if later else grads - (vh_grad if arch.tie_word_embeddings else 0), "all other gradients"),
@@ -209,27 +241,48 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
             held,
         ))
         candidates.append(end)
-    backward = max(candidates, key=lambda p: p.total_bytes)
-    optimizer = PhasePeak(phase=Phase.OPTIMIZER, kind=Moment.OPTIMIZER_STEP,
+    optimizer = StepMoment(phase=Phase.OPTIMIZER, kind=Moment.OPTIMIZER_STEP,
                           moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
         bw_ws,
         ("grads", grads, "one gradient per trainable tensor"),
         ("optimizer_step_temporaries", opt_tmp,
          "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
-    phases = [forward, loss, *([ce, *lbs, *candidates[2:]] if all_moments else [backward]), optimizer]
+    paged = _part("paged_states", st, plan, lambda: paged_state_bytes(arch, plan, st))
+    flat = [forward, loss, *([reference] if reference is not None else []), ce, *lbs, *candidates, optimizer]
+    return StepMoments(flat, paged, st, grads)
+
+
+def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:
+    """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
+    when an engine changes them; `all_moments`: list every backward moment, not only the largest, for an engine
+    that replaces terms: optimizer/distributed/memory.py). Each phase shows its largest moment (the first of
+    equal totals); the peak is the largest phase."""
+    sm = step_moments(arch, plan, setting)
+    st = sm.setting
+    by_kind = {m.kind: m for m in sm.moments}
+    forward, ce = by_kind[Moment.FORWARD_LAST_LAYER], by_kind[Moment.CE_BACKWARD]
+    optimizer = by_kind[Moment.OPTIMIZER_STEP]
+    loss = by_kind[Moment.LOSS_FORWARD]
+    if Moment.REFERENCE_FORWARD in by_kind:
+        loss = max(loss, by_kind[Moment.REFERENCE_FORWARD], key=lambda p: p.total_bytes)
+    lbs = [by_kind[Moment.LAYER_BACKWARD_TOP], by_kind[Moment.LAYER_BACKWARD_BOTTOM]]
+    lb = max(lbs, key=lambda p: p.total_bytes)
+    rest = [by_kind[k] for k in (Moment.LM_HEAD_BACKWARD, Moment.EMBEDDING_GRAD_END) if k in by_kind]
+    backward = max([ce, lb, *rest], key=lambda p: p.total_bytes)
+    phases = [forward, loss, *([ce, *lbs, *rest] if all_moments else [backward]), optimizer]
     peak = max(phases, key=lambda p: p.total_bytes)
     trainable, all_params = _part("params", st, plan, lambda: count_params(arch, plan))
     large = large_blocks_at(arch, plan, peak.kind)
     reserved = reserved_bytes(peak.total_bytes, large)
-    paged = _part("paged_states", st, plan, lambda: paged_state_bytes(arch, plan, st))
-    notes = _notes(arch, plan, st, grads)
+    paged = sm.managed_bytes
+    notes = _notes(arch, plan, st, sm.grads_bytes)
     return Estimate(
         arch=arch.name,
         trainable_params=trainable,
         all_params=all_params,
-        tokens_per_micro_batch=N,
-        phases=phases,
+        tokens_per_micro_batch=st.tokens,
+        phases=[p.peak() for p in phases],
         peak_phase=peak.phase,
         peak_allocated_bytes=peak.total_bytes,
         peak_reserved_bytes=reserved + paged,
