@@ -36,7 +36,7 @@ _.control
 # attributes libraries read (transformers, bitsandbytes, PEFT, OR-Tools)
 _.use_cache, _.is_quantized, _.quantization_method, _.is_loaded_in_4bit, _.is_loaded_in_8bit
 _.param_names, _.compress_statistics, _.bnb_quantized, _.has_fp16_weights
-_.num_workers, _.random_seed, _.max_time_in_seconds, _.cp_model_probing_level, _.find_big_linear_overlap
+_.num_workers, _.random_seed, _.max_time_in_seconds, _.cp_model_probing_level, _.find_big_linear_overlap, _.cp_model_presolve
 
 # the tracker's diagnostic counter, read by tests/test_trace.py
 _.inplace_accumulations

@@ -43,9 +43,25 @@ def reserved_bytes(peak_allocated: int, large_blocks: list[int]) -> int:
     cal = _calibration.get()
     if cal is not None:
         return cal.reserved_bytes(peak_allocated)
+    return round_up(peak_allocated + reserved_overhead(large_blocks), ROUND_LARGE)
+
+
+def reserved_overhead(large_blocks: list[int]) -> int:
+    """What `reserved_bytes` adds to the peak allocated bytes before its 2 MiB rounding (the sourced model):
+    the big blocks' rounding, the 20 MiB and 2 MiB segments, the largest block freed-but-cached."""
     rounding = sum(round_up(b, ROUND_LARGE) - b for b in large_blocks if b > 10 * MIB)
     cached = max([b for b in large_blocks] + [0])
-    return round_up(peak_allocated + rounding + LARGE_BUFFER + ROUND_LARGE + cached, ROUND_LARGE)
+    return rounding + LARGE_BUFFER + ROUND_LARGE + cached
+
+
+def allocated_limit(device_budget: int, managed: int = 0) -> int | None:
+    """The largest `peak allocated + reserved_overhead(blocks)` whose device peak (`device_peak_for`) stays within
+    `device_budget`: reserved = round_up(x, 2 MiB) <= budget - managed - context holds exactly when x <= that
+    bound floored to 2 MiB. The search states the memory bound as sums against it (search/factored.py). None while
+    a calibration profile is active (its reserved rule is not of this form)."""
+    if _calibration.get() is not None:
+        return None
+    return (device_budget - managed - CUDA_CONTEXT_BYTES) // ROUND_LARGE * ROUND_LARGE
 
 
 def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = None) -> list[int]:

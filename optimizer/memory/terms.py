@@ -30,7 +30,8 @@ from ..schema import Plan
 from .precision import Setting
 from .step import _MEMO
 
-__all__ = ["COMPONENTS", "SEARCH_KNOBS", "TermMemo", "memoized"]
+__all__ = ["COMPONENTS", "SEARCH_KNOBS", "TERM_KNOBS", "PAIRWISE_TERMS", "OVERHEAD_KNOBS", "MANAGED_KNOBS", "TermMemo",
+           "memoized", "term_knobs"]
 
 # Setting fields fixed by the finetuning type (and the problem's precision flags): the dtypes and quantization.
 _DTYPES = ("amp", "c", "ckpt_w", "train_w", "embed_w", "norm_w", "stream", "lora_w", "full", "quant", "double_quant",
@@ -105,3 +106,43 @@ def memoized(memo: TermMemo | None = None) -> Iterator[TermMemo]:
         yield memo
     finally:
         _MEMO.reset(token)
+
+
+# Each term of a moment (memory/step.py step_moments, by name) -> the search knobs its bytes depend on (the problem's
+# fixed flags aside). "accumulating" is `gradient_accumulation_steps > 1`, the only way accumulation reaches memory.
+# The search builds its memory tables over these knobs only (search/factored.py); tests/test_factored.py checks, on
+# every plan of the shipped problems, that the tables' sums equal step_moments' totals (an undeclared dependency
+# makes two plans that share the declared knobs disagree, and fails it).
+_ACC = ("accumulating",)
+_HEAD = ("finetuning_type", "flash_attn", "enable_liger_kernel") + _TOK
+TERM_KNOBS: dict[str, tuple[str, ...]] = {
+    "weights_decoder_linears": ("finetuning_type",), "weights_embed_tokens": ("finetuning_type",),
+    "weights_lm_head": ("finetuning_type",), "weights_norms": ("finetuning_type",),
+    "reference_model_weights": ("finetuning_type",),
+    "adapters": _T, "optimizer_states": _T + ("optim",), "optimizer_step_temporaries": _T + ("optim",),
+    "cublas_workspace": (), "cublas_workspace_backward": (),
+    "activations_shared": ("finetuning_type", "flash_attn") + _TOK,
+    "activations_layers": _T + ("flash_attn", "gradient_checkpointing") + _ACC + _TOK,
+    "autocast_weight_cache": ("finetuning_type", "gradient_checkpointing"),
+    "accumulated_grads": _T + _ACC, "grads": _T + _ACC,
+    "embedding_grad_transient": ("finetuning_type",) + _ACC,
+    "hidden_grad": ("finetuning_type",) + _TOK,
+    "final_norm_saved": _HEAD, "lm_head_weight_cast": _HEAD, "logits_and_loss": _HEAD, "loss_saved": _HEAD,
+    "loss_backward": _HEAD, "lm_head_backward": _HEAD,
+}
+# DPO only: the preference component's terms (they read the adapter)
+PAIRWISE_TERMS = {"policy_logits_and_logps": tuple(dict.fromkeys(_T + _HEAD)),
+                  "reference_forward": tuple(dict.fromkeys(_T + _HEAD))}
+TERM_KNOBS.update(PAIRWISE_TERMS)
+# DPO (a pairwise plan): the head's terms come from the preference component, which also reads the adapter.
+PAIRWISE_HEAD_TERMS = ("logits_and_loss", "loss_saved", "loss_backward", "lm_head_backward")
+# allocator.large_blocks_at (the peak moment's big blocks): the compute dtype, the tokens and the liger kernel
+OVERHEAD_KNOBS = ("finetuning_type", "enable_liger_kernel") + _TOK
+# step_moments' managed bytes (paged optimizer states): the trainable tensors and the optimizer
+MANAGED_KNOBS = _T + ("optim",)
+
+
+def term_knobs(name: str, pairwise: bool = False) -> tuple[str, ...]:
+    """The search knobs a term of step_moments depends on (TERM_KNOBS; DPO's head terms read the adapter too)."""
+    knobs = TERM_KNOBS[name]
+    return tuple(dict.fromkeys(_T + knobs)) if pairwise and name in PAIRWISE_HEAD_TERMS else knobs

@@ -5,8 +5,8 @@ A point is (candidate, gradient_accumulation_steps, max_samples): a `Candidate` 
 the memory knobs (built by `space`); accumulation and max_samples do not change memory. CP-SAT (`cpsat`) and the
 exhaustive oracle (`brute`) both call `point_objectives`, so they optimize the same numbers by construction.
 
-- quality: `quality.quality(plan, context)`, the evidence-based score (each term with its source in quality.py),
-  scaled by QUALITY_SCALE and rounded to an integer once, here.
+- quality: `quality.quality_terms(plan, context)`, the evidence-based score (each term with its source in
+  quality.py), each term scaled by QUALITY_SCALE and rounded to an integer, here (`quality_units`), then summed.
 - time: micro-batches x t_micro + optimizer steps x t_opt (perf.py), in whole seconds (TIME_UNIT_MS), ceil.
 - optimizer steps: transformers' count, the one formula the emitted warmup_steps also uses.
 """
@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from .space import Instance
 
 __all__ = ["Candidate", "MEM_KNOBS", "QUALITY_SCALE", "TIME_UNIT_MS", "micro_batches", "optimizer_steps",
-           "point_plan", "point_quality", "point_time", "point_objectives", "recommend", "Recommendation"]
+           "point_plan", "point_quality", "quality_units", "point_time", "point_objectives", "recommend",
+           "Recommendation"]
 
 QUALITY_SCALE = 10_000
 TIME_UNIT_MS = 1000
@@ -87,14 +88,21 @@ def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | N
             "kept_token_share": inst.coverage[c.cutoff_len], "samples_used": n}
 
 
+def quality_units(plan: dict, context: dict) -> dict[str, int]:
+    """Each term of the score in integer units: round(QUALITY_SCALE * term). The objective is their sum, so it
+    factors term by term (search/factored.py holds one table per term); the rounding is per term, at most half a
+    unit each."""
+    return {k: round(QUALITY_SCALE * v) for k, v in qm.quality_terms(plan, context).items()}
+
+
 def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
-    """round(QUALITY_SCALE * quality), cached on the instance by what the score depends on."""
+    """The sum of `quality_units`, cached on the instance by what the score depends on."""
     key = (c.finetuning_type, c.lora_rank, c.lora_target, c.cutoff_len, c.per_device_train_batch_size,
            accumulation, samples)
     q = inst.quality_cache.get(key)
     if q is None:
-        q = inst.quality_cache[key] = round(QUALITY_SCALE * qm.quality(point_plan(inst, c, accumulation, samples),
-                                                                       inst.context))
+        q = inst.quality_cache[key] = sum(quality_units(point_plan(inst, c, accumulation, samples),
+                                                        inst.context).values())
     return q
 
 

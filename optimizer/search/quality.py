@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["quality", "quality_terms", "recommended_hparams", "recipe_epochs", "lora_params", "coverage", "TIE_TOL"]
+__all__ = ["quality", "quality_terms", "TERM_INPUTS", "recommended_hparams", "recipe_epochs", "lora_params",
+           "coverage", "TIE_TOL"]
 
 # A difference below this is "no difference" (the score's resolution). POLICY: sized so that the smallest
 # documented effects the model encodes (e.g. one adapted attention matrix; Hu et al. 2021 Table 5) exceed it.
@@ -180,6 +181,23 @@ def _steps(plan: dict, context: dict) -> float:
         return float(plan["optimizer_steps"])
     n = plan.get("samples_used", context["samples_total"])
     return math.ceil(n / max(1, plan.get("effective_batch", 16))) * plan.get("num_train_epochs", 1)
+
+
+# Which plan keys each term reads (besides the context, fixed within a search): the search builds one table per term
+# over these inputs only (search/factored.py), and tests/test_factored.py checks the declaration on every point of the
+# shipped problems (a term that read an undeclared key would differ between two points that share the declared ones).
+TERM_INPUTS: dict[str, tuple[str, ...]] = {
+    "base": (),
+    "coverage_attention": ("finetuning_type", "lora_target"),
+    "batch": ("finetuning_type", "effective_batch"),
+    "steps": ("optimizer_steps", "samples_used", "effective_batch", "num_train_epochs"),
+    "epochs": ("num_train_epochs",),
+    "data": ("finetuning_type", "lora_rank", "lora_target", "samples_used", "kept_token_share", "num_train_epochs"),
+    "kept_tokens": ("kept_token_share",),
+    "quantization": ("finetuning_type",),
+    "learning_rate": ("learning_rate", "finetuning_type", "lora_rank", "samples_used", "optimizer_steps",
+                      "effective_batch", "num_train_epochs"),
+}
 
 
 def quality_terms(plan: dict, context: dict) -> dict[str, float]:

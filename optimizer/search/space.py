@@ -33,7 +33,7 @@ from .perf import (
 )
 from .problem import CustomGpu, DatasetSummary, Problem
 
-__all__ = ["Instance", "build_instance", "plan_for"]
+__all__ = ["Instance", "build_instance", "enumerate_instance", "plan_for", "micro_ms", "opt_ms"]
 
 
 @dataclass
@@ -173,9 +173,12 @@ def _unique(values: list) -> list:
     return list(dict.fromkeys(values))
 
 
-def build_instance(problem: Problem, base: Path | None = None, dist: DistSettings | None = None) -> Instance:
+def build_instance(problem: Problem, base: Path | None = None, dist: DistSettings | None = None,
+                   enumerate_settings: bool = True) -> Instance:
     """The instance of one GPU, or of `dist` (several GPUs: per-GPU memory from distributed.per_gpu, host RAM per
-    node bounded by dist.host_ram_gib, samples split over the GPUs, communication per optimizer step)."""
+    node bounded by dist.host_ram_gib, samples split over the GPUs, communication per optimizer step).
+    `enumerate_settings=False`: domains, data and objectives' context only (search/factored.py builds its tables
+    from them); otherwise every memory setting is judged too (`enumerate_instance`)."""
     arch = resolve_model(problem, base)
     gpu = resolve_gpu(problem)
     domains, notes = _domains(problem, arch, gpu)
@@ -227,6 +230,15 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         inst.epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
     for n in domains["max_samples"]:
         inst.samples_used[n] = ds.num_samples if n is None else min(n, ds.num_samples)
+    if enumerate_settings:
+        enumerate_instance(inst)
+    return inst
+
+
+def enumerate_instance(inst: Instance) -> Instance:
+    """Every memory setting judged by `estimate` (the staircase per setting of the other knobs), the feasible ones
+    kept as `inst.combos`: what brute force (the oracle) and CP-SAT's table encoding of several GPUs search."""
+    domains = inst.domains
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
              "enable_liger_kernel"]
@@ -347,28 +359,51 @@ def dist_peak(inst: Instance, plan: Plan, est) -> int:
     return d.device_peak_bytes
 
 
-def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: bool, accumulated: bool) -> None:
-    full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
-    ft = knobs["finetuning_type"]
-    plan = plan_for(inst.arch, inst.gpu, full, plan_fields(inst, ft, knobs["lora_rank"]))
-    ds = inst.summary
-    is_full = ft == "full"
+def micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, cutoff: int, batch: int,
+             gc: bool) -> int:
+    """One micro-batch, ms (ceil): perf.micro_batch_seconds at the data's expected padded length."""
+    plan = plan_for(inst.arch, inst.gpu, {"finetuning_type": ft, "lora_rank": lora_rank, "lora_target": lora_target,
+                                          "cutoff_len": cutoff, "per_device_train_batch_size": batch,
+                                          "gradient_checkpointing": gc, "flash_attn": "auto", "optim": "adamw_torch",
+                                          "enable_liger_kernel": False})
     trainable, _ = count_params(inst.arch, plan)
     if inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
     else:
-        seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
-    micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=knobs["gradient_checkpointing"],
-                                  batch=batch, seq_len=seq, lora_params=0 if is_full else trainable)
+        seq = expected_padded_len(inst.summary.token_length_percentiles, cutoff, batch)
+    micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=gc, batch=batch, seq_len=seq,
+                                  lora_params=0 if ft == "full" else trainable)
+    return math.ceil(micro_s * 1000)
+
+
+def opt_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, plan: Plan | None = None) -> int:
+    """One optimizer step, ms (ceil), with the communication of several GPUs (not overlapped; distributed/comm.py).
+    `plan`: a plan of these knobs, when the caller has one (several GPUs need it)."""
+    plan = plan or plan_for(inst.arch, inst.gpu, {"finetuning_type": ft, "lora_rank": lora_rank,
+                                                  "lora_target": lora_target, "cutoff_len": 512,
+                                                  "per_device_train_batch_size": 1, "gradient_checkpointing": True,
+                                                  "flash_attn": "auto", "optim": "adamw_torch",
+                                                  "enable_liger_kernel": False})
+    trainable, _ = count_params(inst.arch, plan)
     opt_s = optimizer_step_seconds(trainable, inst.gpu)
-    if inst.dist is not None:  # communication of one optimizer step, not overlapped (distributed/comm.py)
+    if inst.dist is not None:
         total = count_params(inst.arch, Plan(finetuning_type="full"))[1]
         d = per_gpu(inst.arch, plan, inst.dist)
-        opt_s += comm_time_s(d, trainable, max(total - trainable, 0) if not is_full else 0, inst.gpu).seconds
+        opt_s += comm_time_s(d, trainable, max(total - trainable, 0) if ft != "full" else 0, inst.gpu).seconds
+    return math.ceil(opt_s * 1000)
+
+
+def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: bool, accumulated: bool) -> None:
+    full = {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch}
+    ft = knobs["finetuning_type"]
+    plan = plan_for(inst.arch, inst.gpu, full, plan_fields(inst, ft, knobs["lora_rank"]))
     index = tuple(
         0 if full[k] is None else inst.domains[k].index(full[k]) for k in MEM_KNOBS
     )
     inst.combos.append(Candidate(
-        **{k: full[k] for k in MEM_KNOBS}, index=index, micro_ms=math.ceil(micro_s * 1000),
-        opt_ms=math.ceil(opt_s * 1000), fits_single=single, fits_accumulated=accumulated,
+        **{k: full[k] for k in MEM_KNOBS}, index=index,
+        micro_ms=micro_ms(inst, ft, knobs["lora_rank"], knobs["lora_target"], cutoff, batch,
+                          knobs["gradient_checkpointing"]),
+        opt_ms=opt_ms(inst, ft, knobs["lora_rank"], knobs["lora_target"], plan),
+        fits_single=single, fits_accumulated=accumulated,
     ))
