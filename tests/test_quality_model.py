@@ -135,11 +135,11 @@ def test_terms_add_up_to_the_score():
 # not 16; the 4.7M LoRA of Table 4 is Wv r=2) and exposed the LoRA large-batch term (onset 32) against Hu et al.'s
 # LoRA >= full FT at 100-128: 34/41 = 0.829. "LoRA Without Regret" states no onset (its text names only 32, where the
 # gap is small and shrinking), so the LoRA-only term now starts at 128, the largest batch with a published no-gap
-# number (Hu et al.): 36/41 = 0.878. The five left (Table 5 MNLI within coverage saturation, LoRA > full FT twice,
-# LIMA's data quality, Raschka's second epoch) are not batch rows; no sourced change for them is in hand, so the floor
-# is the measured 0.87, not the goal.
+# number (Hu et al.): 36/41 = 0.878. The issue-12 follow-up added 12 rows read after the constants were set (QLoRA
+# Table 3 on T5-80M..11B, Hu et al. Table 4 SAMSum and Table 18, Sun et al. 2023): the score orders 5 of them, so all
+# 53 rows give 41/53 = 0.774. The rows left say why in their `disagreement` field; the floor is the measured 0.77.
 AGREEMENT_GOAL = 0.9
-AGREEMENT_FLOOR = 0.87
+AGREEMENT_FLOOR = 0.77
 
 
 def test_agreement_with_published_comparisons():

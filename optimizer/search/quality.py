@@ -7,7 +7,8 @@ model on ONE dataset; it is not a prediction of eval loss and says nothing acros
 
 Every constant is marked EVIDENCE (a published number or ordering fixes it) or POLICY (our choice; the source
 only fixes the direction). The scale of the POLICY weights was set while reading the comparisons in
-`benchmarks/quality_evidence.yaml`, so the agreement that `benchmarks/quality.py` reports is in-sample.
+`benchmarks/quality_evidence.yaml`, so the agreement that `benchmarks/quality.py` reports is in-sample, except for
+the rows marked `sample: added` (read after the constants were set), which it reports apart.
 
 Legend used in formulas:
     N  model parameters (context["model_params"])
