@@ -93,6 +93,16 @@ def test_rank_flat_on_small_data(n, tok, ft, tgt, r1, r2):
 
 
 @settings(max_examples=100, deadline=None)
+@given(contexts, ranks, targets, batches, epochs, st.floats(5e7, 1e11))
+def test_4bit_base_is_a_tie_at_every_model_size(ctx, r, tgt, b, ep, n_params):
+    """QLoRA Table 3 (T5-80M..11B) and Table 4 (LLaMA 7-65B): NF4 within noise of 16-bit at every size measured."""
+    ctx = {**ctx, "model_params": n_params}
+    lora = qm.quality(_plan("lora", r, tgt, b, ep), ctx)
+    nf4 = qm.quality(_plan("qlora4", r, tgt, b, ep), ctx)
+    assert 0.0 < lora - nf4 <= qm.TIE_TOL
+
+
+@settings(max_examples=100, deadline=None)
 @given(contexts, st.sampled_from(["lora", "qlora4", "full"]), ranks, targets, st.floats(-2.0, 2.0))
 def test_learning_rate_term_peaks_at_recipe(ctx, ft, r, tgt, log_offset):
     plan = _plan(ft, r, tgt, 16, 1)
@@ -136,10 +146,13 @@ def test_terms_add_up_to_the_score():
 # LoRA >= full FT at 100-128: 34/41 = 0.829. "LoRA Without Regret" states no onset (its text names only 32, where the
 # gap is small and shrinking), so the LoRA-only term now starts at 128, the largest batch with a published no-gap
 # number (Hu et al.): 36/41 = 0.878. The issue-12 follow-up added 12 rows read after the constants were set (QLoRA
-# Table 3 on T5-80M..11B, Hu et al. Table 4 SAMSum and Table 18, Sun et al. 2023): the score orders 5 of them, so all
-# 53 rows give 41/53 = 0.774. The rows left say why in their `disagreement` field; the floor is the measured 0.77.
+# Table 3 on T5-80M..11B, Hu et al. Table 4 SAMSum and Table 18, Sun et al. 2023): the score as it was ordered 5 of
+# them (41/53 = 0.774). QLoRA Table 3 measured no 4-bit loss at any size, against the size-scaled 4-bit penalty
+# (POLICY from one model card), so the penalty is flat; that fixes the five T5 rows (now in-sample) and unfixes the
+# Phi-2 GSM8K row: 44/53 = 0.830 (in-sample 40/46, added later 4/7). The nine rows left say why in their
+# `disagreement` field; no sourced general rule for them is in hand, so the floor is the measured 0.83, not the goal.
 AGREEMENT_GOAL = 0.9
-AGREEMENT_FLOOR = 0.77
+AGREEMENT_FLOOR = 0.83
 
 
 def test_agreement_with_published_comparisons():
