@@ -93,6 +93,16 @@ def test_rank_flat_on_small_data(n, tok, ft, tgt, r1, r2):
 
 
 @settings(max_examples=100, deadline=None)
+@given(contexts, ranks, targets, batches, epochs, st.floats(5e7, 1e11))
+def test_4bit_base_is_a_tie_at_every_model_size(ctx, r, tgt, b, ep, n_params):
+    """QLoRA Table 3 (T5-80M..11B) and Table 4 (LLaMA 7-65B): NF4 within noise of 16-bit at every size measured."""
+    ctx = {**ctx, "model_params": n_params}
+    lora = qm.quality(_plan("lora", r, tgt, b, ep), ctx)
+    nf4 = qm.quality(_plan("qlora4", r, tgt, b, ep), ctx)
+    assert 0.0 < lora - nf4 <= qm.TIE_TOL
+
+
+@settings(max_examples=100, deadline=None)
 @given(contexts, st.sampled_from(["lora", "qlora4", "full"]), ranks, targets, st.floats(-2.0, 2.0))
 def test_learning_rate_term_peaks_at_recipe(ctx, ft, r, tgt, log_offset):
     plan = _plan(ft, r, tgt, 16, 1)
@@ -135,11 +145,15 @@ def test_terms_add_up_to_the_score():
 # not 16; the 4.7M LoRA of Table 4 is Wv r=2) and exposed the LoRA large-batch term (onset 32) against Hu et al.'s
 # LoRA >= full FT at 100-128: 34/41 = 0.829. "LoRA Without Regret" states no onset (its text names only 32, where the
 # gap is small and shrinking), so the LoRA-only term now starts at 128, the largest batch with a published no-gap
-# number (Hu et al.): 36/41 = 0.878. The five left (Table 5 MNLI within coverage saturation, LoRA > full FT twice,
-# LIMA's data quality, Raschka's second epoch) are not batch rows; no sourced change for them is in hand, so the floor
-# is the measured 0.87, not the goal.
+# number (Hu et al.): 36/41 = 0.878. The issue-12 follow-up added 12 rows read after the constants were set (QLoRA
+# Table 3 on T5-80M..11B, Hu et al. Table 4 SAMSum and Table 18, Sun et al. 2023): the score as it was ordered 5 of
+# them (41/53 = 0.774). QLoRA Table 3 measured no 4-bit loss at any size, against the size-scaled 4-bit penalty
+# (POLICY from one model card), so the penalty is flat; that fixes the five T5 rows (now in-sample) and unfixes the
+# Phi-2 GSM8K row: 44/53 = 0.830. Eight more rows from Hu et al. Table 15 (equal-budget targets, rank on MNLI;
+# constants untouched) score 3/8: 48/61 = 0.787 (in-sample 40/46, added later 8/15). The rows left say why in their
+# `disagreement` field; no sourced general rule for them is in hand, so the floor is the measured 0.78, not the goal.
 AGREEMENT_GOAL = 0.9
-AGREEMENT_FLOOR = 0.87
+AGREEMENT_FLOOR = 0.78
 
 
 def test_agreement_with_published_comparisons():
