@@ -185,3 +185,25 @@ def test_cli_data_reports_text_and_image_tokens(tmp_path):
     gone = CliRunner().invoke(app, ["data", path, "--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
     assert gone.exit_code == 1 and "Traceback" not in gone.output
     assert gone.output.count("\n") == 1 and "image 'a.png' does not exist" in gone.output
+
+
+def test_estimate_vlm_adds_the_frozen_vision_tower_and_refuses_what_is_not_modelled():
+    from optimizer.errors import ConfigError
+    from optimizer.memory.step import estimate
+    from optimizer.models.arch import vision_param_counts
+    from optimizer.schema import Plan
+
+    vl, text = models()["Qwen/Qwen2.5-VL-3B-Instruct"], models()["Qwen/Qwen2.5-3B-Instruct"]
+    plan = Plan(bf16=True, per_device_train_batch_size=2, cutoff_len=2048)
+    a, b = estimate(vl, plan), estimate(text, plan)
+    # LoRA `all` skips visual.*: the trainable count is the text model's (PEFT's 14,966,784 for r 8, 36 layers)
+    assert a.trainable_params == b.trainable_params == 14_966_784
+    assert a.all_params == 3_754_622_976 + 14_966_784
+    term = next(t for ph in a.phases for t in ph.terms if t.name == "weights_vision_tower")
+    # bf16: 2 bytes per parameter, each of the 422 tensors rounded up to the allocator's 512-byte blocks
+    assert 2 * vision_param_counts(vl.vision).total <= term.bytes < 2 * vision_param_counts(vl.vision).total + 422 * 512
+    assert a.peak_allocated_bytes - b.peak_allocated_bytes == term.bytes
+    for bad, msg in ((dict(quantization_bit=4), "quantization_bit 4 with a vision-language model is not modelled"),
+                     (dict(finetuning_type="full"), "finetuning_type full of a vision-language model")):
+        with pytest.raises(ConfigError, match=msg):
+            estimate(vl, plan.model_copy(update=bad))
