@@ -207,3 +207,33 @@ def test_estimate_vlm_adds_the_frozen_vision_tower_and_refuses_what_is_not_model
                      (dict(finetuning_type="full"), "finetuning_type full of a vision-language model")):
         with pytest.raises(ConfigError, match=msg):
             estimate(vl, plan.model_copy(update=bad))
+
+
+def test_vl_config_emits_the_modelled_vision_keys_and_reads_back():
+    import yaml
+
+    from optimizer.llamafactory.read import plan_from_dict
+    from optimizer.llamafactory.write import dataset_info_entry, render_config
+    from optimizer.schema import Plan
+
+    plan = Plan(bf16=True, per_device_train_batch_size=2, cutoff_len=1024)
+    text = render_config(plan, model_name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", template="qwen2_vl", dataset="d",
+                         dataset_dir="data", output_dir="out", header=[])
+    cfg = yaml.safe_load(text)
+    assert (cfg["template"], cfg["image_max_pixels"], cfg["image_min_pixels"]) == ("qwen2_vl", 768 * 768, 32 * 32)
+    assert cfg["freeze_vision_tower"] is True and cfg["freeze_multi_modal_projector"] is True
+    # every key is a LLaMA-Factory 0.9.5 argument (keys.yaml); the writer spells out lora_alpha = 2 r
+    assert plan_from_dict(cfg)[0] == plan.model_copy(update={"lora_alpha": 16})
+    text_only = yaml.safe_load(render_config(plan, model_name_or_path="Qwen/Qwen2.5-3B-Instruct", template="qwen",
+                                             dataset="d", dataset_dir="data", output_dir="out", header=[]))
+    assert "image_max_pixels" not in text_only and "freeze_vision_tower" not in text_only
+    # a trained vision tower is refused, not mis-modelled
+    with pytest.raises(Exception, match="freeze_vision_tower: False changes memory in ways trainfit does not model"):
+        plan_from_dict({**cfg, "freeze_vision_tower": False})
+    with pytest.raises(Exception, match="freeze_multi_modal_projector: 'false' changes memory"):
+        plan_from_dict({**cfg, "freeze_multi_modal_projector": "false"})
+    # dataset_info.json names the images column when the records have one (LLaMA-Factory's mllm_demo entry)
+    assert dataset_info_entry("vl.json", "openai", {"messages", "images"})["columns"] == {
+        "messages": "messages", "images": "images"}
+    assert dataset_info_entry("vl.json", "sharegpt", {"conversations", "images"})["columns"]["images"] == "images"
+    assert "images" not in dataset_info_entry("t.json", "sharegpt", {"conversations"})["columns"]
