@@ -248,11 +248,19 @@ def data(
                                              help="alpaca, sharegpt or openai (default: detected)."),
     cutoffs: str = typer.Option("256,384,512,768,1024,1536,2048,4096", "--cutoffs",
                                 help="cutoff_len values for the coverage table."),
+    cutoff_len: int = typer.Option(2048, "--cutoff-len", min=1,
+                                   help="cutoff_len the per-sample text + image tokens are held against."),
+    image_max_pixels: int = typer.Option(768 * 768, "--image-max-pixels", min=1,
+                                         help="LLaMA-Factory image_max_pixels (default 768*768)."),
+    image_min_pixels: int = typer.Option(32 * 32, "--image-min-pixels", min=1,
+                                         help="LLaMA-Factory image_min_pixels (default 32*32)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage."""
+    """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage; with
+    images (a vision-language --model), text and image tokens per sample against --cutoff-len."""
     from .data.dataset import analyze_dataset
-    from .report import data_text
+    from .data.images import dataset_images, sample_lengths
+    from .report import data_text, images_text
 
     try:
         try:
@@ -262,9 +270,12 @@ def data(
                               f"256,512,1024.") from None
         if not cuts or min(cuts) <= 0:
             raise ConfigError("--cutoffs needs positive integers. Pass e.g. 256,512,1024.")
-        arch_type = catalog.resolve_arch(model).model_type if model else None
-        tokens = analyze_dataset(path, model=model, model_type=arch_type, template=template, tokenizer=tokenizer,
-                                 dataset=dataset, formatting=formatting)
+        arch = catalog.resolve_arch(model) if model else None
+        tokens = analyze_dataset(path, model=model, model_type=arch.model_type if arch else None, template=template,
+                                 tokenizer=tokenizer, dataset=dataset, formatting=formatting)
+        images = dataset_images(path, arch.vision if arch else None, model=model, dataset=dataset,
+                                formatting=formatting, max_pixels=image_max_pixels, min_pixels=image_min_pixels)
+        rows = sample_lengths([s.total for s in tokens.samples], images) if images is not None else None
     except USER_ERRORS as exc:
         fail(exc)
         return
@@ -275,9 +286,12 @@ def data(
         typer.echo(json.dumps({
             "source": tokens.source, "template": tokens.template, "tokenizer": tokens.tokenizer, "exact": tokens.exact,
             "summary": tokens.summary().model_dump(), "coverage": [asdict(c) for c in tokens.coverage_table(cuts)],
+            **({"cutoff_len": cutoff_len, "samples": [asdict(r) for r in rows]} if rows is not None else {}),
         }, indent=2))
     else:
         typer.echo(data_text(tokens, cuts))
+        if rows is not None:
+            typer.echo(images_text(rows, cutoff_len, image_max_pixels, image_min_pixels))
 
 
 class Solver(str, Enum):

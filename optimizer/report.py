@@ -274,3 +274,21 @@ def multi_check_extras(rep) -> str:
         lines.append("pitfalls:")
         lines += [f"  - {p.key}: {p.problem}. Fix: {p.fix}." for p in rep.pitfalls]
     return "\n".join(lines)
+
+
+def images_text(rows, cutoff_len: int, image_max_pixels: int, image_min_pixels: int, limit: int = 20) -> str:
+    """Per-sample text and image tokens (`data.images.SampleLength` rows) against cutoff_len."""
+    with_images = [r for r in rows if r.images]
+    over = [r for r in rows if r.total_tokens > cutoff_len]
+    lines = [f"images: {len(with_images)} of {len(rows)} samples, {sum(r.images for r in rows)} images, "
+             f"{sum(r.image_tokens for r in rows):,} image tokens (image_max_pixels {image_max_pixels:,}, "
+             f"image_min_pixels {image_min_pixels:,}); text + image tokens over cutoff_len {cutoff_len}: "
+             f"{len(over)} samples (LLaMA-Factory truncates them)",
+             f"{'sample':>7s} {'text':>7s} {'images':>6s} {'image tok':>9s} {'total':>7s}  vs cutoff_len {cutoff_len}"]
+    for r in rows[:limit]:
+        verdict = f"over by {r.total_tokens - cutoff_len}" if r.total_tokens > cutoff_len else "fits"
+        lines.append(f"{r.sample:7d} {r.text_tokens:7d} {r.images:6d} {r.image_tokens:9d} {r.total_tokens:7d}  "
+                     f"{verdict}")
+    if len(rows) > limit:
+        lines.append(f"... {len(rows) - limit} more samples (--json lists all)")
+    return "\n".join(lines)

@@ -11,10 +11,37 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["REFERENCE_FREE_LOSSES", "Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak",
+__all__ = ["REFERENCE_FREE_LOSSES", "VisionTower",
+           "Arch", "GpuSpec", "Plan", "MemoryTerm", "Phase", "Moment", "PhasePeak",
            "Estimate", "PHASES"]
 
 _FROZEN = ConfigDict(extra="forbid", frozen=True)
+
+
+class VisionTower(BaseModel):
+    """The vision tower of a Qwen2.5-VL model, as its config.json `vision_config` describes it (fields absent from
+    config.json take the `Qwen2_5_VLVisionConfig` defaults of transformers' configuration_qwen2_5_vl.py)."""
+
+    model_config = _FROZEN
+
+    depth: int = Field(gt=0, description="`vision_config.depth`: ViT blocks (32).")
+    hidden_size: int = Field(gt=0, description="`vision_config.hidden_size`: ViT width (1280).")
+    intermediate_size: int = Field(gt=0, description="`vision_config.intermediate_size`: gated MLP width (3420).")
+    num_heads: int = Field(gt=0, description="`vision_config.num_heads` (16).")
+    in_channels: int = Field(default=3, gt=0, description="`vision_config.in_channels` (`in_chans`): 3 (RGB).")
+    patch_size: int = Field(gt=0, description="`vision_config.patch_size`: pixels per patch side (14).")
+    spatial_merge_size: int = Field(gt=0, description="`vision_config.spatial_merge_size`: patches merged per side "
+                                    "into one text-side image token (2).")
+    temporal_patch_size: int = Field(gt=0, description="`vision_config.temporal_patch_size`: frames per patch (2; "
+                                     "an image is repeated to fill them).")
+    window_size: int = Field(gt=0, description="`vision_config.window_size`: windowed-attention side in pixels "
+                             "(112).")
+    fullatt_block_indexes: tuple[int, ...] = Field(
+        description="`vision_config.fullatt_block_indexes`: blocks with full attention over the image; the others "
+        "attend within windows."
+    )
+    out_hidden_size: int = Field(gt=0, description="`vision_config.out_hidden_size`: the merger's output width, the "
+                                 "text decoder's hidden_size.")
 
 
 class Arch(BaseModel):
@@ -52,6 +79,9 @@ class Arch(BaseModel):
     fused_gate_up: bool = Field(default=False, description="One `gate_up_proj` Linear instead of gate/up (Phi-3).")
     final_logit_softcapping: float | None = Field(
         default=None, description="config.json `final_logit_softcapping` (Gemma 2): tanh capping of the logits."
+    )
+    vision: VisionTower | None = Field(
+        default=None, description="The vision tower of a vision-language model (None: a text-only decoder)."
     )
     source: str = Field(default="", description="Where these numbers come from.")
 

@@ -15,7 +15,13 @@ import pytest
 import yaml
 
 from optimizer.errors import CatalogError
-from optimizer.models.arch import SUPPORTED_MODEL_TYPES, layer_linears, param_counts
+from optimizer.models.arch import (
+    SUPPORTED_MODEL_TYPES,
+    arch_from_config,
+    layer_linears,
+    param_counts,
+    vision_param_counts,
+)
 from optimizer.models.catalog import get_gpu, gpus, model_configs, models, resolve_arch, resolve_config
 from optimizer.schema import GpuSpec
 
@@ -65,6 +71,11 @@ GOLDEN_PARAMS: dict[str, int] = {
     "google/gemma-3-27b-it": 27_009_346_304,  # text tower only
     "microsoft/Phi-3.5-mini-instruct": 3_821_079_552,  # phi3: fused qkv_proj, gate_up_proj
     "microsoft/phi-4": 14_659_507_200,
+    # Qwen2.5-VL: the Hugging Face safetensors metadata totals of Qwen/Qwen2.5-VL-3B-Instruct / -7B-Instruct
+    # (text decoder 3,085,938,688 / 7,615,616,512 + vision tower and merger 668,684,288 / 676,550,144); the same
+    # numbers as Qwen2_5_VLForConditionalGeneration on the meta device (test below).
+    "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976,
+    "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656,
 }
 
 _GPU_ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -202,7 +213,11 @@ def test_param_counts_match_transformers_on_meta():
         model_type = cfg.pop("model_type")
         config = AutoConfig.for_model(model_type, **cfg)
         with torch.device("meta"):
-            if model_type == "gemma3_text":
+            if model_type == "qwen2_5_vl":
+                from transformers import Qwen2_5_VLForConditionalGeneration
+
+                model = Qwen2_5_VLForConditionalGeneration(config)
+            elif model_type == "gemma3_text":
                 from transformers import Gemma3ForCausalLM
 
                 model = Gemma3ForCausalLM(config)
@@ -213,10 +228,15 @@ def test_param_counts_match_transformers_on_meta():
         predicted = param_counts(arch).total
         if counted != predicted:
             problems.append(f"{mid}: transformers {counted:,} != param_counts {predicted:,}")
+        if arch.vision is not None:
+            visual = sum(p.numel() for p in model.model.visual.parameters())
+            if visual != vision_param_counts(arch.vision).total:
+                problems.append(f"{mid}: visual {visual:,} != vision_param_counts "
+                                f"{vision_param_counts(arch.vision).total:,}")
         if mid in GOLDEN_PARAMS and counted != GOLDEN_PARAMS[mid]:
             problems.append(f"{mid}: transformers {counted:,} != golden {GOLDEN_PARAMS[mid]:,}")
         # Totals cannot see fused vs split projections; compare layer 0's Linear modules too.
-        layer = model.model.layers[0]
+        layer = (model.model.language_model if model_type == "qwen2_5_vl" else model.model).layers[0]
         real = {name.rsplit(".", 1)[-1]: (mod.in_features, mod.out_features, mod.bias is not None)
                 for name, mod in layer.named_modules() if isinstance(mod, torch.nn.Linear)}
         ours = {m.name: (m.in_features, m.out_features, m.bias) for m in layer_linears(arch)}
@@ -294,3 +314,28 @@ def test_resolve_config_returns_a_copy_of_the_catalog_config():
     assert cfg["model_type"] == "qwen2" and cfg["hidden_size"] == 2048
     cfg["hidden_size"] = 1
     assert resolve_config("Qwen/Qwen2.5-3B-Instruct")["hidden_size"] == 2048
+
+
+def test_qwen25_vl_vision_tower_from_config():
+    # vision_config of the 3B lists hidden_size 1280 and out_hidden_size 2048; the rest are the
+    # Qwen2_5_VLVisionConfig defaults (transformers configuration_qwen2_5_vl.py).
+    arch = models()["Qwen/Qwen2.5-VL-3B-Instruct"]
+    v = arch.vision
+    assert (v.depth, v.hidden_size, v.intermediate_size, v.num_heads, v.patch_size, v.spatial_merge_size,
+            v.temporal_patch_size, v.window_size, v.fullatt_block_indexes, v.out_hidden_size) == (
+        32, 1280, 3420, 16, 14, 2, 2, 112, (7, 15, 23, 31), 2048)
+    assert (arch.qkv_bias, arch.o_bias, arch.hidden_size, arch.tie_word_embeddings) == (True, False, 2048, True)
+    assert models()["Qwen/Qwen2.5-VL-7B-Instruct"].vision.out_hidden_size == 3584
+    assert models()["Qwen/Qwen2.5-3B-Instruct"].vision is None
+    # the text decoder alone is Qwen2.5-3B-Instruct's
+    assert param_counts(arch).total - param_counts(arch).vision == GOLDEN_PARAMS["Qwen/Qwen2.5-3B-Instruct"]
+
+
+def test_qwen25_vl_without_vision_config_is_refused():
+    cfg = dict(model_configs()["Qwen/Qwen2.5-VL-3B-Instruct"]["config"])
+    del cfg["vision_config"]
+    with pytest.raises(CatalogError, match="no vision_config object"):
+        arch_from_config(cfg, "x")
+    cfg["vision_config"] = {"depth": 0}
+    with pytest.raises(CatalogError, match="vision_config.depth"):
+        arch_from_config(cfg, "x")

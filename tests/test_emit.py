@@ -343,6 +343,8 @@ EXPECTED_TEMPLATES = {
     "google/gemma-3-1b-it": "gemma2", "google/gemma-3-4b-it": "gemma3", "google/gemma-3-12b-it": "gemma3",
     "google/gemma-3-27b-it": "gemma3",
     "microsoft/Phi-3.5-mini-instruct": "phi", "microsoft/phi-4": "phi4",
+    # LLaMA-Factory 0.9.5 extras/constants.py: Qwen2.5-VL-*-Instruct registered with template="qwen2_vl"
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_vl", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_vl",
 }
 
 
@@ -369,6 +371,7 @@ def test_template_for_every_catalog_model():
     ("HuggingFaceTB/SmolLM2-360M-Instruct", "llama", "smollm2"),
     ("google/gemma-3-270m-it", "gemma3_text", "gemma2"),
     ("microsoft/Phi-3-mini-4k-instruct", "phi3", "phi"),
+    ("Qwen/Qwen2.5-VL-32B-Instruct", "qwen2_5_vl", "qwen2_vl"),  # a VL sibling: qwen2_vl, not qwen
     ("/home/me/ckpt/Mistral-7B-Instruct-v0.2", "mistral", "mistral"),
 ])
 def test_template_rules_for_other_ids(model_id, model_type, template):
@@ -376,7 +379,7 @@ def test_template_rules_for_other_ids(model_id, model_type, template):
 
 
 @pytest.mark.parametrize("model_id,model_type", [
-    ("Qwen/Qwen2.5-VL-7B-Instruct", "qwen2_5_vl"),  # a VL sibling: qwen2_vl, not qwen
+    ("Qwen/Qwen2-VL-7B-Instruct", "qwen2_vl"),  # Qwen2-VL (not modelled; LLaMA-Factory: qwen2_vl)
     ("microsoft/Phi-4-mini-instruct", "phi3"),  # phi4_mini
     ("mistralai/Mistral-Small-24B-Instruct-2501", "mistral"),  # mistral_small
     ("/models/my-finetune", "qwen2"),

@@ -43,3 +43,7 @@ _.inplace_accumulations
 
 # arguments of patched library functions (same signature as the library's)
 _.position_ids, _.col_stats, _.out_col, _.grad_inputs, _.grad_outputs
+
+# VisionTower fields copied from config.json `vision_config` (read by tests/test_catalog.py; the vision activations
+# that need them are not modelled yet)
+_.num_heads, _.window_size, _.fullatt_block_indexes

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..schema import DatasetSummary
+from .images import IMAGE_PLACEHOLDER
 from .read import Conversation, DatasetError, read_files, resolve_source
 from .templates import BOS, EOS, ChatTemplate, get_template, render_turns, template_for_model
 from .tokens import TokenCounter, count_with_specials, resolve_counter
@@ -41,7 +42,7 @@ __all__ = [
     "cache_dir",
 ]
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the <image> placeholders of samples with images are not counted as text
 SUMMARY_PERCENTILES = (0, 10, 20, 30, 40, 50, 60, 70, 80, 90, 95, 99, 100)
 
 
@@ -270,7 +271,9 @@ def _count_conversations(convs: Sequence[Conversation], template: ChatTemplate, 
     rendered = []
     for i, c in enumerate(convs):
         try:
-            rendered.append(render_turns(template, list(c.messages), c.system, c.tools))
+            # an image's <image> placeholder becomes image tokens (optimizer.data.images), not text
+            msgs = [(r, t.replace(IMAGE_PLACEHOLDER, "")) for r, t in c.messages] if c.images else list(c.messages)
+            rendered.append(render_turns(template, msgs, c.system, c.tools))
         except (ValueError, TypeError) as exc:
             raise DatasetError(f"{where}: sample {i + 1} has a function-call message that is not a JSON tool call "
                                f"({exc}). Write it as {{\"name\": ..., \"arguments\": {{...}}}}.") from None

@@ -22,6 +22,7 @@ a non-string content) is a :class:`DatasetError` that names the file, the row an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class DatasetFormat:
     observation_tag: str | None = "observation"
     function_tag: str | None = "function_call"
     system_tag: str | None = "system"
+    images: str | None = None  # LLaMA-Factory DatasetAttr.images: the column of image paths (None: no images)
 
     @classmethod
     def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json") -> DatasetFormat:
@@ -79,7 +81,7 @@ class DatasetFormat:
         if cols is not None:
             if not isinstance(cols, dict):
                 raise DatasetError(f"{where}: 'columns' must be an object. Map LLaMA-Factory names to your keys.")
-            for name in ("prompt", "query", "response", "history", "messages", "system", "tools"):
+            for name in ("prompt", "query", "response", "history", "messages", "system", "tools", "images"):
                 kw[name] = cols.get(name)
         tags = entry.get("tags")
         if tags is not None:
@@ -96,11 +98,12 @@ class DatasetFormat:
         tools) or openai (messages with role/content, as sharegpt tags, the way trainfit's dataset_info.json
         declares it)."""
         if formatting == "alpaca":
-            return cls(history="history", system="system")
+            return cls(history="history", system="system", images="images")
         if formatting == "sharegpt":
-            return cls(formatting="sharegpt", system="system", tools="tools")
+            return cls(formatting="sharegpt", system="system", tools="tools", images="images")
         if formatting == "openai":
-            return cls(formatting="sharegpt", messages="messages", system="system", tools="tools", role_tag="role",
+            return cls(formatting="sharegpt", messages="messages", system="system", tools="tools", images="images",
+                       role_tag="role",
                        content_tag="content", user_tag="user", assistant_tag="assistant", observation_tag="tool",
                        system_tag="system")
         raise DatasetError(f"dataset formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")
@@ -116,6 +119,7 @@ class Conversation:
     messages: tuple[tuple[str, str], ...]
     system: str = ""
     tools: str = ""
+    images: tuple[str, ...] = ()  # image paths, resolved as LLaMA-Factory's converter does (see _images)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -524,5 +528,25 @@ def read_files(files: list[Path], fmt: DatasetFormat | None) -> list[Conversatio
             where = f"{f}: {label}"
             if not isinstance(rec, dict):
                 raise DatasetError(f"{where} is {_kind(rec)}, not a record. Each sample must be a JSON object.")
-            out.append(conv(rec, ffmt, where))
+            c = conv(rec, ffmt, where)
+            images = _images(rec, ffmt, where, f.parent)
+            out.append(dataclasses.replace(c, images=images) if images else c)
     return out
+
+
+def _images(rec: dict, fmt: DatasetFormat, where: str, media_dir: Path) -> tuple[str, ...]:
+    """A record's image paths. [S] LLaMA-Factory data/converter.py::DatasetConverter._find_medias: a single value
+    becomes a one-item list; a string path is joined to `media_dir` (default: the dataset folder) when that file
+    exists, and kept as written otherwise."""
+    if not fmt.images or rec.get(fmt.images) is None:
+        return ()
+    value = rec[fmt.images]
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for k, item in enumerate(items):
+        if not isinstance(item, str):
+            raise DatasetError(f"{where}: '{fmt.images}' item {k + 1} is {_kind(item)}, not a file path. Write "
+                               "each image as a path string (relative to the data file's folder).")
+        joined = media_dir / item
+        out.append(str(joined) if joined.is_file() else item)
+    return tuple(out)

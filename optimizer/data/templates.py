@@ -147,6 +147,18 @@ _ALL: tuple[ChatTemplate, ...] = (
         tool_style="qwen",
         special=_IM,
     ),
+    # [S] LLaMA-Factory data/template.py `qwen2_vl`: "copied from qwen template", default_system "You are a helpful
+    # assistant."; its qwen2_vl mm_plugin turns each <image> into image tokens (counted in optimizer.data.images)
+    ChatTemplate(
+        name="qwen2_vl",
+        user=_CHATML_USER,
+        assistant=_CHATML_ASSISTANT,
+        system=_CHATML_SYSTEM,
+        observation=_QWEN_OBS,
+        default_system="You are a helpful assistant.",
+        tool_style="qwen",
+        special=_IM,
+    ),
     ChatTemplate(
         name="qwen3",
         user=_CHATML_USER,

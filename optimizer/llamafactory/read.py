@@ -33,6 +33,8 @@ NOT_MODELLED: dict[str, Any] = {
     "use_adam_mini": False, "use_muon": False, "use_dora": False, "pissa_init": False, "use_llama_pro": False,
     "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
+    # vision-language models: only the frozen vision tower and merger are modelled (optimizer/memory/precision.py)
+    "freeze_vision_tower": True, "freeze_multi_modal_projector": True, "freeze_language_model": False,
 }
 
 # `deepspeed:` (a LLaMA-Factory train argument naming a DeepSpeed JSON) is accepted and ignored by the single-GPU plan:
@@ -87,7 +89,13 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
         elif isinstance(value, int) and abs(value) >= 1 << 63:
             problems.append(f"{key}: {_short(value)} does not fit in 64 bits")
     for key, harmless in NOT_MODELLED.items():
-        if key in data and data[key] not in (harmless, None, False, "", "none"):
+        if key not in data or data[key] is None:
+            continue
+        if harmless is True:  # a default-true switch: only true is harmless
+            bad = _lower_bool(data[key]) is not True
+        else:
+            bad = data[key] not in (harmless, None, False, "", "none")
+        if bad:
             problems.append(f"{key}: {_short(data[key])} changes memory in ways trainfit does not model yet; "
                             "remove it to estimate")
     stage = data.get("stage", "sft")

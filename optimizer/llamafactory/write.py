@@ -30,6 +30,7 @@ from typing import Any
 
 import yaml
 
+from ..data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
 from ..errors import ConfigError
 from ..schema import Plan
 from ..search.objectives import optimizer_steps
@@ -102,6 +103,8 @@ def _format_value(key: str, value: Any) -> str:
 DEFAULT_WARMUP_STEPS = 10  # when neither `extra` nor the plan's max_samples tells the number of steps
 
 SECTIONS = ("model", "method", "dataset", "output", "train", "eval")
+# LLaMA-Factory templates of the vision-language models trainfit models (models/families.py: Qwen2.5-VL)
+VISION_TEMPLATES = ("qwen2_vl",)
 
 _OUTPUT_KEYS = frozenset({
     "output_dir", "overwrite_output_dir", "logging_steps", "logging_strategy", "logging_first_step", "save_steps",
@@ -205,6 +208,15 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
         method["lora_target"] = plan.lora_target
         if plan.additional_target:
             method["additional_target"] = plan.additional_target
+
+    if template in VISION_TEMPLATES:
+        # what the memory model assumes (LLaMA-Factory's defaults, written out): the vision tower and the merger
+        # frozen [S] hparams/finetuning_args.py; images resized within 768*768 / 32*32 pixels [S]
+        # hparams/model_args.py ProcessorArguments (optimizer/data/images.py counts their tokens)
+        model["image_max_pixels"] = IMAGE_MAX_PIXELS
+        model["image_min_pixels"] = IMAGE_MIN_PIXELS
+        method["freeze_vision_tower"] = True
+        method["freeze_multi_modal_projector"] = True
 
     data: dict[str, Any] = {"dataset_dir": dataset_dir, "dataset": dataset, "template": template,
                             "cutoff_len": plan.cutoff_len}
@@ -370,16 +382,21 @@ def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None
             for role, key in (("system", "system"), ("history", "history")):
                 if key in present:
                     cols[role] = key
+        if present is not None and "images" in present:
+            cols["images"] = "images"
         return {"file_name": file_name, "formatting": "alpaca", "columns": cols}
     if formatting == "sharegpt":
         cols = {"messages": "conversations"}
         if present is not None:
-            for key in ("system", "tools"):
+            for key in ("system", "tools", "images"):
                 if key in present:
                     cols[key] = key
         return {"file_name": file_name, "formatting": "sharegpt", "columns": cols}
     if formatting == "openai":
-        return {"file_name": file_name, "formatting": "sharegpt", "columns": {"messages": "messages"},
+        cols = {"messages": "messages"}
+        if present is not None and "images" in present:  # LLaMA-Factory's mllm_demo: columns.images = "images"
+            cols["images"] = "images"
+        return {"file_name": file_name, "formatting": "sharegpt", "columns": cols,
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}}
     raise ConfigError(f"dataset formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")

@@ -85,6 +85,8 @@ def lora_targets(arch: Arch, plan: Plan) -> tuple[str, ...]:
 
 
 def setting_for(arch: Arch, plan: Plan) -> Setting:
+    if arch.vision is not None:
+        _check_vision(arch, plan)
     ckpt_w = DTYPE_BYTES[arch.torch_dtype]
     amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
     full = plan.finetuning_type == "full"
@@ -134,6 +136,23 @@ def _attention(arch: Arch, plan: Plan) -> str:
     if arch.model_type == "gemma2" and plan.flash_attn != "fa2":
         return "eager"
     return "sdpa"
+
+
+def _check_vision(arch: Arch, plan: Plan) -> None:
+    """The vision-language plans the memory model covers: LoRA on the text decoder with the vision tower and the
+    merger frozen (LLaMA-Factory's defaults freeze_vision_tower and freeze_multi_modal_projector true, [S]
+    hparams/finetuning_args.py; `lora_target: all` then skips visual.* [S] model/model_utils/visual.py)."""
+    if plan.quantization_bit is not None:
+        # transformers' bitsandbytes integration would quantize the vision tower's Linear layers too
+        raise ConfigError(f"{arch.name}: quantization_bit {plan.quantization_bit} with a vision-language model is not "
+                          "modelled (bitsandbytes would also quantize the vision tower's Linear layers). Remove "
+                          "quantization_bit, or use a text-only model.")
+    if plan.finetuning_type != "lora":
+        raise ConfigError(f"{arch.name}: finetuning_type {plan.finetuning_type} of a vision-language model is not "
+                          "modelled yet. Use finetuning_type lora (the vision tower stays frozen).")
+    if plan.additional_target:
+        raise ConfigError(f"{arch.name}: additional_target with a vision-language model is not modelled yet. Leave "
+                          "additional_target unset.")
 
 
 def additional_targets(plan: Plan) -> list[str]:

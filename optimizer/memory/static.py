@@ -99,12 +99,30 @@ def base_weight_bytes(arch: Arch, st: Setting) -> dict[str, int]:
     norm = alloc_bytes(H * st.norm_w)
     qk = 2 * alloc_bytes(arch.head_dim * st.norm_w) if arch.qk_norm else 0
     embed = alloc_bytes(V * H * st.embed_w)
-    return {
+    parts = {
         "decoder_linears": L * sum(linear_weight_bytes(m, st) for m in lin),
         "norms": L * (arch.norms_per_layer * norm + qk) + norm,
         "embed_tokens": embed,
         "lm_head": 0 if arch.tie_word_embeddings else embed,
     }
+    if arch.vision is not None:
+        parts["vision_tower"] = vision_weight_bytes(arch, st)
+    return parts
+
+
+def vision_weight_bytes(arch: Arch, st: Setting) -> int:
+    """The frozen vision tower and merger of a Qwen2.5-VL model in the checkpoint dtype, one allocation per
+    parameter tensor (shapes: models.arch.VisionParamCounts). LLaMA-Factory leaves frozen parameters in the
+    dtype they were loaded in ([S] model/adapter.py::_setup_lora_tuning upcasts only trainable ones)."""
+    v = arch.vision
+    h, i, m2, w = v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2, st.ckpt_w
+    patch = alloc_bytes(v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h * w)
+    block = (2 * alloc_bytes(h * w) + alloc_bytes(3 * h * h * w) + alloc_bytes(3 * h * w) + alloc_bytes(h * h * w)
+             + alloc_bytes(h * w) + 2 * (alloc_bytes(h * i * w) + alloc_bytes(i * w)) + alloc_bytes(i * h * w)
+             + alloc_bytes(h * w))
+    merger = (alloc_bytes(h * w) + alloc_bytes(h * m2 * h * m2 * w) + alloc_bytes(h * m2 * w)
+              + alloc_bytes(h * m2 * v.out_hidden_size * w) + alloc_bytes(v.out_hidden_size * w))
+    return patch + v.depth * block + merger
 
 
 def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int, int], ...]:

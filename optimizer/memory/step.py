@@ -109,6 +109,8 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
          f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
+        ("weights_vision_tower", weights.get("vision_tower", 0),
+         "frozen vision tower + merger, checkpoint dtype (its forward on the image patches is not modelled)"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
         ("optimizer_states", states, plan.optim),
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),

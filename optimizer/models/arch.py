@@ -15,11 +15,11 @@ from typing import Any
 
 from ..errors import CatalogError
 from ..io import join_problems
-from ..schema import Arch
+from ..schema import Arch, VisionTower
 from .families import FAMILIES, family_of
 
 __all__ = ["LinearSpec", "arch_from_config", "validate_config", "layer_linears", "param_counts",
-           "SUPPORTED_MODEL_TYPES"]
+           "vision_param_counts", "SUPPORTED_MODEL_TYPES"]
 
 # Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP): the family table.
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
@@ -57,6 +57,33 @@ _INT_FIELDS: dict[str, tuple[bool, int]] = {
 }
 _BOOL_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias")
 _DTYPES = ("bfloat16", "float16", "float32")
+
+
+# Vision-language model types: their config.json carries a `vision_config`.
+VISION_MODEL_TYPES = ("qwen2_5_vl",)
+# [S] transformers models/qwen2_5_vl/configuration_qwen2_5_vl.py::Qwen2_5_VLVisionConfig.__init__ defaults: the
+# values a `vision_config` that omits a field gets (Qwen/Qwen2.5-VL-3B-Instruct's config.json lists only
+# hidden_size 1280, out_hidden_size 2048 and in_chans 3, a key the class ignores).
+_VISION_DEFAULTS: dict[str, Any] = {
+    "depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16, "in_channels": 3, "patch_size": 14,
+    "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 112, "out_hidden_size": 3584,
+    "fullatt_block_indexes": (7, 15, 23, 31),
+}
+
+
+def _vision_from_config(vcfg: Any, name: str) -> VisionTower:
+    if not isinstance(vcfg, dict):
+        raise CatalogError(f"{name}: config.json has no vision_config object. Pass the model's own config.json "
+                           "(a Qwen2.5-VL config.json carries one).")
+    fields = {k: vcfg.get(k, d) for k, d in _VISION_DEFAULTS.items()}
+    fields["fullatt_block_indexes"] = tuple(fields["fullatt_block_indexes"] or ())
+    try:
+        return VisionTower(**fields)
+    except ValueError as exc:
+        bad = "; ".join(f"vision_config.{'.'.join(map(str, e['loc']))}: {e['msg']}"
+                        for e in getattr(exc, "errors", lambda: [])())
+        raise CatalogError(f"{name}: config.json {bad or exc}. Copy vision_config from the model's Hugging Face "
+                           "config.json.") from None
 
 
 def _show(v: Any) -> str:
@@ -114,7 +141,9 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         outer = cfg
         cfg = {**cfg["text_config"]}
         cfg.setdefault("model_type", outer.get("model_type", ""))
-        for key in ("dtype", "torch_dtype", "tie_word_embeddings"):
+        if cfg["model_type"] == "qwen2_5_vl_text":  # transformers v5 gives the text sub-config its own model_type
+            cfg["model_type"] = outer.get("model_type")
+        for key in ("dtype", "torch_dtype", "tie_word_embeddings", "vision_config"):
             if key not in cfg and key in outer:
                 cfg[key] = outer[key]
     model_type = cfg.get("model_type")
@@ -127,6 +156,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         raise CatalogError(
             f"{name}: mixture-of-experts models ({model_type}) are not modelled yet. Use a dense decoder-only model."
         )
+    vision = _vision_from_config(cfg.get("vision_config"), name) if model_type in VISION_MODEL_TYPES else None
     problems = validate_config(cfg)
     if problems:
         raise CatalogError(f"{name}: config.json {join_problems(problems)}. Fix these fields (copy them from the "
@@ -162,6 +192,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         fused_qkv=fam.fused,
         fused_gate_up=fam.fused,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        vision=vision,
         source=source,
     )
 
@@ -197,6 +228,7 @@ class ParamCounts:
     per_layer_norms: int
     final_norm: int
     layers: int
+    vision: int = 0  # the vision tower and its merger (vision-language models)
 
     @property
     def per_layer(self) -> int:
@@ -204,7 +236,7 @@ class ParamCounts:
 
     @property
     def total(self) -> int:
-        return self.embed + self.lm_head + self.layers * self.per_layer + self.final_norm
+        return self.embed + self.lm_head + self.layers * self.per_layer + self.final_norm + self.vision
 
 
 @lru_cache(maxsize=256)
@@ -221,4 +253,40 @@ def param_counts(arch: Arch) -> ParamCounts:
         per_layer_norms=norms,
         final_norm=arch.hidden_size,
         layers=arch.num_hidden_layers,
+        vision=vision_param_counts(arch.vision).total if arch.vision else 0,
     )
+
+
+@dataclass(frozen=True)
+class VisionParamCounts:
+    """Parameters of a Qwen2.5-VL vision tower, by module ([S] transformers models/qwen2_5_vl/
+    modeling_qwen2_5_vl.py): `patch_embed` Qwen2_5_VisionPatchEmbed, a Conv3d(in_channels, hidden,
+    kernel [temporal_patch, patch, patch], bias=False); each of the `depth` Qwen2_5_VLVisionBlock has norm1/norm2
+    RMSNorm(hidden) (weight only), attn.qkv Linear(hidden, 3 hidden, bias=True), attn.proj Linear(hidden, hidden,
+    bias=True), mlp Qwen2_5_VLMLP(bias=True): gate_proj/up_proj Linear(hidden, intermediate), down_proj
+    Linear(intermediate, hidden); `merger` Qwen2_5_VLPatchMerger: ln_q RMSNorm(hidden), mlp.0 Linear(hidden m^2,
+    hidden m^2), GELU, mlp.2 Linear(hidden m^2, out_hidden_size), both with bias (m = spatial_merge_size). The
+    rotary embedding holds only an `inv_freq` buffer."""
+
+    patch_embed: int
+    per_block: int
+    blocks: int
+    merger: int
+
+    @property
+    def tower(self) -> int:
+        """patch_embed + blocks: LLaMA-Factory's `vision_model_keys` (visual.patch_embed, visual.blocks)."""
+        return self.patch_embed + self.blocks * self.per_block
+
+    @property
+    def total(self) -> int:
+        return self.tower + self.merger
+
+
+@lru_cache(maxsize=64)
+def vision_param_counts(v: VisionTower) -> VisionParamCounts:
+    h, i, m2 = v.hidden_size, v.intermediate_size, v.spatial_merge_size ** 2
+    block = 2 * h + (h * 3 * h + 3 * h) + (h * h + h) + 2 * (h * i + i) + (i * h + h)
+    merger = h + (h * m2 * h * m2 + h * m2) + (h * m2 * v.out_hidden_size + v.out_hidden_size)
+    return VisionParamCounts(patch_embed=v.in_channels * v.temporal_patch_size * v.patch_size ** 2 * h,
+                             per_block=block, blocks=v.depth, merger=merger)

@@ -49,6 +49,8 @@ FAMILIES: dict[str, Family] = {
                       "Mistral-Nemo, `mistral_small` for Mistral-Small"),
     "qwen2": Family(qwen2_biases=True, liger=True, tokenizer="qwen",
                     template_hint="`qwen` for Qwen2/Qwen2.5, `deepseekr1` for the DeepSeek-R1 distills"),
+    # Qwen2.5-VL's text decoder is Qwen2's (Qwen2_5_VLAttention: q/k/v bias=True, o_proj bias=False)
+    "qwen2_5_vl": Family(qwen2_biases=True, liger=True, tokenizer="qwen", template_hint="`qwen2_vl`"),
     "qwen3": Family(qk_norm=True, liger=True, tokenizer="qwen",
                     template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
     "gemma": Family(tied_by_default=True, gemma_norm=True, liger=True, tokenizer="gemma"),
@@ -109,6 +111,9 @@ CATALOG_TEMPLATES: dict[str, str] = {
     "google/gemma-3-4b-it": "gemma3",
     "google/gemma-3-12b-it": "gemma3",
     "google/gemma-3-27b-it": "gemma3",
+    # [S] LLaMA-Factory extras/constants.py: the Qwen2.5-VL-*-Instruct registrations use template `qwen2_vl`
+    "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_vl",
+    "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_vl",
     "microsoft/Phi-3.5-mini-instruct": "phi",
     "microsoft/phi-4": "phi4",
 }
@@ -123,6 +128,7 @@ _RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
         (r"^deepseek-r1-distill-(qwen|llama)-", ("qwen2", "llama"), "deepseekr1"),
         (r"^qwen3-.*-instruct-2507", ("qwen3", "qwen3_moe"), "qwen3_nothink"),
         (r"^qwen3-", ("qwen3", "qwen3_moe"), "qwen3"),
+        (r"^qwen2\.5-vl-", ("qwen2_5_vl",), "qwen2_vl"),
         (r"^qwen2\.5-", ("qwen2",), "qwen"),
         (r"^(meta-)?llama-3", ("llama",), "llama3"),
         (r"^smollm2-", ("llama",), "smollm2"),
