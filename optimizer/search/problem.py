@@ -220,5 +220,5 @@ def load_problem(path: str | Path) -> tuple[Problem, Path]:
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].replace("Value error, ", "")
-            msgs.append(f"{loc}: {msg}")
+            msgs.append(f"{loc}: {msg}" if loc else msg)  # a whole-problem rule has no location
         raise ProblemError(f"{path}: " + join_problems(msgs) + ". Fix the problem file.") from None
