@@ -249,6 +249,8 @@ def data(
     cutoffs: str = typer.Option("256,384,512,768,1024,1536,2048,4096", "--cutoffs",
                                 help="cutoff_len values for the coverage table."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    pairwise: bool = typer.Option(False, "--pairwise", help="Preference (ranking) data for stage dpo: chosen/rejected "
+                                  "pairs, each as long as its prompt + the longer response."),
 ) -> None:
     """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage."""
     from .data.dataset import analyze_dataset
@@ -264,7 +266,7 @@ def data(
             raise ConfigError("--cutoffs needs positive integers. Pass e.g. 256,512,1024.")
         arch_type = catalog.resolve_arch(model).model_type if model else None
         tokens = analyze_dataset(path, model=model, model_type=arch_type, template=template, tokenizer=tokenizer,
-                                 dataset=dataset, formatting=formatting)
+                                 dataset=dataset, formatting=formatting, pairwise=pairwise)
     except USER_ERRORS as exc:
         fail(exc)
         return

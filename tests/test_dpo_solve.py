@@ -285,3 +285,17 @@ def test_committed_dpo_configs_are_current_and_check_fits(solved, monkeypatch):
                               "rtx-5060-ti-16gb", "--margin", "0.10"])
     assert res.exit_code == 0, res.output
     assert "DPO reference forward" in res.output and "FITS" in res.output
+
+
+def test_data_command_reads_pairs():
+    res = runner.invoke(app, ["data", str(PAIRS), "--model", "Qwen/Qwen2.5-3B-Instruct", "--pairwise", "--cutoffs",
+                              "512", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["summary"]["num_samples"] == 300
+    # the synthetic pairs: cutoff_len 512 keeps 80.3% of the pairs whole and 91.1% of their response tokens
+    # (approximate counts, the qwen template; the same numbers the DPO problem's solve reports in its front)
+    (cov,) = out["coverage"]
+    assert (round(cov["whole_share"], 3), round(cov["response_kept_share"], 3)) == (0.803, 0.911)
+    text = runner.invoke(app, ["data", str(PAIRS), "--model", "Qwen/Qwen2.5-3B-Instruct", "--pairwise"]).output
+    assert ": 300 pairs, template qwen" in text and "percentiles (prompt + longer response tokens" in text

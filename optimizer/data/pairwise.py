@@ -136,6 +136,7 @@ class PairwiseTokens:
     tokenizer: str
     exact: bool
     samples: tuple[PairTokens, ...] = field(repr=False)
+    pairwise = True  # what report.data_text reads to label pairs
 
     def summary(self) -> DatasetSummary:
         return summarize_pairs(self.samples)
