@@ -23,6 +23,8 @@ FT_CHOICES = ("lora", "qlora4", "qlora8", "full")
 # The stages `trainfit solve` models: the memory model covers sft (pt runs the same step) and dpo
 # (memory/preference.py).
 STAGES = ("sft", "dpo")
+DPO_CLUSTER = ("stage dpo with a cluster is not modelled (the per-GPU model of distributed/ covers sft steps, not the "
+               "reference model)")
 
 
 class DatasetSpec(BaseModel):
@@ -196,8 +198,7 @@ class Problem(BaseModel):
     @model_validator(mode="after")
     def _stage_fits(self) -> Problem:
         if self.stage == "dpo" and self.cluster is not None:
-            raise ValueError("stage dpo with a cluster is not modelled (the per-GPU model of distributed/ covers sft "
-                             "steps, not the reference model): remove cluster to solve on one GPU, or use stage sft")
+            raise ValueError(f"{DPO_CLUSTER}: remove cluster to solve on one GPU, or use stage sft")
         defaults = type(self).model_fields
         if self.stage != "dpo" and (self.pref_loss != defaults["pref_loss"].default
                                     or self.pref_beta != defaults["pref_beta"].default):
