@@ -38,7 +38,10 @@ class DatasetSpec(BaseModel):
                            "one is found, else the approximation), `approx` (the documented approximation: the same "
                            "counts on every machine), or a path to a tokenizer.json (relative to the problem file).")
     summary: DatasetSummary | None = Field(
-        default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
+        default=None, description="Sample count and token-length distribution; measured from `file` when absent. "
+        "With `stage: dpo` a sample is a pair, its length the prompt plus the longer of chosen and rejected (what "
+        "the collator pads to), response_token_share the longer response's share (from a summary the quality score "
+        "counts that response once; a data file gives both responses' tokens).")
 
     @model_validator(mode="after")
     def _file_or_summary(self) -> DatasetSpec:
