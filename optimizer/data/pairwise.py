@@ -18,7 +18,10 @@ the prompt and one response budget that truncates both responses. The collator
 ([S] data/collator.py::PairwiseDataCollatorWithPadding) puts the b chosen then the b rejected sequences in one
 batch of 2b rows padded to the longest, so a pair's padded length is min(cutoff_len, prompt + max(chosen,
 rejected)) (infer_seqlen keeps exactly that many tokens of prompt + the longer response): `PairTokens.total`.
-Reasoning templates' empty thought is rendered as for SFT (data.templates.render_turns).
+Reasoning templates (e.g. qwen3): the empty thought is rendered as for SFT (data.templates.render_turns), which adds
+it to every turn's response lacking one; LLaMA-Factory's ReasoningTemplate.encode_oneturn adds it to the last
+response only (and strips thoughts from earlier turns), so a multi-turn prompt counts the empty thought's few tokens
+once per earlier turn too many. Single-turn pairs count exactly.
 """
 
 from __future__ import annotations

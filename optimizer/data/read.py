@@ -16,6 +16,8 @@ Reading (nothing is ever written next to the data):
   column and tag defaults. Through ``dataset_info.json`` an alpaca ``system``/``history`` field counts only if
   ``columns`` names it, as in LLaMA-Factory; a bare file's alpaca ``system`` and ``history`` always count.
 
+Ranking (preference) data for stage dpo is read by `data.pairwise` through the same converters.
+
 A row LLaMA-Factory would drop or choke on (no ``output`` string, roles out of order, an odd number of messages,
 a non-string content) is a :class:`DatasetError` that names the file, the row and the fix.
 """
