@@ -105,8 +105,8 @@ def test_sft_data_in_a_dpo_problem_and_pairs_in_an_sft_problem_are_refused(tmp_p
     q = _problem(tmp_path, stage="sft", pref_beta=0.1)
     res = runner.invoke(app, ["solve", str(q), "--no-write"])
     assert res.exit_code == 1
-    assert res.output == (f"Error: {PAIRS}: row 1: 'output' is missing; every SFT sample needs the response text as "
-                          "a string. Add it, or remove the row.\n")
+    assert res.output == (f"Error: {PAIRS}: row 1: 'output' is missing; the row has 'chosen' and 'rejected' "
+                          "(preference data). Train it with stage: dpo (trainfit data --pairwise), or give SFT data.\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -262,6 +262,10 @@ def _convert_alpaca(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     response = rec.get(fmt.response) if fmt.response else None
     if not isinstance(response, str):
         what = "is missing" if response is None else f"is {_kind(response)}"
+        if response is None and "chosen" in rec and "rejected" in rec:  # a preference record read as SFT data
+            raise DatasetError(f"{where}: '{fmt.response or 'output'}' {what}; the row has 'chosen' and 'rejected' "
+                               "(preference data). Train it with stage: dpo (trainfit data --pairwise), or give SFT "
+                               "data.")
         raise DatasetError(f"{where}: '{fmt.response or 'output'}' {what}; every SFT sample needs the response "
                            "text as a string. Add it, or remove the row.")
     msgs += [("user", "\n".join(parts)), ("assistant", response)]
