@@ -350,3 +350,12 @@ def test_a_summary_dpo_problem_solves_and_takes_longer_than_sft(tmp_path):
     # rises from ~0.5 to ~0.67 of its maximum with the doubled tokens per micro-batch (~360 -> ~720): ~2.0x the time
     assert 1.8 < dpo.time_s / sft.time_s < 2.2
     assert dpo.device_peak_bytes > sft.device_peak_bytes
+
+
+def test_dpo_solve_writes_its_report(tmp_path):
+    """--report works for DPO (no refusal needed): the page is written with every front point."""
+    out = tmp_path / "dpo.html"
+    res = runner.invoke(app, ["solve", DPO, "--no-write", "--report", str(out)])
+    assert res.exit_code == 0, res.output
+    page = out.read_text(encoding="utf-8")
+    assert "qwen2.5-3b-dpo-rtx5060ti-16gb" in page and "p09_lora_r8_attention_c256_b2x8" in page
