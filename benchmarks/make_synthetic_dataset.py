@@ -8,6 +8,12 @@ longer ARIZ-style analyses, combined from the phrase banks below. Every record i
 text, not expert TRIZ advice, and not the user's data. The alpaca schema is kept clean (no marker field); the
 marking lives here and in problems/data/README.md.
 
+``--pairs`` writes problems/data/triz_pairs_synthetic.json instead: a SYNTHETIC preference (ranking) data set for
+``stage: dpo`` (problems/qwen2.5-3b-dpo-rtx5060ti-16gb.yaml), 300 alpaca ranking records (instruction, input,
+chosen, rejected): ``chosen`` is the record's output above, ``rejected`` a weaker answer assembled from its first
+sentence and a compromise from REJECTED below (the kind of answer TRIZ teaches to avoid), sometimes padded with
+filler so that some rejected answers are the longer one of the pair.
+
 Deterministic (fixed seed, no dependencies): ``python benchmarks/make_synthetic_dataset.py`` rewrites the same
 bytes. Its length mix was tuned so that, under LLaMA-Factory's ``qwen`` template with the real Qwen2.5
 tokenizer, cutoff_len 384 keeps about 80% of the samples whole (tests/test_dataset.py checks it).
@@ -318,6 +324,31 @@ def make_sample(rng: random.Random) -> dict:
     return {"instruction": ins, "input": s[1] + " " + rng.choice(SYSTEMS)[1], "output": out}
 
 
+PAIRS_OUT = OUT.with_name("triz_pairs_synthetic.json")
+# Weaker answers for the rejected side of a pair: compromises and trial and error, not resolved contradictions.
+REJECTED = [
+    "Проще всего пойти на компромисс: немного уступить в одном параметре, чтобы выиграть в другом.",
+    "Нужно просто взять более дорогой и прочный материал, тогда проблема исчезнет.",
+    "Стоит перебрать несколько вариантов конструкции и выбрать тот, что лучше покажет себя на испытаниях.",
+    "Противоречие здесь неустранимо, поэтому придётся выбрать, какой параметр важнее.",
+    "Можно добавить в систему ещё один узел, который будет компенсировать недостаток.",
+]
+
+
+def make_pair(rng: random.Random, rec: dict) -> dict:
+    """A ranking record: the SFT record's output is chosen; rejected is its first sentence and a compromise."""
+    first = rec["output"].split(". ")[0].rstrip(".") + "."
+    rejected = first + " " + rng.choice(REJECTED)
+    if rng.random() < 0.25:  # some rejected answers ramble on: the longer side of the pair
+        rejected += " " + " ".join(pick(rng, FILLER, len(FILLER))) + " " + rec["output"]
+    return {"instruction": rec["instruction"], "input": rec["input"], "chosen": rec["output"], "rejected": rejected}
+
+
+def generate_pairs(n: int = N_SAMPLES, seed: int = SEED) -> list[dict]:
+    rng = random.Random(seed + 1)
+    return [make_pair(rng, rec) for rec in generate(n, seed)]
+
+
 def generate(n: int = N_SAMPLES, seed: int = SEED) -> list[dict]:
     rng = random.Random(seed)
     return [make_sample(rng) for _ in range(n)]
@@ -330,10 +361,12 @@ def dumps(records: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Write the synthetic TRIZ data set (deterministic).")
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", type=Path, default=None, help=f"default {OUT.name} ({PAIRS_OUT.name} with --pairs)")
+    ap.add_argument("--pairs", action="store_true", help="write the preference (ranking) data set for stage dpo")
     ap.add_argument("--check", action="store_true", help="exit 1 if the file differs from what would be written")
     args = ap.parse_args(argv)
-    text = dumps(generate())
+    args.out = args.out or (PAIRS_OUT if args.pairs else OUT)
+    text = dumps(generate_pairs() if args.pairs else generate())
     if args.check:
         same = args.out.is_file() and args.out.read_text(encoding="utf-8") == text
         print("up to date" if same else f"{args.out} differs; rerun without --check")

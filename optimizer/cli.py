@@ -255,6 +255,8 @@ def data(
     image_min_pixels: int = typer.Option(32 * 32, "--image-min-pixels", min=1,
                                          help="LLaMA-Factory image_min_pixels (default 32*32)."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+    pairwise: bool = typer.Option(False, "--pairwise", help="Preference (ranking) data for stage dpo: chosen/rejected "
+                                  "pairs, each as long as its prompt + the longer response."),
 ) -> None:
     """Token lengths of a dataset under the model's chat template: histogram, percentiles, cutoff coverage; with
     images (a vision-language --model), text and image tokens per sample against --cutoff-len."""
@@ -272,9 +274,10 @@ def data(
             raise ConfigError("--cutoffs needs positive integers. Pass e.g. 256,512,1024.")
         arch = catalog.resolve_arch(model) if model else None
         tokens = analyze_dataset(path, model=model, model_type=arch.model_type if arch else None, template=template,
-                                 tokenizer=tokenizer, dataset=dataset, formatting=formatting)
-        images = dataset_images(path, arch.vision if arch else None, model=model, dataset=dataset,
-                                formatting=formatting, max_pixels=image_max_pixels, min_pixels=image_min_pixels)
+                                 tokenizer=tokenizer, dataset=dataset, formatting=formatting, pairwise=pairwise)
+        images = None if pairwise else dataset_images(
+            path, arch.vision if arch else None, model=model, dataset=dataset, formatting=formatting,
+            max_pixels=image_max_pixels, min_pixels=image_min_pixels)
         rows = sample_lengths([s.total for s in tokens.samples], images) if images is not None else None
     except USER_ERRORS as exc:
         fail(exc)

@@ -238,11 +238,13 @@ def data_text(tokens, cutoffs: list[int]) -> str:
     totals = sorted(s.total for s in tokens.samples)
     n = len(totals)
     s = tokens.summary()
-    lines = [f"{tokens.source}: {n} samples, template {tokens.template}, tokenizer {tokens.tokenizer}"
-             + ("" if tokens.exact else " (approximate counts)")]
-    lines.append("percentiles (prompt + response tokens): " + ", ".join(
+    pairs = getattr(tokens, "pairwise", False)  # data.pairwise.PairwiseTokens: preference pairs (stage dpo)
+    lines = [f"{tokens.source}: {n} {'pairs' if pairs else 'samples'}, template {tokens.template}, tokenizer "
+             f"{tokens.tokenizer}" + ("" if tokens.exact else " (approximate counts)")]
+    what = "prompt + longer response tokens: the padded pair" if pairs else "prompt + response tokens"
+    lines.append(f"percentiles ({what}): " + ", ".join(
         f"p{k} {v}" for k, v in sorted(s.token_length_percentiles.items())))
-    lines.append(f"response share of tokens: {s.response_token_share:.2f}")
+    lines.append(f"{'longer response' if pairs else 'response'} share of tokens: {s.response_token_share:.2f}")
     bins = 12
     hi = totals[-1] if totals else 1
     width = max(1, -(-hi // bins))

@@ -128,3 +128,56 @@ def test_solved_config_trains_with_llamafactory(tmp_path, monkeypatch):
     assert rec["predicted"]["peak_allocated_bytes"] > 0 and rec["predicted"]["step_s"] > 0
     assert rec["versions"]["llamafactory"] == "0.9.5" and rec["versions"]["transformers"]
     assert [s["step"] for s in rec["per_step"]] == [1, 2, 3]
+
+
+def test_solved_dpo_config_trains_with_llamafactory(tmp_path, monkeypatch):
+    """stage dpo end to end: a ranking dataset, `trainfit solve` of a DPO problem (its dataset_info.json entry with
+    `ranking: true`), and LLaMA-Factory's DPO trainer (pairwise processor and collator, reference log-probs from the
+    adapter-disabled policy) running the picked config for 3 steps."""
+    env = {**os.environ, "TRAINFIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1",
+           "CUDA_VISIBLE_DEVICES": "", "TRAINFIT_CALIBRATION": "off"}
+    data = [{"instruction": d["instruction"], "input": "", "chosen": d["output"],
+             "rejected": " ".join(d["output"].split()[:3]) + " ."} for d in _samples(24)]
+    (tmp_path / "pairs.json").write_text(json.dumps(data, indent=1))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"{d['instruction']} {d['chosen']}" for d in data))
+    model = tmp_path / "Qwen2.5-tiny-random"
+    built = subprocess.run([LF_PYTHON, "-c", BUILD, str(model), str(corpus)], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr[-3000:]
+    problem = {
+        "name": "tiny-dpo", "model": model.name, "trainer": "llamafactory", "stage": "dpo", "pref_loss": "sigmoid",
+        "gpu": {"name": "test card", "memory_mib": 16384, "bf16_tflops": 100.0, "bandwidth_gbps": 500.0},
+        "dataset": {"name": "tiny_pairs", "formatting": "alpaca", "file": "pairs.json", "tokenizer": "approx"},
+        "search": {"finetuning_type": ["lora"], "lora_rank": [8], "lora_target": ["all"], "cutoff_len": [64],
+                   "per_device_train_batch_size": [2], "gradient_accumulation_steps": [1], "max_samples": [None],
+                   "gradient_checkpointing": [True], "optim": ["adamw_torch"], "enable_liger_kernel": [False]},
+        "objective": {"num_train_epochs": 1.0},
+    }
+    (tmp_path / "problem.yaml").write_text(yaml.safe_dump(problem, sort_keys=False))
+    monkeypatch.chdir(tmp_path)
+    res = CliRunner().invoke(app, ["solve", "problem.yaml", "--out", "cfg", "--pick", "fastest"])
+    assert res.exit_code == 0, res.output
+    (picked,) = sorted((tmp_path / "cfg").glob("*.yaml"))
+    cfg = yaml.safe_load(picked.read_text())
+    assert (cfg["stage"], cfg["pref_loss"], cfg["pref_beta"]) == ("dpo", "sigmoid", 0.1)
+    assert json.loads((tmp_path / "cfg" / "dataset_info.json").read_text())["tiny_pairs"]["ranking"] is True
+    cfg.update({"bf16": False, "fp16": False, "use_cpu": True, "logging_steps": 1, "save_steps": 1000,
+                "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True})
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = tmp_path / "calibration.jsonl"
+    proc = subprocess.run([LF_PYTHON, "-m", "optimizer", "train", str(run_cfg), "--gpu", "rtx-5060-ti-16gb",
+                           "--max-steps", "3", "--log", str(log)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "trained 3 step(s)" in proc.stdout, proc.stdout
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    rec = json.loads(log.read_text().splitlines()[0])
+    assert rec["steps"] == 3 and rec["measured"]["loss"] is not None and math.isfinite(rec["measured"]["loss"])
+    assert rec["predicted"]["step_s"] > 0
+    # -logsigmoid(beta * 0) = ln 2: LoRA's B starts at zero, so the policy equals its adapter-disabled reference
+    assert abs(rec["measured"]["loss"] - math.log(2)) < 1e-3, rec["measured"]["loss"]
+    # each batch holds 2 x 2 sequences (chosen + rejected) padded to a multiple of 8 (measured: 160, 160, 192)
+    assert all(s["tokens"] % (2 * 2 * 8) == 0 for s in rec["per_step"]), rec["per_step"]

@@ -47,6 +47,8 @@ PLANS: dict[str, Plan] = {
                       use_reentrant_gc=False, upcast_lmhead_output=True, optim="adamw_torch", flash_attn="disabled"),
     "full_pure_bf16": Plan(finetuning_type="full", pure_bf16=True, optim="adamw_torch", max_grad_norm=0.0),
     "lora_liger": Plan(bf16=True, enable_liger_kernel=True, lora_rank=64, cutoff_len=4096),
+    "dpo_qlora4": Plan(stage="dpo", pref_loss="simpo", pref_beta=0.2, pref_ftx=0.1, quantization_bit=4, bf16=True,
+                       per_device_train_batch_size=1, cutoff_len=1024),
 }
 
 ALWAYS = ("model_name_or_path", "trust_remote_code", "flash_attn", "stage", "do_train", "finetuning_type",
@@ -101,7 +103,7 @@ def test_required_keys_and_sections(name):
     lora = plan.finetuning_type == "lora"
     for key in LORA_ALWAYS:
         assert (key in data) == lora, key
-    assert data["trust_remote_code"] is True and data["do_train"] is True and data["stage"] == "sft"
+    assert data["trust_remote_code"] is True and data["do_train"] is True and data["stage"] == plan.stage
     assert data["overwrite_output_dir"] is True and data["report_to"] == "none"
     assert data["dataloader_num_workers"] == 0 and data["lr_scheduler_type"] == "cosine"
     assert data["per_device_eval_batch_size"] == plan.per_device_train_batch_size
@@ -548,6 +550,11 @@ def test_llamafactory_parses_emitted_configs(tmp_path, monkeypatch):
         assert model_args.upcast_layernorm == plan.upcast_layernorm
         assert data_args.cutoff_len == plan.cutoff_len and data_args.template == "qwen"
         assert data_args.max_samples == plan.max_samples
+        assert finetuning_args.stage == plan.stage
+        if plan.stage == "dpo":
+            assert (finetuning_args.pref_loss, finetuning_args.pref_beta, finetuning_args.pref_ftx) == \
+                (plan.pref_loss, plan.pref_beta, plan.pref_ftx)
+            assert finetuning_args.use_ref_model == plan.use_ref_model
         if plan.finetuning_type == "lora":
             assert finetuning_args.lora_rank == plan.lora_rank
             assert finetuning_args.lora_alpha == plan.effective_lora_alpha

@@ -15,7 +15,7 @@ _ = object
 
 # pydantic
 _.model_config
-_._consistent, _._check, _._file_or_summary, _._positive, _._engines, _._drop_single  # validators, serializers
+_._consistent, _._check, _._file_or_summary, _._positive, _._engines, _._drop_single, _._stage, _._stage_fits  # validators, serializers
 _.saves_bytes, _.architecture, _.hidden_act, _.interconnect_source  # serialized fields
 _.mean_tokens, _.max_tokens, _.tokenizer_id, _.from_cache  # shown by `trainfit data --json`
 _.collective_bytes, _.pcie_offload_bytes, _.host_short  # multi-GPU JSON output

@@ -342,10 +342,16 @@ def analyze_dataset(
     dataset: str | None = None,
     formatting: str | None = None,
     cache: bool = True,
-) -> DatasetTokens:
+    pairwise: bool = False,
+):
     """Count a dataset for a model: the template from `template` or the model (LLaMA-Factory's name), the best
-    offline tokenizer (:func:`optimizer.tokens.resolve_counter`)."""
+    offline tokenizer (:func:`optimizer.tokens.resolve_counter`). `pairwise`: preference pairs (stage dpo), counted
+    by :func:`optimizer.data.pairwise.count_pairs` (a PairwiseTokens; else a DatasetTokens)."""
     tpl_name = template or (template_for_model(model, model_type) if model else "fallback")
     counter = resolve_counter(model, model_type=model_type, tokenizer=tokenizer, template=tpl_name)
+    if pairwise:
+        from .pairwise import count_pairs
+
+        return count_pairs(path, template=tpl_name, counter=counter, dataset=dataset, formatting=formatting)
     return count_tokens(path, template=tpl_name, counter=counter, dataset=dataset, formatting=formatting,
                         cache=cache)

@@ -16,6 +16,8 @@ Reading (nothing is ever written next to the data):
   column and tag defaults. Through ``dataset_info.json`` an alpaca ``system``/``history`` field counts only if
   ``columns`` names it, as in LLaMA-Factory; a bare file's alpaca ``system`` and ``history`` always count.
 
+Ranking (preference) data for stage dpo is read by `data.pairwise` through the same converters.
+
 A row LLaMA-Factory would drop or choke on (no ``output`` string, roles out of order, an odd number of messages,
 a non-string content) is a :class:`DatasetError` that names the file, the row and the fix.
 """
@@ -66,23 +68,36 @@ class DatasetFormat:
     function_tag: str | None = "function_call"
     system_tag: str | None = "system"
     images: str | None = None  # LLaMA-Factory DatasetAttr.images: the column of image paths (None: no images)
+    # ranking (preference) data, read by `data.pairwise`: the chosen and rejected response columns
+    ranking: bool = False
+    chosen: str | None = None
+    rejected: str | None = None
 
     @classmethod
-    def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json") -> DatasetFormat:
+    def from_dataset_info(cls, entry: dict[str, Any], where: str = "dataset_info.json",
+                          ranking: bool = False) -> DatasetFormat:
         """LLaMA-Factory's ``DatasetAttr.join``: defaults, then ``columns`` and ``tags`` (a key left out of a given
-        ``columns`` is None, as in LLaMA-Factory)."""
+        ``columns`` is None, as in LLaMA-Factory). `ranking`: the reader wants preference pairs (data.pairwise)."""
         formatting = entry.get("formatting", "alpaca")
         if formatting not in ("alpaca", "sharegpt", "openai"):
             raise DatasetError(f"{where}: formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")
-        if entry.get("ranking"):
+        if entry.get("ranking") and not ranking:
             raise DatasetError(f"{where}: a ranking (preference) dataset is not SFT data. Give an SFT dataset.")
-        kw: dict[str, Any] = {"formatting": formatting}
+        if ranking and not entry.get("ranking"):
+            raise DatasetError(f"{where}: not a ranking (preference) dataset; stage dpo trains on chosen/rejected "
+                               "pairs. Give a ranking dataset (\"ranking\": true, LLaMA-Factory's data/README.md).")
+        kw: dict[str, Any] = {"formatting": formatting, "ranking": ranking}
         cols = entry.get("columns")
         if cols is not None:
             if not isinstance(cols, dict):
                 raise DatasetError(f"{where}: 'columns' must be an object. Map LLaMA-Factory names to your keys.")
-            for name in ("prompt", "query", "response", "history", "messages", "system", "tools", "images"):
+            for name in ("prompt", "query", "response", "history", "messages", "system", "tools", "images", "chosen",
+                         "rejected"):
                 kw[name] = cols.get(name)
+        if ranking and not (kw.get("chosen") and kw.get("rejected")):
+            # [S] LLaMA-Factory data/parser.py::DatasetAttr: chosen and rejected default to None (no column)
+            raise DatasetError(f"{where}: a ranking dataset names its response columns. Add \"columns\": "
+                               "{\"chosen\": \"chosen\", \"rejected\": \"rejected\"} (your keys).")
         tags = entry.get("tags")
         if tags is not None:
             if not isinstance(tags, dict):
@@ -251,6 +266,10 @@ def _convert_alpaca(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
     response = rec.get(fmt.response) if fmt.response else None
     if not isinstance(response, str):
         what = "is missing" if response is None else f"is {_kind(response)}"
+        if response is None and "chosen" in rec and "rejected" in rec:  # a preference record read as SFT data
+            raise DatasetError(f"{where}: '{fmt.response or 'output'}' {what}; the row has 'chosen' and 'rejected' "
+                               "(preference data). Train it with stage: dpo (trainfit data --pairwise), or give SFT "
+                               "data.")
         raise DatasetError(f"{where}: '{fmt.response or 'output'}' {what}; every SFT sample needs the response "
                            "text as a string. Add it, or remove the row.")
     msgs += [("user", "\n".join(parts)), ("assistant", response)]
@@ -399,9 +418,9 @@ def _convert_openai(rec: dict, fmt: DatasetFormat, where: str) -> Conversation:
 
 
 def resolve_source(
-    path: str | os.PathLike[str], dataset: str | None, formatting: str | None
+    path: str | os.PathLike[str], dataset: str | None, formatting: str | None, ranking: bool = False
 ) -> tuple[list[Path], DatasetFormat | None, str]:
-    """(data files, format or None to detect, display name)."""
+    """(data files, format or None to detect, display name). `ranking`: preference pairs are wanted."""
     p = Path(path).expanduser()
     if p.is_dir() and (p / "dataset_info.json").is_file() and dataset is not None:
         p = p / "dataset_info.json"
@@ -430,7 +449,7 @@ def resolve_source(
         if problems:
             raise DatasetError(f"{where}: {join_problems(problems)}. Fix the entry (LLaMA-Factory's data/README.md "
                                "describes each field).")
-        fmt = DatasetFormat.from_dataset_info(entry, where)
+        fmt = DatasetFormat.from_dataset_info(entry, where, ranking)
         target = (p.parent / entry["file_name"]).resolve()
         if target.is_dir():
             files = sorted(f for f in target.iterdir() if f.suffix.lower() in (".json", ".jsonl"))
@@ -449,6 +468,8 @@ def resolve_source(
                            "dataset name.")
     p = regular_file(p, error=DatasetError, what=_DATA_FILE, limit_bytes=MAX_DATA_BYTES)
     fmt = DatasetFormat.for_file(formatting) if formatting else None
+    if fmt is not None and ranking:
+        fmt = DatasetFormat(**{**fmt.__dict__, "ranking": True, "chosen": "chosen", "rejected": "rejected"})
     return [p], fmt, str(p)
 
 

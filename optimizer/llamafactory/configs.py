@@ -59,7 +59,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
         from ..data.read import record_keys
 
         present = record_keys(data_file)
-    info = {ds.name: dataset_info_entry(file_name, ds.formatting, present)}
+    info = {ds.name: dataset_info_entry(file_name, ds.formatting, present, ranking=problem.stage == "dpo")}
     files["dataset_info.json"] = json.dumps(info, indent=2, sort_keys=True) + "\n"
     # A model read from a folder's config.json is loaded by LLaMA-Factory from the folder (and named by it).
     model_ref = os.path.dirname(result.model) if os.path.basename(result.model) == "config.json" else result.model
@@ -86,6 +86,13 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
             f"run (in the folder trainfit solve ran in): {run}",
             f"regenerate: trainfit solve {problem_path}",
         ]
+        if s.plan.stage == "dpo":
+            ref = f"none ({s.plan.pref_loss} is reference-free)"
+            if s.plan.use_ref_model:
+                ref = "the adapter-disabled policy" if s.plan.finetuning_type == "lora" else "a frozen model copy"
+            header.append(f"stage dpo, pref_loss {s.plan.pref_loss}: {s.per_device_train_batch_size} pair(s) = "
+                          f"{2 * s.per_device_train_batch_size} sequences (chosen + rejected) per micro-batch; "
+                          f"reference model: {ref}")
         if not data_file:
             header.append(f"data: put your {ds.formatting} file at {out_dir.rstrip('/')}/{file_name}")
         if i == result.recommended:

@@ -362,9 +362,15 @@ def render_config(plan: Plan, *, model_name_or_path: str, template: str, dataset
 # --------------------------------------------------------------------------------------------------------------
 
 
-def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None = None) -> dict:
+def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None = None,
+                       ranking: bool = False) -> dict:
     """One `dataset_info.json` value (the caller picks its key, the `dataset` name) for a data file in
     `dataset_dir` (or an absolute path).
+
+    ranking (stage dpo): a preference dataset, `"ranking": true` with `chosen` and `rejected` columns (LLaMA-Factory
+    data/README.md "Preference Dataset"; DatasetAttr has no default for them): alpaca records carry the two response
+    strings instead of `output`, sharegpt/openai records end their messages with the user turn and carry one
+    message each under `chosen` and `rejected`.
 
     alpaca: records {"instruction", "input", "output"} (the user turn is instruction + "\\n" + input).
     sharegpt: records {"conversations": [{"from": "human"|"gpt"|"system"..., "value": ...}]}.
@@ -374,8 +380,10 @@ def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None
         raise ConfigError("dataset file name is empty. Pass the data file's name.")
     # LLaMA-Factory reads an optional column only when `columns` names it, and fails when `columns` names a
     # field no record has: with `present` (the data file's record keys) optional columns follow the data.
+    pair = {"chosen": "chosen", "rejected": "rejected"} if ranking else {}
+    rank = {"ranking": True} if ranking else {}
     if formatting == "alpaca":
-        cols = {"prompt": "instruction", "query": "input", "response": "output"}
+        cols = {"prompt": "instruction", "query": "input", **(pair or {"response": "output"})}
         if present is not None:
             if "input" not in present:
                 del cols["query"]
@@ -384,19 +392,19 @@ def dataset_info_entry(file_name: str, formatting: str, present: set[str] | None
                     cols[role] = key
         if present is not None and "images" in present:
             cols["images"] = "images"
-        return {"file_name": file_name, "formatting": "alpaca", "columns": cols}
+        return {"file_name": file_name, "formatting": "alpaca", **rank, "columns": cols}
     if formatting == "sharegpt":
-        cols = {"messages": "conversations"}
+        cols = {"messages": "conversations", **pair}
         if present is not None:
             for key in ("system", "tools", "images"):
                 if key in present:
                     cols[key] = key
-        return {"file_name": file_name, "formatting": "sharegpt", "columns": cols}
+        return {"file_name": file_name, "formatting": "sharegpt", **rank, "columns": cols}
     if formatting == "openai":
-        cols = {"messages": "messages"}
+        cols = {"messages": "messages", **pair}
         if present is not None and "images" in present:  # LLaMA-Factory's mllm_demo: columns.images = "images"
             cols["images"] = "images"
-        return {"file_name": file_name, "formatting": "sharegpt", "columns": cols,
+        return {"file_name": file_name, "formatting": "sharegpt", **rank, "columns": cols,
                 "tags": {"role_tag": "role", "content_tag": "content", "user_tag": "user",
                          "assistant_tag": "assistant", "observation_tag": "tool", "system_tag": "system"}}
     raise ConfigError(f"dataset formatting {formatting!r} is unknown. Use alpaca, sharegpt or openai.")

@@ -8,9 +8,9 @@ import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-from ..errors import TrainfitError
+from ..errors import ProblemError, TrainfitError
 from ..units import GIB
-from .problem import Cluster, Problem
+from .problem import DPO_CLUSTER, Cluster, Problem
 from .solve import SolveResult, solve_problem
 
 __all__ = ["expand", "run_batch", "summary_matrix"]
@@ -45,6 +45,8 @@ def expand(loaded: list[tuple[str, Problem, Path]], models: list[str], gpus: lis
                 if isinstance(g, str) and gpus:
                     gid, count = gpu_spec(g)
                     update["gpu"] = gid
+                    if count is not None and count > 1 and problem.stage == "dpo":
+                        raise ProblemError(f"--gpus {g}: {DPO_CLUSTER}. Pass {gid} (one GPU) for {path}.")
                     if count is not None:
                         old = problem.cluster
                         keep = {"host_ram_gib": old.host_ram_gib, "nodes": 1} if old else {}

@@ -110,7 +110,8 @@ def factor(inst: Instance) -> Factored:
     classes = sorted({a > 1 for a in accum})
     sizes = {k: len(d[k]) for k in KNOBS}
     sizes["accumulating"] = len(classes)
-    pairwise = plan_for(inst.arch, inst.gpu, _knobs(inst, {})).pairwise
+    k0 = _knobs(inst, {})
+    pairwise = plan_for(inst.arch, inst.gpu, k0, plan_fields(inst, k0["finetuning_type"], k0["lora_rank"])).pairwise
     names = [n for n in TERM_KNOBS if pairwise or n not in PAIRWISE_TERMS]
     groups = _merge([term_knobs(n, pairwise) for n in names] + [OVERHEAD_KNOBS, MANAGED_KNOBS])
     group_of = {n: groups[term_knobs(n, pairwise)] for n in names}

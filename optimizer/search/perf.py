@@ -17,6 +17,14 @@ time    = micro_batches * t_micro + optimizer_steps * t_optimizer   (counted in 
   same README's Q-LoRA rows (0.1-0.23 s per micro-batch for 7B NF4 on an A100-80G, 2,039 GB/s).
 - LLM.int8 training runs at INT8_THROUGHPUT of 16-bit (h2oGPT and LLaMA-Factory #2077 report 8-bit much
   slower than fp16; the factor is an assumption within the 0.3-0.6 range those reports suggest).
+- stage dpo: a micro-batch of b pairs runs 2b sequences (LLaMA-Factory data/collator.py::
+  PairwiseDataCollatorWithPadding: chosen then rejected, padded to the longest), so tokens = 2b x seq through the
+  policy's forward and backward; with a reference model (pref_loss not orpo/simpo) one more forward of the same 2b
+  sequences without grad (train/dpo/trainer.py::CustomDPOTrainer.compute_reference_log_probs): 2N + A per token
+  (Kaplan et al. 2020: a forward is 2N FLOPs per token; LoRA's adapters are disabled for it, full fine-tuning runs
+  a frozen copy of the same size). A 4-bit reference forward dequantizes every weight once more: one pass of the
+  fitted dequant cost, a third of DEQUANT_BYTES_PER_PARAM (the fit's runs used checkpointing: forward, recompute
+  and backward, three passes).
 The fit and its errors are printed by benchmarks/throughput.py; treat times as +-30 %.
 """
 
@@ -81,14 +89,20 @@ def peak_flops(gpu: GpuSpec) -> float:
 
 
 def micro_batch_seconds(arch: Arch, gpu: GpuSpec, *, finetuning_type: str, gc: bool, batch: int, seq_len: int,
-                        lora_params: int) -> float:
-    tokens = batch * seq_len
+                        lora_params: int, pairwise: bool = False, reference: bool = False) -> float:
+    """One micro-batch of `batch` samples padded to `seq_len`. pairwise (stage dpo): `batch` pairs, 2 x batch
+    sequences; reference: plus the reference model's no-grad forward of them (module docstring)."""
+    seqs = 2 * batch if pairwise else batch
+    tokens = seqs * seq_len
     full = finetuning_type == "full"
     f = flops_per_token(arch, full=full, gc=gc, seq_len=seq_len, lora_params=lora_params)
+    if reference:
+        f += 2 * matmul_params(arch) + 4 * (seq_len / 2) * arch.q_dim * arch.num_hidden_layers  # 2N + A, no grad
     t = f * tokens / (peak_flops(gpu) * mfu(tokens, gpu_class(gpu)))
     if finetuning_type == "qlora4":
         quantized = arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch))
-        t += DEQUANT_BYTES_PER_PARAM * quantized / (gpu.bandwidth_gbps * 1e9)
+        passes = 1 + (1 / 3 if reference else 0)  # the fit covers forward + recompute + backward
+        t += passes * DEQUANT_BYTES_PER_PARAM * quantized / (gpu.bandwidth_gbps * 1e9)
     if finetuning_type == "qlora8":
         t /= INT8_THROUGHPUT
     return t

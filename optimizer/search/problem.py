@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ..errors import ConfigError, ProblemError
 from ..io import join_problems, read_mapping
 from ..memory import DEFAULT_MARGIN
-from ..schema import DatasetSummary
+from ..schema import REFERENCE_FREE_LOSSES, DatasetSummary, PrefLoss
 
 __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu", "load_problem", "FT_CHOICES",
            "Cluster"]
@@ -20,6 +20,11 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 # finetuning_type choices of the search: LoRA on 16-bit weights, QLoRA on bitsandbytes 4-bit or 8-bit
 # weights, full fine-tuning.
 FT_CHOICES = ("lora", "qlora4", "qlora8", "full")
+# The stages `trainfit solve` models: the memory model covers sft (pt runs the same step) and dpo
+# (memory/preference.py).
+STAGES = ("sft", "dpo")
+DPO_CLUSTER = ("stage dpo with a cluster is not modelled (the per-GPU model of distributed/ covers sft steps, not the "
+               "reference model)")
 
 
 class DatasetSpec(BaseModel):
@@ -27,12 +32,16 @@ class DatasetSpec(BaseModel):
     name: str = Field(default="train", description="Dataset name written to dataset_info.json and the config.")
     file: str | None = Field(default=None, description="The LLaMA-Factory data file the emitted config trains on "
                              "(alpaca or sharegpt JSON/JSONL), relative to the problem file.")
-    formatting: Literal["alpaca", "sharegpt", "openai"] = Field(default="alpaca", description="The data file's format.")
+    formatting: Literal["alpaca", "sharegpt", "openai"] = Field(
+        default="alpaca", description="The data file's format (with `stage: dpo`, its ranking form: chosen/rejected).")
     tokenizer: str = Field(default="auto", description="How `file` is tokenized: `auto` (a local tokenizer.json if "
                            "one is found, else the approximation), `approx` (the documented approximation: the same "
                            "counts on every machine), or a path to a tokenizer.json (relative to the problem file).")
     summary: DatasetSummary | None = Field(
-        default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
+        default=None, description="Sample count and token-length distribution; measured from `file` when absent. "
+        "With `stage: dpo` a sample is a pair, its length the prompt plus the longer of chosen and rejected (what "
+        "the collator pads to), response_token_share the longer response's share (from a summary the quality score "
+        "counts that response once; a data file gives both responses' tokens).")
 
     @model_validator(mode="after")
     def _file_or_summary(self) -> DatasetSpec:
@@ -164,12 +173,40 @@ class Problem(BaseModel):
     cluster: Cluster | None = Field(default=None, description="Several GPUs of the kind `gpu`: the search adds the "
                                     "GPU count, engine and offload (one solve per setting, fronts merged).")
     trainer: Literal["llamafactory"] = Field(default="llamafactory", description="The trainer the configs are for.")
+    stage: str = Field(default="sft", description="LLaMA-Factory `stage`: sft (supervised) or dpo (pairwise "
+                       "preference: the data has chosen/rejected responses; each micro-batch runs 2 x batch "
+                       "sequences, plus a reference forward unless pref_loss is orpo or simpo).")
+    pref_loss: PrefLoss = Field(default="sigmoid", description="stage dpo: LLaMA-Factory `pref_loss` (sigmoid is DPO; "
+                                f"{' and '.join(REFERENCE_FREE_LOSSES)} need no reference model).")
+    pref_beta: float = Field(default=0.1, gt=0, le=100, allow_inf_nan=False, description="stage dpo: LLaMA-Factory "
+                             "`pref_beta` (default 0.1, as in LLaMA-Factory and Rafailov et al. 2023). No memory "
+                             "effect.")
     dataset: DatasetSpec = Field(description="The training data.")
     search: SearchSpace = Field(default_factory=SearchSpace, description="The search space.")
     margin: float = Field(default=DEFAULT_MARGIN, ge=0, lt=1, allow_inf_nan=False,
                           description="Share of the GPU's memory kept free. It applies to the "
                           "device peak (what nvidia-smi shows: reserved + CUDA context).")
     objective: Objective = Field(default_factory=Objective, description="Objective settings.")
+
+    @field_validator("stage")
+    @classmethod
+    def _stage(cls, v: str) -> str:
+        if v not in STAGES:
+            # [S] LLaMA-Factory hparams/finetuning_args.py: stage is one of pt, sft, rm, ppo, dpo, kto
+            known = "a LLaMA-Factory stage trainfit does not model" if v in ("pt", "rm", "ppo", "kto") else \
+                "not a LLaMA-Factory stage (pt, sft, rm, ppo, dpo, kto)"
+            raise ValueError(f"{v!r} is {known}; trainfit solves sft and dpo: use stage sft or dpo")
+        return v
+
+    @model_validator(mode="after")
+    def _stage_fits(self) -> Problem:
+        if self.stage == "dpo" and self.cluster is not None:
+            raise ValueError(f"{DPO_CLUSTER}: remove cluster to solve on one GPU, or use stage sft")
+        defaults = type(self).model_fields
+        if self.stage != "dpo" and (self.pref_loss != defaults["pref_loss"].default
+                                    or self.pref_beta != defaults["pref_beta"].default):
+            raise ValueError("pref_loss and pref_beta apply to stage dpo only: remove them, or set stage: dpo")
+        return self
 
 
 def load_problem(path: str | Path) -> tuple[Problem, Path]:
@@ -187,5 +224,5 @@ def load_problem(path: str | Path) -> tuple[Problem, Path]:
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
             msg = err["msg"].replace("Value error, ", "")
-            msgs.append(f"{loc}: {msg}")
+            msgs.append(f"{loc}: {msg}" if loc else msg)  # a whole-problem rule has no location
         raise ProblemError(f"{path}: " + join_problems(msgs) + ". Fix the problem file.") from None

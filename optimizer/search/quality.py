@@ -21,7 +21,14 @@ Plan keys: finetuning_type (lora|qlora4|qlora8|full), lora_rank, lora_target ("a
 list of module names q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj), learning_rate, effective_batch,
 num_train_epochs, optimizer_steps (derived when absent), kept_token_share, samples_used.
 Context keys: model_params, num_layers, hidden_size, intermediate_size, kv_size (default hidden_size),
-samples_total, supervised_tokens_total, model_family (llama|qwen|...; for the recipe learning rate).
+samples_total, supervised_tokens_total, model_family (llama|qwen|...; for the recipe learning rate), stage (sft|dpo;
+for the recipe learning rate).
+
+stage dpo: the same SFT evidence model ranks DPO plans (POLICY): a sample is a preference pair, its supervised
+tokens are both responses (data/pairwise.py) and every term reads them as for SFT. No DPO-specific evidence is
+encoded (no published ablation of LoRA target, rank, batch or truncation under DPO is used), so the score orders
+DPO plans by what SFT evidence says about the same knobs. Only the recipe differs: its learning rate
+(recommended_hparams, stage dpo).
 """
 
 from __future__ import annotations
@@ -282,17 +289,26 @@ def recipe_epochs(samples: int) -> tuple[int, str]:
                "lowered scores")
 
 
+# stage dpo learning rates (recommended_hparams): LoRA from LLaMA-Factory's LoRA DPO example, full from the DPO paper.
+DPO_LR = {"lora": 5e-6, "full": 1e-6}
+
 # Tinker cookbook `hyperparam_utils.get_lr`: full-FT LR = 5e-5 * (2000 / hidden_size) ** P (P by family).
 LR_EXPONENT = {"llama": 0.781, "qwen": 0.0775}
 
 
 def recommended_hparams(finetuning_type: str, model_params: float, model_family: str = "llama",
                         lora_rank: int = 8, samples: int = 10_000, *, hidden_size: int | None = None,
-                        optimizer_steps: float | None = None) -> dict:
+                        optimizer_steps: float | None = None, stage: str = "sft") -> dict:
     """Recipe hyperparameters for a plan, each value with a one-line source in `sources`."""
     lora = finetuning_type != "full"
     src: dict[str, str] = {}
-    if hidden_size:
+    if stage == "dpo":
+        # LLaMA-Factory 0.9.5 examples/train_lora/qwen3_lora_dpo.yaml (and llama3_lora_dpo.yaml before it):
+        # learning_rate 5.0e-6 with pref_beta 0.1; Rafailov et al. 2023 (DPO), App. B: 1e-6 for full fine-tuning.
+        full_lr = DPO_LR["full"]
+        src["learning_rate"] = ("LLaMA-Factory examples/train_lora/qwen3_lora_dpo.yaml: LoRA DPO 5.0e-6" if lora else
+                                "Rafailov et al. 2023 (DPO) App. B: full fine-tuning 1e-6")
+    elif hidden_size:
         p = LR_EXPONENT.get(model_family, LR_EXPONENT["llama"])
         full_lr = 5e-5 * (2000 / hidden_size) ** p
         src["learning_rate"] = (f"tinker-cookbook get_lr: 5e-5*(2000/hidden)^{p} for full FT"
@@ -302,7 +318,9 @@ def recommended_hparams(finetuning_type: str, model_params: float, model_family:
         src["learning_rate"] = ("LLaMA-Factory examples: full 1e-5" + ("; LoRA 1e-4 (= x10, Schulman et al. 2025)"
                                                                          if lora else ""))
     lr = full_lr
-    if lora:
+    if lora and stage == "dpo":
+        lr = DPO_LR["lora"]
+    elif lora:
         # The LoRA/full ratio is 10 (Schulman et al. 2025; tinker-cookbook get_lora_lr_over_full_finetune_lr). The
         # blog's "~15x in very short runs" is not used: it was measured with Tinker's own LoRA parametrization
         # (alpha 32, scale alpha/r) and schedule, not LLaMA-Factory's AdamW + cosine + warmup with alpha = 2r.

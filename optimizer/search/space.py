@@ -100,13 +100,15 @@ def hparams_for(inst: Instance, finetuning_type: str, lora_rank: int | None,
     ctx = inst.context
     return qm.recommended_hparams(finetuning_type, ctx["model_params"], ctx["model_family"], lora_rank or 8,
                                   ctx["samples_total"], hidden_size=ctx["hidden_size"],
-                                  optimizer_steps=optimizer_steps)
+                                  optimizer_steps=optimizer_steps, stage=ctx.get("stage", "sft"))
 
 
 def plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> dict:
     """The Plan fields the recipe sets (lora_dropout has a memory effect, so the search plans with it)."""
     h = hparams_for(inst, finetuning_type, lora_rank)
     out = {"max_grad_norm": h["max_grad_norm"], "num_train_epochs": inst.epochs}
+    if inst.problem.stage == "dpo":  # the memory model prices the DPO step from these (memory/preference.py)
+        out.update(stage="dpo", pref_loss=inst.problem.pref_loss, pref_beta=inst.problem.pref_beta)
     if finetuning_type != "full":
         out.update(lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"])
     return out
@@ -196,12 +198,18 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
             from ..data.tokens import ApproxCounter, tokenizer_family
 
             tpl = template_for_model(model_id, arch.model_type) if model_id else "fallback"
-            measured = count_tokens(data_path, template=tpl, counter=ApproxCounter(
-                tokenizer_family(model_id, arch.model_type, tpl)), formatting=problem.dataset.formatting)
+            counter = ApproxCounter(tokenizer_family(model_id, arch.model_type, tpl))
+            if problem.stage == "dpo":  # preference pairs: a sample's length is prompt + the longer response
+                from ..data.pairwise import count_pairs
+
+                measured = count_pairs(data_path, template=tpl, counter=counter, formatting=problem.dataset.formatting)
+            else:
+                measured = count_tokens(data_path, template=tpl, counter=counter,
+                                        formatting=problem.dataset.formatting)
         else:
             path = None if tok == "auto" else ((base / tok) if base is not None else Path(tok))
             measured = analyze_dataset(data_path, model=model_id, model_type=arch.model_type, tokenizer=path,
-                                       formatting=problem.dataset.formatting)
+                                       formatting=problem.dataset.formatting, pairwise=problem.stage == "dpo")
         inst.summary = measured.summary()
         inst.lengths = tuple(sorted(sm.total for sm in measured.samples))
         how = "exact tokenizer" if measured.exact else "approximate token counts"
@@ -222,7 +230,7 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         "model_params": count_params(arch, Plan(finetuning_type="full"))[1], "num_layers": arch.num_hidden_layers,
         "hidden_size": arch.hidden_size, "intermediate_size": arch.intermediate_size,
         "kv_size": arch.num_key_value_heads * arch.head_dim, "samples_total": ds.num_samples,
-        "supervised_tokens_total": supervised, "model_family": model_family(arch),
+        "supervised_tokens_total": supervised, "model_family": model_family(arch), "stage": problem.stage,
     }
     if problem.objective.num_train_epochs is not None:
         inst.epochs = problem.objective.num_train_epochs
@@ -365,14 +373,15 @@ def micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | 
     plan = plan_for(inst.arch, inst.gpu, {"finetuning_type": ft, "lora_rank": lora_rank, "lora_target": lora_target,
                                           "cutoff_len": cutoff, "per_device_train_batch_size": batch,
                                           "gradient_checkpointing": gc, "flash_attn": "auto", "optim": "adamw_torch",
-                                          "enable_liger_kernel": False})
+                                          "enable_liger_kernel": False}, plan_fields(inst, ft, lora_rank))
     trainable, _ = count_params(inst.arch, plan)
     if inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
     else:
         seq = expected_padded_len(inst.summary.token_length_percentiles, cutoff, batch)
     micro_s = micro_batch_seconds(inst.arch, inst.gpu, finetuning_type=ft, gc=gc, batch=batch, seq_len=seq,
-                                  lora_params=0 if ft == "full" else trainable)
+                                  lora_params=0 if ft == "full" else trainable, pairwise=plan.pairwise,
+                                  reference=plan.use_ref_model)
     return math.ceil(micro_s * 1000)
 
 

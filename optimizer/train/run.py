@@ -84,7 +84,8 @@ def predicted_step_s(arch: Arch, plan: Plan, gpu: GpuSpec, seq_len: int) -> floa
     trainable, _ = count_params(arch, plan)
     micro = micro_batch_seconds(arch, gpu, finetuning_type=_time_kind(plan), gc=not plan.disable_gradient_checkpointing,
                                 batch=plan.per_device_train_batch_size, seq_len=seq_len,
-                                lora_params=0 if plan.finetuning_type == "full" else trainable)
+                                lora_params=0 if plan.finetuning_type == "full" else trainable,
+                                pairwise=plan.pairwise, reference=plan.use_ref_model)
     return plan.gradient_accumulation_steps * micro + optimizer_step_seconds(trainable, gpu)
 
 
