@@ -53,7 +53,22 @@ class Arch(BaseModel):
     final_logit_softcapping: float | None = Field(
         default=None, description="config.json `final_logit_softcapping` (Gemma 2): tanh capping of the logits."
     )
+    qk_norm_full: bool = Field(default=False, description="q_norm/k_norm normalize the whole q and k projections, "
+                               "not each head (OLMoE: RMSNorm(hidden_size) and RMSNorm(kv width)).")
+    num_experts: int = Field(default=0, ge=0, description="Routed experts per MoE layer (config.json `num_experts`; "
+                             "Mixtral `num_local_experts`); 0 for a dense model.")
+    num_experts_per_tok: int = Field(default=0, ge=0, description="config.json `num_experts_per_tok` (top-k).")
+    moe_intermediate_size: int = Field(default=0, ge=0, description="One expert's MLP width (config.json "
+                                       "`moe_intermediate_size`; Mixtral and OLMoE: `intermediate_size`).")
+    norm_topk_prob: bool = Field(default=False, description="config.json `norm_topk_prob`: renormalize the top-k "
+                                 "routing weights (Mixtral always does).")
+    router_scores_fp32: bool = Field(default=False, description="The routing weights stay fp32 into the expert "
+                                     "combine (Mixtral's router softmaxes `logits.float()` and never casts back).")
     source: str = Field(default="", description="Where these numbers come from.")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_dim(self) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextvars import ContextVar
 
-from ..models.arch import layer_linears
+from ..models.arch import expert_numels, layer_linears
 from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
 from ..units import MIB, alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at, reserved_bytes
@@ -77,6 +77,8 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
          f"V x H, {_dtype_name(st.embed_w, arch)}" + (" (tied lm_head)" if arch.tie_word_embeddings else "")),
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
+        ("weights_experts", weights.get("experts", 0), f"all {arch.num_experts} experts + router per layer, "
+         f"{'trainable' if st.full else 'checkpoint dtype'} (3-D parameters: not quantized, not LoRA targets)"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
         ("optimizer_states", states, plan.optim),
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
@@ -91,6 +93,9 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     cache = 0
     if st.full and st.amp and st.gc and st.train_w != st.c:
         cache = L * sum(alloc_bytes(m.weight_numel * st.c) for m in layer_linears(arch))
+        # MoE: the router's F.linear is autocast too; the experts' grouped_mm is not (it casts its input to the
+        # weight dtype instead: transformers integrations/moe.py::_grouped_mm), so no expert copy is cached
+        cache += L * alloc_bytes(expert_numels(arch)[2] * st.c)
     # Gradient accumulation: from the second micro-batch on, every trainable tensor's .grad from the earlier
     # micro-batches is live through the forward, the loss and the backward ([T] traced with two micro-batches;
     # HF Trainer zeroes gradients only after the optimizer step). The third and later micro-batches repeat the

@@ -17,6 +17,17 @@ A row's fields and their sources:
 - tokenizer: the approximate token counter's family when the model's name says nothing (optimizer/data/tokens.py;
   None: decided by the chat template).
 - template_hint: what to suggest when no chat template is known for a model id of the family.
+- experts_key: the config.json key holding the number of routed experts of a mixture-of-experts family
+  (transformers v5 Qwen3MoeConfig/OlmoeConfig `num_experts`, MixtralConfig `num_local_experts`); None: dense.
+  Every MoE family here stores its experts as two fused 3-D parameters per layer (`experts.gate_up_proj`
+  [E, 2 I, H], `experts.down_proj` [E, H, I]: modeling_qwen3_moe.py Qwen3MoeExperts, MixtralExperts, OlmoeExperts).
+- expert_width_key: the config.json key of one expert's MLP width (qwen3_moe `moe_intermediate_size`; Mixtral and
+  OLMoE build experts of `intermediate_size`).
+- router_scores_fp32: MixtralTopKRouter.forward softmaxes `router_logits.float()` and returns the fp32 top-k weights
+  (Qwen3MoeTopKRouter and OlmoeTopKRouter cast them back with `.to(router_logits.dtype)`); Mixtral always
+  renormalizes the top-k (no `norm_topk_prob` key).
+- qk_norm_full: OlmoeAttention has q_norm = RMSNorm(hidden_size) and k_norm = RMSNorm(kv width) over the whole
+  projection outputs, before the per-head view.
 """
 
 from __future__ import annotations
@@ -40,6 +51,10 @@ class Family:
     liger: bool = False
     tokenizer: str | None = None
     template_hint: str = ""
+    experts_key: str | None = None
+    expert_width_key: str = "intermediate_size"
+    router_scores_fp32: bool = False
+    qk_norm_full: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -62,6 +77,13 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(fused=True, liger=True, tokenizer="sp32k",
                    template_hint="`phi` for Phi-3/3.5, `phi4` for phi-4, `phi4_mini` for Phi-4-mini"),
     "granite": Family(),
+    # mixture-of-experts decoders (Llama-pattern attention, a routed-expert MLP in every layer)
+    "qwen3_moe": Family(qk_norm=True, liger=True, tokenizer="qwen", experts_key="num_experts",
+                        expert_width_key="moe_intermediate_size",
+                        template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
+    "mixtral": Family(liger=True, tokenizer="sp32k", experts_key="num_local_experts", router_scores_fp32=True,
+                      template_hint="`mistral`"),
+    "olmoe": Family(qk_norm=True, qk_norm_full=True, experts_key="num_experts"),
 }
 
 
@@ -111,6 +133,9 @@ CATALOG_TEMPLATES: dict[str, str] = {
     "google/gemma-3-27b-it": "gemma3",
     "microsoft/Phi-3.5-mini-instruct": "phi",
     "microsoft/phi-4": "phi4",
+    "Qwen/Qwen3-30B-A3B": "qwen3",
+    # [S] LLaMA-Factory README: "Mistral/Mixtral: mistral"
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
 }
 
 # For ids outside the catalog (other sizes, base models, a local folder named after its hub repo): rules on the

@@ -126,3 +126,23 @@ GRID += [
     (_L1, _p(stage="dpo", cutoff_len=1024, per_device_train_batch_size=2, pref_ftx=0.1)),
     (_M7, _p(stage="dpo", cutoff_len=1024, quantization_bit=4)),
 ]
+_Q3M = "Qwen/Qwen3-30B-A3B"
+_MIX = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+_OLMOE = "allenai/OLMoE-1B-7B-0924"
+GRID += [
+    # mixture-of-experts (transformers' grouped_mm experts): every expert resident in bf16 (not quantized by
+    # bitsandbytes, not LoRA targets), router softmax in fp32, S = N k routed rows through the experts. 128/64/8
+    # experts, top-8/8/2, Mixtral's fp32 routing weights, OLMoE's full-width q/k norms; LoRA, QLoRA 4/8-bit, full
+    # (pure_bf16), fp16 autocast, checkpointing on and off, sdpa and eager.
+    (_OLMOE, _p(cutoff_len=256)),
+    (_OLMOE, _p(cutoff_len=2048, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_OLMOE, _p(cutoff_len=1024, quantization_bit=4)),
+    (_OLMOE, _p(cutoff_len=512, finetuning_type="full", pure_bf16=True, bf16=False)),
+    (_OLMOE, _p(cutoff_len=1024, quantization_bit=8)),
+    (_OLMOE, _p(cutoff_len=1024, fp16=True, bf16=False)),
+    (_Q3M, _p(cutoff_len=1024, per_device_train_batch_size=2)),
+    (_Q3M, _p(cutoff_len=512, disable_gradient_checkpointing=True)),
+    (_Q3M, _p(cutoff_len=1024, quantization_bit=4, flash_attn="disabled")),
+    (_MIX, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True)),
+    (_MIX, _p(cutoff_len=2048, per_device_train_batch_size=2)),
+]
