@@ -33,6 +33,9 @@ NOT_MODELLED: dict[str, Any] = {
     "use_adam_mini": False, "use_muon": False, "use_dora": False, "pissa_init": False, "use_llama_pro": False,
     "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
+    # [S] LLaMA-Factory model/model_utils/moe.py::configure_moe: a non-zero coefficient sets the config's
+    # output_router_logits, so every MoE layer's router logits live until the loss and the aux loss runs on them
+    "moe_aux_loss_coef": None,
 }
 
 # `deepspeed:` (a LLaMA-Factory train argument naming a DeepSpeed JSON) is accepted and ignored by the single-GPU plan:

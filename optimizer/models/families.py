@@ -83,7 +83,9 @@ FAMILIES: dict[str, Family] = {
                         template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
     "mixtral": Family(liger=True, tokenizer="sp32k", experts_key="num_local_experts", router_scores_fp32=True,
                       template_hint="`mistral`"),
-    "olmoe": Family(qk_norm=True, qk_norm_full=True, experts_key="num_experts"),
+    # LLaMA-Factory 0.9.5 registers no OLMoE model (extras/constants.py has OLMo 1/1.7 only, without a template)
+    "olmoe": Family(qk_norm=True, qk_norm_full=True, experts_key="num_experts",
+                    template_hint="none registered in LLaMA-Factory: `default`, or the tokenizer's own chat template"),
 }
 
 
@@ -133,8 +135,9 @@ CATALOG_TEMPLATES: dict[str, str] = {
     "google/gemma-3-27b-it": "gemma3",
     "microsoft/Phi-3.5-mini-instruct": "phi",
     "microsoft/phi-4": "phi4",
+    # registered as "Qwen3-30B-A3B-Thinking" (template qwen3) and "Mixtral-8x7B-v0.1-Instruct" (template mistral);
+    # allenai/OLMoE-1B-7B-0924 has no registration, so no entry
     "Qwen/Qwen3-30B-A3B": "qwen3",
-    # [S] LLaMA-Factory README: "Mistral/Mixtral: mistral"
     "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
 }
 
@@ -152,6 +155,7 @@ _RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
         (r"^(meta-)?llama-3", ("llama",), "llama3"),
         (r"^smollm2-", ("llama",), "smollm2"),
         (r"^mistral-7b-", ("mistral",), "mistral"),
+        (r"^mixtral-8x(7|22)b-", ("mixtral",), "mistral"),
         (r"^mistral-nemo-", ("mistral",), "ministral"),
         (r"^gemma-2-", ("gemma2",), "gemma2"),
         (r"^gemma-3-(270m|1b)", ("gemma3_text",), "gemma2"),

@@ -2,7 +2,7 @@
 
 Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
-fused projections (Phi-3.5), qkv biases (Qwen2.5); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
+fused projections (Phi-3.5), qkv biases (Qwen2.5), mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
 checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced
 micro-batches) for LoRA and full fine-tuning.
 """
