@@ -60,6 +60,9 @@ class Arch(BaseModel):
     num_experts_per_tok: int = Field(default=0, ge=0, description="config.json `num_experts_per_tok` (top-k).")
     moe_intermediate_size: int = Field(default=0, ge=0, description="One expert's MLP width (config.json "
                                        "`moe_intermediate_size`; Mixtral and OLMoE: `intermediate_size`).")
+    shared_expert_intermediate_size: int = Field(default=0, ge=0, description="config.json "
+                                                 "`shared_expert_intermediate_size` (Qwen2-MoE): the width of the "
+                                                 "dense expert every token also goes through; 0: none.")
     norm_topk_prob: bool = Field(default=False, description="config.json `norm_topk_prob`: renormalize the top-k "
                                  "routing weights (Mixtral always does).")
     router_scores_fp32: bool = Field(default=False, description="The routing weights stay fp32 into the expert "

@@ -70,6 +70,7 @@ GOLDEN_PARAMS: dict[str, int] = {
     "Qwen/Qwen3-30B-A3B": 30_532_122_624,  # 128 experts of 768, q/k norms
     "mistralai/Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,  # 8 experts of 14336
     "allenai/OLMoE-1B-7B-0924": 6_919_161_856,  # 64 experts of 1024, full-width q/k norms
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": 14_315_784_192,  # + a shared expert of 5632 (model card: 14.3B total)
 }
 
 _GPU_ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -174,6 +175,11 @@ def test_family_flags_derived_from_model_type():
     mix = archs["mistralai/Mixtral-8x7B-Instruct-v0.1"]
     assert (mix.num_experts, mix.num_experts_per_tok, mix.moe_intermediate_size, mix.norm_topk_prob,
             mix.router_scores_fp32) == (8, 2, 14336, True, True)
+    q15m = archs["Qwen/Qwen1.5-MoE-A2.7B-Chat"]
+    assert (q15m.num_experts, q15m.num_experts_per_tok, q15m.shared_expert_intermediate_size, q15m.qkv_bias) == (
+        60, 4, 5632, True)
+    # the shared expert and its gate are nn.Linear (LoRA `all` targets them), the routed experts are not
+    assert [m.name for m in layer_linears(q15m)][4:] == ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
     olmoe = archs["allenai/OLMoE-1B-7B-0924"]
     assert (olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.norm_topk_prob, olmoe.qk_norm_full) == (64, 8, False,
                                                                                                          True)

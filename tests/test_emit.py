@@ -344,6 +344,7 @@ EXPECTED_TEMPLATES = {
     "google/gemma-3-27b-it": "gemma3",
     "microsoft/Phi-3.5-mini-instruct": "phi", "microsoft/phi-4": "phi4",
     "Qwen/Qwen3-30B-A3B": "qwen3", "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
 }
 # catalog models LLaMA-Factory registers no template for: template_for refuses them with a hint
 UNREGISTERED = {"allenai/OLMoE-1B-7B-0924"}

@@ -43,6 +43,8 @@ def _term(est, name: str) -> int:
     (OLMOE, 2_097_152, 6_921_259_008),
     (Q3M, 6_684_672, 30_538_807_296),
     (MIX, 6_815_744, 46_709_608_448),
+    # Qwen2-MoE: + the shared expert's gate/up/down_proj and shared_expert_gate (nn.Linear(2048, 1))
+    ("Qwen/Qwen1.5-MoE-A2.7B-Chat", 7_962_816, 14_323_747_008),
 ])
 def test_lora_all_targets_only_the_attention_linears(model, trainable, total):
     plan = Plan(lora_rank=8, lora_target="all")
@@ -80,8 +82,7 @@ def test_active_parameters_match_the_published_figure():
 
 
 @pytest.mark.parametrize("changes,message", [
-    ({"model_type": "qwen2_moe", "shared_expert_intermediate_size": 5632},
-     "model_type \"qwen2_moe\" is not modelled"),
+    ({"n_shared_experts": 1}, "shared experts are not modelled for this model_type (Qwen2-MoE's are)"),
     ({"mlp_only_layers": [0, 1]}, "dense layers mixed into a MoE model (mlp_only_layers or decoder_sparse_step > 1) "
                                   "are not modelled; every layer must be a MoE layer"),
     ({"decoder_sparse_step": 2}, "every layer must be a MoE layer"),
@@ -114,6 +115,15 @@ def test_full_fine_tuning_with_fp32_experts_is_refused():
     # pure_bf16 keeps them bf16: the experts are trainable, with bf16 grads and AdamW states
     est = estimate(arch, Plan(pure_bf16=True, finetuning_type="full", cutoff_len=256, per_device_train_batch_size=1))
     assert est.trainable_params == est.all_params == 6_919_161_856
+
+
+def test_qwen2_moe_needs_its_shared_expert():
+    cfg = dict(model_configs()["Qwen/Qwen1.5-MoE-A2.7B-Chat"]["config"])
+    del cfg["shared_expert_intermediate_size"]
+    with pytest.raises(CatalogError) as err:
+        arch_from_config(cfg, "m")
+    assert "shared_expert_intermediate_size must be a whole number between 1 and 1,048,576, found null" in str(
+        err.value)
 
 
 def test_the_router_aux_loss_is_refused_in_a_training_yaml():

@@ -191,7 +191,7 @@ def _mlp_block(w: Walk, arch: Arch, st: Setting, lin: dict, h1: str, res_b: int)
     trainable = st.full
     h2, h2_b = norm_op(w, st, h1, res_b, N * H, N, trainable)
     if arch.is_moe:
-        return moe_block(w, arch, st, h2, h2_b)
+        return moe_block(w, arch, st, h2, h2_b, lin)
     if arch.fused_gate_up:
         gu, gu_b = linear_op(w, st, lin["gate_up_proj"], h2, h2_b, N, from_norm=True)
         w.drop(h2)

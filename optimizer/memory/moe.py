@@ -25,11 +25,15 @@ INT64 = 8  # torch.sort / topk indices and the permutation tensors are int64
 INT32 = 4  # the CUDA histc input (`expert_ids_g.int()`) and the int32 cumsum offsets
 
 
-def moe_block(w: Walk, arch: Arch, st: Setting, x: str, x_b: int) -> tuple[str, int]:
-    """Router + experts on the post-attention norm output `x` (`x_b` bytes/elem, held by the caller's frame for
-    the whole block and dropped here at the end). Returns the block output and its element size."""
+def moe_block(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, lin: dict) -> tuple[str, int]:
+    """(Shared expert +) router + experts on the post-attention norm output `x` (`x_b` bytes/elem, held by the
+    caller's frame for the whole block and dropped here at the end). Returns the block output and its element
+    size. `lin`: the layer's Linear specs by name (the shared expert's)."""
     N, H, E, k = st.tokens, arch.hidden_size, arch.num_experts, arch.num_experts_per_tok
     S = N * k
+    shared = None
+    if arch.shared_expert_intermediate_size:  # Qwen2-MoE runs its shared expert first
+        shared, shared_b = _shared_expert(w, arch, st, x, x_b, lin)
     # --- router: F.linear(x, weight) (autocast applies), softmax in fp32, top-k ---------------------------------
     # The router weight is an nn.Parameter of a `*TopKRouter` module: never quantized, never a LoRA target; its
     # F.linear saves what a frozen (or, full FT, trainable) Linear's does.
@@ -63,8 +67,34 @@ def moe_block(w: Walk, arch: Arch, st: Setting, x: str, x_b: int) -> tuple[str, 
         w.drop(top)
         top, sw_b = top2, lg_b
     out, out_b = _experts(w, arch, st, x, x_b, idx, top, sw_b, S)
-    w.drop(idx, top, x)
+    w.drop(idx, top)
+    if shared is not None:
+        # sigmoid(shared_expert_gate(x)) * shared: sigmoid saves its output, the product saves both factors
+        g, g_b = linear_op(w, st, lin["shared_expert_gate"], x, x_b, N, from_norm=True)
+        sig = w.op("shared_gate_sigmoid", N * g_b, ins=(g,), save_out=True)
+        w.drop(g)
+        gated = w.op("shared_gated", N * H * promote(g_b, shared_b), ins=(sig, shared), saves=(sig, shared))
+        w.drop(sig, shared)
+        total = w.op("experts_plus_shared", N * H * promote(out_b, shared_b), ins=(out, gated), alias=True)
+        w.drop(out, gated)
+        out, out_b = total, promote(out_b, shared_b)
+    w.drop(x)
     return out, out_b
+
+
+def _shared_expert(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, lin: dict) -> tuple[str, int]:
+    """Qwen2MoeMLP: down(act(gate(x)) * up(x)) of nn.Linear layers (LoRA targets, quantized like any decoder
+    Linear); act saves its input, the product both factors ([S] transformers llama LlamaMLP.forward)."""
+    N, I = st.tokens, arch.shared_expert_intermediate_size
+    g, g_b = linear_op(w, st, lin["gate_proj"], x, x_b, N, from_norm=True)
+    u, _ = linear_op(w, st, lin["up_proj"], x, x_b, N, from_norm=True)
+    act = w.op("shared_act", N * I * g_b, ins=(g,), saves=(g,))
+    w.drop(g)
+    prod = w.op("shared_act_mul_up", N * I * g_b, ins=(act, u), saves=(act, u))
+    w.drop(act, u)
+    d, d_b = linear_op(w, st, lin["down_proj"], prod, g_b, N)
+    w.drop(prod)
+    return d, d_b
 
 
 def _experts(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, idx: str, sw: str, sw_b: int,

@@ -136,7 +136,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         )
     problems = validate_config(cfg)
     if fam.experts_key is not None:
-        problems += _moe_problems(cfg, fam.experts_key, fam.expert_width_key)
+        problems += _moe_problems(cfg, fam.experts_key, fam.expert_width_key, fam.shared_expert)
     if problems:
         raise CatalogError(f"{name}: config.json {join_problems(problems)}. Fix these fields (copy them from the "
                            "model's Hugging Face config.json), or pass the config.json of a decoder-only causal LM.")
@@ -174,6 +174,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         num_experts=cfg[fam.experts_key] if fam.experts_key else 0,
         num_experts_per_tok=cfg["num_experts_per_tok"] if fam.experts_key else 0,
         moe_intermediate_size=cfg[fam.expert_width_key] if fam.experts_key else 0,
+        shared_expert_intermediate_size=cfg["shared_expert_intermediate_size"] if fam.shared_expert else 0,
         # Mixtral renormalizes always; Qwen3-MoE and OLMoE read `norm_topk_prob` (config class default False)
         norm_topk_prob=fam.router_scores_fp32 or bool(cfg.get("norm_topk_prob") or False),
         router_scores_fp32=fam.router_scores_fp32,
@@ -181,9 +182,9 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
     )
 
 
-def _moe_problems(cfg: dict[str, Any], experts_key: str, width_key: str) -> list[str]:
-    """What a routed-expert config.json must hold for trainfit's MoE layer: every layer sparse, top-k of E, no
-    shared expert, no router aux loss."""
+def _moe_problems(cfg: dict[str, Any], experts_key: str, width_key: str, shared: bool) -> list[str]:
+    """What a routed-expert config.json must hold for trainfit's MoE layer: every layer sparse, top-k of E, a
+    shared expert only where the family has one (Qwen2-MoE: required), no router aux loss."""
     problems: list[str] = []
     experts, k, width = cfg.get(experts_key), cfg.get("num_experts_per_tok"), cfg.get(width_key)
     for key, v in ((experts_key, experts), ("num_experts_per_tok", k), (width_key, width)):
@@ -194,8 +195,15 @@ def _moe_problems(cfg: dict[str, Any], experts_key: str, width_key: str) -> list
     if cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1:
         problems.append("dense layers mixed into a MoE model (mlp_only_layers or decoder_sparse_step > 1) are not "
                         "modelled; every layer must be a MoE layer")
-    if cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
-        problems.append("shared experts are not modelled")
+    if shared:
+        v = cfg.get("shared_expert_intermediate_size")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= (1 << 20):
+            problems.append(f"shared_expert_intermediate_size must be a whole number between 1 and {1 << 20:,}, "
+                            f"found {_show(v)}")
+        if cfg.get("qkv_bias") is False:
+            problems.append("qkv_bias false is not modelled (Qwen2-MoE's q/k/v carry a bias)")
+    elif cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
+        problems.append("shared experts are not modelled for this model_type (Qwen2-MoE's are)")
     if cfg.get("output_router_logits"):
         problems.append("output_router_logits true (the router aux loss, LLaMA-Factory moe_aux_loss_coef) is not "
                         "modelled; set it to false")
@@ -221,7 +229,11 @@ def layer_linears(arch: Arch) -> tuple[LinearSpec, ...]:
     out.append(LinearSpec("o_proj", q, h, arch.o_bias, "attn"))
     if arch.is_moe:
         # the router is an nn.Parameter in a `*TopKRouter` module and the experts are fused 3-D parameters: neither
-        # is an nn.Linear (see `expert_numels`)
+        # is an nn.Linear (see `expert_numels`). Qwen2-MoE's shared expert and its gate are nn.Linear.
+        si = arch.shared_expert_intermediate_size
+        if si:
+            out += [LinearSpec("gate_proj", h, si, False, "mlp"), LinearSpec("up_proj", h, si, False, "mlp"),
+                    LinearSpec("down_proj", si, h, False, "mlp"), LinearSpec("shared_expert_gate", h, 1, False, "mlp")]
         return tuple(out)
     if arch.fused_gate_up:
         out.append(LinearSpec("gate_up_proj", h, 2 * i, arch.mlp_bias, "mlp"))

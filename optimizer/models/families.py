@@ -26,6 +26,9 @@ A row's fields and their sources:
 - router_scores_fp32: MixtralTopKRouter.forward softmaxes `router_logits.float()` and returns the fp32 top-k weights
   (Qwen3MoeTopKRouter and OlmoeTopKRouter cast them back with `.to(router_logits.dtype)`); Mixtral always
   renormalizes the top-k (no `norm_topk_prob` key).
+- shared_expert: Qwen2MoeSparseMoeBlock adds `shared_expert` (a gated MLP of nn.Linear gate/up/down_proj of width
+  `shared_expert_intermediate_size`) and `shared_expert_gate` (nn.Linear(H, 1)): output = experts +
+  sigmoid(shared_expert_gate(x)) * shared_expert(x).
 - qk_norm_full: OlmoeAttention has q_norm = RMSNorm(hidden_size) and k_norm = RMSNorm(kv width) over the whole
   projection outputs, before the per-head view.
 """
@@ -54,6 +57,7 @@ class Family:
     experts_key: str | None = None
     expert_width_key: str = "intermediate_size"
     router_scores_fp32: bool = False
+    shared_expert: bool = False
     qk_norm_full: bool = False
 
 
@@ -81,6 +85,10 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(qk_norm=True, liger=True, tokenizer="qwen", experts_key="num_experts",
                         expert_width_key="moe_intermediate_size",
                         template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
+    # [S] Qwen2MoeConfig.qkv_bias defaults to True (q/k/v bias, no o bias, like qwen2); LLaMA-Factory's liger list
+    # has no qwen2_moe
+    "qwen2_moe": Family(qwen2_biases=True, tokenizer="qwen", experts_key="num_experts",
+                        expert_width_key="moe_intermediate_size", shared_expert=True, template_hint="`qwen`"),
     "mixtral": Family(liger=True, tokenizer="sp32k", experts_key="num_local_experts", router_scores_fp32=True,
                       template_hint="`mistral`"),
     # LLaMA-Factory 0.9.5 registers no OLMoE model (extras/constants.py has OLMo 1/1.7 only, without a template)
@@ -138,6 +146,7 @@ CATALOG_TEMPLATES: dict[str, str] = {
     # registered as "Qwen3-30B-A3B-Thinking" (template qwen3) and "Mixtral-8x7B-v0.1-Instruct" (template mistral);
     # allenai/OLMoE-1B-7B-0924 has no registration, so no entry
     "Qwen/Qwen3-30B-A3B": "qwen3",
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
     "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
 }
 
@@ -152,6 +161,7 @@ _RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
         (r"^qwen3-.*-instruct-2507", ("qwen3", "qwen3_moe"), "qwen3_nothink"),
         (r"^qwen3-", ("qwen3", "qwen3_moe"), "qwen3"),
         (r"^qwen2\.5-", ("qwen2",), "qwen"),
+        (r"^qwen1\.5-moe-", ("qwen2_moe",), "qwen"),
         (r"^(meta-)?llama-3", ("llama",), "llama3"),
         (r"^smollm2-", ("llama",), "smollm2"),
         (r"^mistral-7b-", ("mistral",), "mistral"),
