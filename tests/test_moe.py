@@ -166,3 +166,12 @@ def test_solve_a_moe_problem():
         assert estimate(resolve_arch(Q3M), s.plan).device_peak_bytes == s.device_peak_bytes <= result.budget_bytes
     inst = build_instance(problem, base)  # the exact front equals brute force on this MoE space
     assert [(q, t, k) for q, t, k, _ in solve_cpsat(inst)] == [(q, t, k) for q, t, k, _ in solve_brute(inst)]
+
+
+def test_the_search_keeps_mlp_targets_only_where_the_mlp_has_linears(tmp_path):
+    text = PROBLEM.read_text().replace("Qwen/Qwen3-30B-A3B", "Qwen/Qwen1.5-MoE-A2.7B-Chat")
+    (tmp_path / "p.yaml").write_text(text)
+    problem, base = load_problem(tmp_path / "p.yaml")
+    inst = build_instance(problem, base)  # the shared expert's gate/up/down_proj are nn.Linear
+    assert inst.domains["lora_target"] == ["mlp", "all"] and "full" not in inst.domains["finetuning_type"]
+    assert build_instance(*load_problem(PROBLEM)).domains["lora_target"] == ["all"]

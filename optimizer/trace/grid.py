@@ -157,3 +157,8 @@ GRID += [
                disable_gradient_checkpointing=True)),
     (_Q15M, _p(cutoff_len=2048, flash_attn="disabled", lora_dropout=0.1)),
 ]
+GRID += [
+    # DPO on MoE: chosen + rejected through the routed experts; the LoRA reference is the adapter-disabled policy
+    (_OLMOE, _p(stage="dpo", cutoff_len=512)),
+    (_Q15M, _p(stage="dpo", cutoff_len=512, quantization_bit=4)),
+]
