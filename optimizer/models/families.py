@@ -93,7 +93,7 @@ FAMILIES: dict[str, Family] = {
                       template_hint="`mistral`"),
     # LLaMA-Factory 0.9.5 registers no OLMoE model (extras/constants.py has OLMo 1/1.7 only, without a template)
     "olmoe": Family(qk_norm=True, qk_norm_full=True, experts_key="num_experts",
-                    template_hint="none registered in LLaMA-Factory: `default`, or the tokenizer's own chat template"),
+                    template_hint="`default` (LLaMA-Factory registers no OLMoE model)"),
 }
 
 
