@@ -83,7 +83,25 @@ class Arch(BaseModel):
     vision: VisionTower | None = Field(
         default=None, description="The vision tower of a vision-language model (None: a text-only decoder)."
     )
+    qk_norm_full: bool = Field(default=False, description="q_norm/k_norm normalize the whole q and k projections, "
+                               "not each head (OLMoE: RMSNorm(hidden_size) and RMSNorm(kv width)).")
+    num_experts: int = Field(default=0, ge=0, description="Routed experts per MoE layer (config.json `num_experts`; "
+                             "Mixtral `num_local_experts`); 0 for a dense model.")
+    num_experts_per_tok: int = Field(default=0, ge=0, description="config.json `num_experts_per_tok` (top-k).")
+    moe_intermediate_size: int = Field(default=0, ge=0, description="One expert's MLP width (config.json "
+                                       "`moe_intermediate_size`; Mixtral and OLMoE: `intermediate_size`).")
+    shared_expert_intermediate_size: int = Field(default=0, ge=0, description="config.json "
+                                                 "`shared_expert_intermediate_size` (Qwen2-MoE): the width of the "
+                                                 "dense expert every token also goes through; 0: none.")
+    norm_topk_prob: bool = Field(default=False, description="config.json `norm_topk_prob`: renormalize the top-k "
+                                 "routing weights (Mixtral always does).")
+    router_scores_fp32: bool = Field(default=False, description="The routing weights stay fp32 into the expert "
+                                     "combine (Mixtral's router softmaxes `logits.float()` and never casts back).")
     source: str = Field(default="", description="Where these numbers come from.")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
     @property
     def q_dim(self) -> int:

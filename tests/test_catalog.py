@@ -76,6 +76,12 @@ GOLDEN_PARAMS: dict[str, int] = {
     # numbers as Qwen2_5_VLForConditionalGeneration on the meta device (test below).
     "Qwen/Qwen2.5-VL-3B-Instruct": 3_754_622_976,
     "Qwen/Qwen2.5-VL-7B-Instruct": 8_292_166_656,
+    # mixture-of-experts: sum(p.numel()) of the transformers 5.24.0 model; the published totals are 30.5B
+    # (Qwen3-30B-A3B model card), 46.7B (Mistral's Mixtral announcement), 6.9B (OLMoE paper, arXiv 2409.02060)
+    "Qwen/Qwen3-30B-A3B": 30_532_122_624,  # 128 experts of 768, q/k norms
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": 46_702_792_704,  # 8 experts of 14336
+    "allenai/OLMoE-1B-7B-0924": 6_919_161_856,  # 64 experts of 1024, full-width q/k norms
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": 14_315_784_192,  # + a shared expert of 5632 (model card: 14.3B total)
 }
 
 _GPU_ID = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
@@ -142,7 +148,7 @@ def test_model_entries_load_validate_and_have_sources():
         assert "tie_word_embeddings" in cfg, f"{mid}: write tie_word_embeddings (class defaults differ by family)"
         # head_dim is explicit for every family whose config class has it (it differs from H/nh for
         # Qwen3, Gemma 2/3 and Mistral-Nemo); qwen2 and phi3 configs derive it as H/nh.
-        if cfg["model_type"] in ("qwen3", "gemma2", "gemma3_text", "mistral", "llama"):
+        if cfg["model_type"] in ("qwen3", "qwen3_moe", "gemma2", "gemma3_text", "mistral", "llama"):
             assert "head_dim" in cfg, f"{mid}: this family's config.json has an explicit head_dim"
         else:
             assert "head_dim" not in cfg or cfg["head_dim"] * cfg["num_attention_heads"] == cfg["hidden_size"], mid
@@ -172,6 +178,22 @@ def test_family_flags_derived_from_model_type():
     assert (phi.fused_qkv, phi.fused_gate_up) == (True, True)
     assert [m.name for m in layer_linears(phi)] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
     assert archs["mistralai/Mistral-Nemo-Instruct-2407"].q_dim == 4096  # 32 x 128, hidden 5120
+    q3m = archs["Qwen/Qwen3-30B-A3B"]
+    assert (q3m.num_experts, q3m.num_experts_per_tok, q3m.moe_intermediate_size, q3m.norm_topk_prob,
+            q3m.router_scores_fp32, q3m.qk_norm) == (128, 8, 768, True, False, True)
+    # the experts are fused 3-D parameters and the router is no nn.Linear: only attention Linears per layer
+    assert [m.name for m in layer_linears(q3m)] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    mix = archs["mistralai/Mixtral-8x7B-Instruct-v0.1"]
+    assert (mix.num_experts, mix.num_experts_per_tok, mix.moe_intermediate_size, mix.norm_topk_prob,
+            mix.router_scores_fp32) == (8, 2, 14336, True, True)
+    q15m = archs["Qwen/Qwen1.5-MoE-A2.7B-Chat"]
+    assert (q15m.num_experts, q15m.num_experts_per_tok, q15m.shared_expert_intermediate_size, q15m.qkv_bias) == (
+        60, 4, 5632, True)
+    # the shared expert and its gate are nn.Linear (LoRA `all` targets them), the routed experts are not
+    assert [m.name for m in layer_linears(q15m)][4:] == ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
+    olmoe = archs["allenai/OLMoE-1B-7B-0924"]
+    assert (olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.norm_topk_prob, olmoe.qk_norm_full) == (64, 8, False,
+                                                                                                         True)
 
 
 # ---------------------------------------------------------------- (b) golden parameter counts

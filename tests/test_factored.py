@@ -23,7 +23,8 @@ from optimizer.search.problem import load_problem
 from optimizer.search.space import build_instance, micro_ms, opt_ms, plan_fields, plan_for
 
 ROOT = Path(__file__).resolve().parents[1]
-SINGLE_GPU = [p for p in sorted((ROOT / "problems").glob("*.yaml")) if "cluster:" not in p.read_text()]
+SINGLE_GPU = [p for p in sorted((ROOT / "problems").glob("*.yaml")) + sorted((ROOT / "tests").glob("*.yaml"))
+              if "cluster:" not in p.read_text()]
 
 
 def _plans(inst, limit: int, seed: int = 0):

@@ -15,6 +15,7 @@ import dataclasses
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from ..errors import ConfigError
 from ..memory import estimate, layer_forward, setting_for
 from ..memory.allocator import device_peak_for, large_blocks_at
 from ..memory.precision import FP32, Setting
@@ -147,6 +148,9 @@ def _layer_unsharded(arch: Arch, st: Setting, lora_numel: int) -> int:
 def per_gpu(arch: Arch, plan: Plan, dist: DistSettings, single: Estimate | None = None) -> DistEstimate:
     """The per-GPU breakdown of `plan` on `dist.num_gpus` GPUs with `dist.engine`, plus host RAM per node."""
     validate(dist, plan)
+    if arch.is_moe:
+        raise ConfigError(f"{arch.name} is a mixture-of-experts model; trainfit models MoE on one GPU only (how "
+                          "FSDP/ZeRO shard the fused 3-D experts is not modelled). Plan it for one GPU.")
     eng, N, n_node = dist.engine, dist.num_gpus, dist.gpus_per_node
     aplan = activation_plan(plan, eng)
     cst = _compute_setting(arch, aplan, eng)

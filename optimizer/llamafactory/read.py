@@ -35,6 +35,9 @@ NOT_MODELLED: dict[str, Any] = {
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
     # vision-language models: only the frozen vision tower and merger are modelled (optimizer/memory/precision.py)
     "freeze_vision_tower": True, "freeze_multi_modal_projector": True, "freeze_language_model": False,
+    # [S] LLaMA-Factory model/model_utils/moe.py::configure_moe: a non-zero coefficient sets the config's
+    # output_router_logits, so every MoE layer's router logits live until the loss and the aux loss runs on them
+    "moe_aux_loss_coef": None,
 }
 
 # `deepspeed:` (a LLaMA-Factory train argument naming a DeepSpeed JSON) is accepted and ignored by the single-GPU plan:

@@ -69,7 +69,8 @@ def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = 
     tensors): the cross-entropy backward holds three fp32 [N, V] blocks (saved log-softmax and two
     gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; every
     other moment (a layer's forward or backward, the lm_head backward, the end of backward) is modelled by a
-    layer's MLP factors ([N, I] in the compute dtype, three); the optimizer step none beyond weights."""
+    layer's MLP factors ([N, I] in the compute dtype, three; a MoE layer's routed-row tensors); the optimizer step
+    none beyond weights."""
     st = setting_for(arch, plan if batch is None else plan.model_copy(update={"per_device_train_batch_size": batch}))
     nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
     if plan.enable_liger_kernel or moment is Moment.OPTIMIZER_STEP:
@@ -78,6 +79,9 @@ def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = 
         return [nv4] * 3
     if moment in (Moment.LOSS_FORWARD, Moment.EVAL):
         return [nv4] * 2 + [alloc_bytes(st.tokens * arch.vocab_size * st.c)]
+    if arch.is_moe:  # the routed rows S = N k: the experts' [S, 2I] gate_up output and two [S, H] (memory/moe.py)
+        S = st.tokens * arch.num_experts_per_tok
+        return [alloc_bytes(S * 2 * arch.moe_intermediate_size * st.c)] + [alloc_bytes(S * arch.hidden_size * st.c)] * 2
     return [alloc_bytes(st.tokens * arch.intermediate_size * st.c)] * 3
 
 

@@ -9,6 +9,7 @@ from ..models.arch import layer_linears
 from ..schema import Arch
 from ..units import alloc_bytes
 from .autograd import Walk, linear_op, norm_op, promote
+from .moe import moe_block
 from .precision import FP32, Setting
 
 
@@ -76,8 +77,10 @@ def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tup
         v, v_b = linear_op(w, st, lin["v_proj"], h, h_b, N, from_norm=True)
     w.drop(h)
     if arch.qk_norm:
-        q2, q_b = norm_op(w, st, q, q_b, N * qd, N * nh, trainable)
-        k2, k_b = norm_op(w, st, k, k_b, N * kvd, N * arch.num_key_value_heads, trainable)
+        # per head (rows N x heads), or OLMoE's norms over the whole projection (rows N)
+        q_rows, k_rows = (N, N) if arch.qk_norm_full else (N * nh, N * arch.num_key_value_heads)
+        q2, q_b = norm_op(w, st, q, q_b, N * qd, q_rows, trainable)
+        k2, k_b = norm_op(w, st, k, k_b, N * kvd, k_rows, trainable)
         if not arch.fused_qkv:
             w.drop(q, k)
         q, k = q2, k2
@@ -187,6 +190,8 @@ def _mlp_block(w: Walk, arch: Arch, st: Setting, lin: dict, h1: str, res_b: int)
     H, I = arch.hidden_size, arch.intermediate_size
     trainable = st.full
     h2, h2_b = norm_op(w, st, h1, res_b, N * H, N, trainable)
+    if arch.is_moe:
+        return moe_block(w, arch, st, h2, h2_b, lin)
     if arch.fused_gate_up:
         gu, gu_b = linear_op(w, st, lin["gate_up_proj"], h2, h2_b, N, from_norm=True)
         w.drop(h2)

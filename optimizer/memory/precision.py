@@ -84,9 +84,28 @@ def lora_targets(arch: Arch, plan: Plan) -> tuple[str, ...]:
     return tuple(n for n in names if n in raw)
 
 
+def check_moe(arch: Arch, plan: Plan) -> None:
+    """A MoE model's experts run through `grouped_mm`, which takes bfloat16 only ([S] transformers v5
+    integrations/moe.py::_grouped_mm casts the input to the weight dtype; torch.nn.functional.grouped_mm docs:
+    "Inputs are currently expected to be torch.bfloat16"; [T] the CPU kernel raises "Expected inputs of BF16
+    type" on fp32 experts). Full fine-tuning upcasts them to fp32 unless pure_bf16, and an fp32/fp16 checkpoint
+    keeps them in that dtype: one clear error instead of a crash in the first forward."""
+    if not arch.is_moe:
+        return
+    if plan.finetuning_type == "full" and not plan.pure_bf16:
+        raise ConfigError(
+            f"full fine-tuning of the mixture-of-experts model {arch.name} upcasts its experts to fp32, which "
+            "transformers' grouped_mm experts kernel rejects (bf16 only). Set pure_bf16: true, or use LoRA.")
+    if arch.torch_dtype != "bfloat16":
+        raise ConfigError(
+            f"the experts of {arch.name} are {arch.torch_dtype} (config.json torch_dtype), which transformers' "
+            "grouped_mm experts kernel rejects (bf16 only). Use a bfloat16 checkpoint.")
+
+
 def setting_for(arch: Arch, plan: Plan) -> Setting:
     if arch.vision is not None:
         _check_vision(arch, plan)
+    check_moe(arch, plan)
     ckpt_w = DTYPE_BYTES[arch.torch_dtype]
     amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
     full = plan.finetuning_type == "full"

@@ -6,7 +6,7 @@ from collections import Counter
 from functools import lru_cache
 
 from ..errors import ConfigError
-from ..models.arch import LinearSpec, layer_linears, param_counts
+from ..models.arch import LinearSpec, expert_numels, layer_linears, param_counts
 from ..schema import Arch, Plan
 from ..units import alloc_bytes, ceil_div
 from .precision import FP32, Setting, additional_targets, lora_targets
@@ -97,7 +97,10 @@ def base_weight_bytes(arch: Arch, st: Setting) -> dict[str, int]:
     lin = layer_linears(arch)
     H, V, L = arch.hidden_size, arch.vocab_size, arch.num_hidden_layers
     norm = alloc_bytes(H * st.norm_w)
-    qk = 2 * alloc_bytes(arch.head_dim * st.norm_w) if arch.qk_norm else 0
+    qk = 0
+    if arch.qk_norm:
+        qk = (alloc_bytes(arch.q_dim * st.norm_w) + alloc_bytes(arch.kv_dim * st.norm_w) if arch.qk_norm_full
+              else 2 * alloc_bytes(arch.head_dim * st.norm_w))
     embed = alloc_bytes(V * H * st.embed_w)
     parts = {
         "decoder_linears": L * sum(linear_weight_bytes(m, st) for m in lin),
@@ -107,6 +110,8 @@ def base_weight_bytes(arch: Arch, st: Setting) -> dict[str, int]:
     }
     if arch.vision is not None:
         parts["vision_tower"] = vision_weight_bytes(arch, st)
+    if arch.is_moe:
+        parts["experts"] = L * expert_weight_bytes(arch, st)
     return parts
 
 
@@ -123,6 +128,18 @@ def vision_weight_bytes(arch: Arch, st: Setting) -> int:
     merger = (alloc_bytes(h * w) + alloc_bytes(h * m2 * h * m2 * w) + alloc_bytes(h * m2 * w)
               + alloc_bytes(h * m2 * v.out_hidden_size * w) + alloc_bytes(v.out_hidden_size * w))
     return patch + v.depth * block + merger
+
+
+def expert_weight_bytes(arch: Arch, st: Setting) -> int:
+    """One MoE layer's expert and router weights, resident whatever the top-k: all E experts.
+
+    They are nn.Parameters (3-D `gate_up_proj`/`down_proj`, 2-D router `weight`), not nn.Linear, so bitsandbytes
+    leaves them in the checkpoint dtype under 4- and 8-bit loading ([S] transformers v5
+    integrations/bitsandbytes.py::replace_with_bnb_linear swaps nn.Linear modules only; [T] a 4-bit OLMoE layer keeps
+    both expert tensors bf16). Full fine-tuning: trainable, in the trainable dtype (fp32 master unless pure_bf16).
+    """
+    w = st.train_w if st.full else st.ckpt_w
+    return sum(alloc_bytes(n * w) for n in expert_numels(arch))
 
 
 def trainable_tensor_numels(arch: Arch, plan: Plan, st: Setting) -> tuple[tuple[int, int, int], ...]:
@@ -145,8 +162,13 @@ def _trainable_numels(arch: Arch, full: bool, targets: tuple[str, ...], rank: in
             if m.bias:
                 counts[m.out_features, train_w] += L
         counts[arch.hidden_size, train_w] += L * arch.norms_per_layer + 1
-        if arch.qk_norm:
+        if arch.qk_norm and arch.qk_norm_full:
+            counts[arch.q_dim, train_w] += L
+            counts[arch.kv_dim, train_w] += L
+        elif arch.qk_norm:
             counts[arch.head_dim, train_w] += 2 * L
+        for n in expert_numels(arch) if arch.is_moe else ():
+            counts[n, train_w] += L
         counts[pc.embed, train_w] += 1
         if pc.lm_head:
             counts[pc.lm_head, train_w] += 1

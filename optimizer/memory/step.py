@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from ..models.arch import layer_linears
+from ..models.arch import expert_numels, layer_linears
 from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
 from ..units import MIB, alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at, reserved_bytes
@@ -111,6 +111,8 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
         ("weights_norms", weights["norms"], "RMSNorm weights"),
         ("weights_vision_tower", weights.get("vision_tower", 0),
          "frozen vision tower + merger, checkpoint dtype (its forward on the image patches is not modelled)"),
+        ("weights_experts", weights.get("experts", 0), f"all {arch.num_experts} experts + router per layer, "
+         f"{'trainable' if st.full else 'checkpoint dtype'} (3-D parameters: not quantized, not LoRA targets)"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
         ("optimizer_states", states, plan.optim),
         ("cublas_workspace", workspace, "cuBLAS workspace of the forward thread"),
@@ -125,6 +127,9 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     cache = 0
     if st.full and st.amp and st.gc and st.train_w != st.c:
         cache = L * sum(alloc_bytes(m.weight_numel * st.c) for m in layer_linears(arch))
+        # MoE: the router's F.linear is autocast too; the experts' grouped_mm is not (it casts its input to the
+        # weight dtype instead: transformers integrations/moe.py::_grouped_mm), so no expert copy is cached
+        cache += L * alloc_bytes(expert_numels(arch)[2] * st.c)
     # Gradient accumulation: from the second micro-batch on, every trainable tensor's .grad from the earlier
     # micro-batches is live through the forward, the loss and the backward ([T] traced with two micro-batches;
     # HF Trainer zeroes gradients only after the optimizer step). The third and later micro-batches repeat the

@@ -119,6 +119,7 @@ TERM_KNOBS: dict[str, tuple[str, ...]] = {
     "weights_decoder_linears": ("finetuning_type",), "weights_embed_tokens": ("finetuning_type",),
     "weights_lm_head": ("finetuning_type",), "weights_norms": ("finetuning_type",),
     "reference_model_weights": ("finetuning_type",), "weights_vision_tower": ("finetuning_type",),
+    "weights_experts": ("finetuning_type",),
     "adapters": _T, "optimizer_states": _T + ("optim",), "optimizer_step_temporaries": _T + ("optim",),
     "cublas_workspace": (), "cublas_workspace_backward": (),
     "activations_shared": ("finetuning_type", "flash_attn") + _TOK,

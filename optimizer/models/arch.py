@@ -19,10 +19,15 @@ from ..schema import Arch, VisionTower
 from .families import FAMILIES, family_of
 
 __all__ = ["LinearSpec", "arch_from_config", "validate_config", "layer_linears", "param_counts",
-           "vision_param_counts", "SUPPORTED_MODEL_TYPES"]
+           "vision_param_counts", "SUPPORTED_MODEL_TYPES", "expert_numels", "qk_norm_numels"]
 
 # Families whose decoder layer is the Llama pattern (RMSNorm, attention with RoPE, gated MLP): the family table.
 SUPPORTED_MODEL_TYPES = tuple(sorted(FAMILIES))
+# config.json keys of mixture-of-experts layouts trainfit does not model: shared experts (Qwen2-MoE
+# `shared_expert_intermediate_size`, DeepSeek `n_shared_experts`), DeepSeek-style routed experts, dense layers
+# mixed in (Qwen3-MoE `mlp_only_layers`, `decoder_sparse_step` > 1) and the router aux loss
+# (`output_router_logits`, which LLaMA-Factory sets when `moe_aux_loss_coef` is given: model_utils/moe.py
+# configure_moe).
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
 
 
@@ -152,16 +157,19 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
             f"{name}: model_type {_show(model_type)} is not modelled. Use a model of a supported type "
             f"({', '.join(SUPPORTED_MODEL_TYPES)}), or run `trainfit models` for the catalog."
         )
-    if any(cfg.get(k) for k in _MOE_KEYS):
+    fam = family_of(model_type)
+    if fam.experts_key is None and any(cfg.get(k) for k in _MOE_KEYS):
         raise CatalogError(
-            f"{name}: mixture-of-experts models ({model_type}) are not modelled yet. Use a dense decoder-only model."
+            f"{name}: mixture-of-experts config of model_type {model_type} is not modelled. Use a MoE model of "
+            "type qwen3_moe, mixtral or olmoe, or a dense decoder-only model."
         )
     vision = _vision_from_config(cfg.get("vision_config"), name) if model_type in VISION_MODEL_TYPES else None
     problems = validate_config(cfg)
+    if fam.experts_key is not None:
+        problems += _moe_problems(cfg, fam.experts_key, fam.expert_width_key, fam.shared_expert)
     if problems:
         raise CatalogError(f"{name}: config.json {join_problems(problems)}. Fix these fields (copy them from the "
                            "model's Hugging Face config.json), or pass the config.json of a decoder-only causal LM.")
-    fam = family_of(model_type)
     h = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     attention_bias = bool(cfg.get("attention_bias") or False)
@@ -193,8 +201,48 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         fused_gate_up=fam.fused,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         vision=vision,
+        qk_norm_full=fam.qk_norm_full,
+        num_experts=cfg[fam.experts_key] if fam.experts_key else 0,
+        num_experts_per_tok=cfg["num_experts_per_tok"] if fam.experts_key else 0,
+        moe_intermediate_size=cfg[fam.expert_width_key] if fam.experts_key else 0,
+        shared_expert_intermediate_size=cfg["shared_expert_intermediate_size"] if fam.shared_expert else 0,
+        # Mixtral renormalizes always; Qwen3-MoE and OLMoE read `norm_topk_prob` (config class default False)
+        norm_topk_prob=fam.router_scores_fp32 or bool(cfg.get("norm_topk_prob") or False),
+        router_scores_fp32=fam.router_scores_fp32,
         source=source,
     )
+
+
+def _moe_problems(cfg: dict[str, Any], experts_key: str, width_key: str, shared: bool) -> list[str]:
+    """What a routed-expert config.json must hold for trainfit's MoE layer: every layer sparse, top-k of E, a
+    shared expert only where the family has one (Qwen2-MoE: required), no router aux loss."""
+    problems: list[str] = []
+    experts, k, width = cfg.get(experts_key), cfg.get("num_experts_per_tok"), cfg.get(width_key)
+    for key, v in ((experts_key, experts), ("num_experts_per_tok", k), (width_key, width)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= (1 << 20):
+            problems.append(f"{key} must be a whole number between 1 and {1 << 20:,}, found {_show(v)}")
+    if isinstance(experts, int) and isinstance(k, int) and not isinstance(k, bool) and k > experts:
+        problems.append(f"num_experts_per_tok {k} is more than the {experts} experts")
+    if cfg.get("mlp_only_layers") or (cfg.get("decoder_sparse_step") or 1) != 1:
+        problems.append("dense layers mixed into a MoE model (mlp_only_layers or decoder_sparse_step > 1) are not "
+                        "modelled; every layer must be a MoE layer")
+    if shared:
+        v = cfg.get("shared_expert_intermediate_size")
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= (1 << 20):
+            problems.append(f"shared_expert_intermediate_size must be a whole number between 1 and {1 << 20:,}, "
+                            f"found {_show(v)}")
+        if cfg.get("qkv_bias") is False:
+            problems.append("qkv_bias false is not modelled (Qwen2-MoE's q/k/v carry a bias)")
+    elif cfg.get("shared_expert_intermediate_size") or cfg.get("n_shared_experts"):
+        problems.append("shared experts are not modelled for this model_type (Qwen2-MoE's are)")
+    if cfg.get("output_router_logits"):
+        problems.append("output_router_logits true (the router aux loss, LLaMA-Factory moe_aux_loss_coef) is not "
+                        "modelled; set it to false")
+    if cfg.get("router_jitter_noise"):
+        problems.append("router_jitter_noise is not modelled; set it to 0")
+    if cfg.get("clip_qkv") is not None:
+        problems.append("clip_qkv is not modelled; set it to null")
+    return problems
 
 
 @lru_cache(maxsize=256)
@@ -210,6 +258,14 @@ def layer_linears(arch: Arch) -> tuple[LinearSpec, ...]:
                 LinearSpec("k_proj", h, kv, arch.qkv_bias, "attn"),
                 LinearSpec("v_proj", h, kv, arch.qkv_bias, "attn")]
     out.append(LinearSpec("o_proj", q, h, arch.o_bias, "attn"))
+    if arch.is_moe:
+        # the router is an nn.Parameter in a `*TopKRouter` module and the experts are fused 3-D parameters: neither
+        # is an nn.Linear (see `expert_numels`). Qwen2-MoE's shared expert and its gate are nn.Linear.
+        si = arch.shared_expert_intermediate_size
+        if si:
+            out += [LinearSpec("gate_proj", h, si, False, "mlp"), LinearSpec("up_proj", h, si, False, "mlp"),
+                    LinearSpec("down_proj", si, h, False, "mlp"), LinearSpec("shared_expert_gate", h, 1, False, "mlp")]
+        return tuple(out)
     if arch.fused_gate_up:
         out.append(LinearSpec("gate_up_proj", h, 2 * i, arch.mlp_bias, "mlp"))
     else:
@@ -217,6 +273,25 @@ def layer_linears(arch: Arch) -> tuple[LinearSpec, ...]:
                 LinearSpec("up_proj", h, i, arch.mlp_bias, "mlp")]
     out.append(LinearSpec("down_proj", i, h, arch.mlp_bias, "mlp"))
     return tuple(out)
+
+
+def expert_numels(arch: Arch) -> tuple[int, int, int]:
+    """(gate_up_proj, down_proj, router weight) numels of one MoE layer ((0, 0, 0) when dense).
+
+    [S] transformers v5 models/qwen3_moe/modeling_qwen3_moe.py Qwen3MoeExperts.__init__: gate_up_proj
+    nn.Parameter [E, 2 I, H], down_proj [E, H, I]; Qwen3MoeTopKRouter.weight [E, H] (the same in MixtralExperts,
+    OlmoeExperts and their routers). No biases."""
+    if not arch.is_moe:
+        return 0, 0, 0
+    E, H, I = arch.num_experts, arch.hidden_size, arch.moe_intermediate_size
+    return E * 2 * I * H, E * H * I, E * H
+
+
+def qk_norm_numels(arch: Arch) -> int:
+    """Elements of one layer's q_norm + k_norm weights: per head (Qwen3, Gemma 3) or over the projections (OLMoE)."""
+    if not arch.qk_norm:
+        return 0
+    return arch.q_dim + arch.kv_dim if arch.qk_norm_full else 2 * arch.head_dim
 
 
 @dataclass(frozen=True)
@@ -243,12 +318,12 @@ class ParamCounts:
 def param_counts(arch: Arch) -> ParamCounts:
     """Parameters as `sum(p.numel() for p in model.parameters())` counts them (tied weights once)."""
     lin = layer_linears(arch)
-    norms = arch.norms_per_layer * arch.hidden_size + (2 * arch.head_dim if arch.qk_norm else 0)
+    norms = arch.norms_per_layer * arch.hidden_size + qk_norm_numels(arch)
     embed = arch.vocab_size * arch.hidden_size
     return ParamCounts(
         embed=embed,
         lm_head=0 if arch.tie_word_embeddings else embed,
-        per_layer_linear_weights=sum(m.weight_numel for m in lin),
+        per_layer_linear_weights=sum(m.weight_numel for m in lin) + sum(expert_numels(arch)),
         per_layer_linear_biases=sum(m.out_features for m in lin if m.bias),
         per_layer_norms=norms,
         final_norm=arch.hidden_size,

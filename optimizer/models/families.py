@@ -17,6 +17,20 @@ A row's fields and their sources:
 - tokenizer: the approximate token counter's family when the model's name says nothing (optimizer/data/tokens.py;
   None: decided by the chat template).
 - template_hint: what to suggest when no chat template is known for a model id of the family.
+- experts_key: the config.json key holding the number of routed experts of a mixture-of-experts family
+  (transformers v5 Qwen3MoeConfig/OlmoeConfig `num_experts`, MixtralConfig `num_local_experts`); None: dense.
+  Every MoE family here stores its experts as two fused 3-D parameters per layer (`experts.gate_up_proj`
+  [E, 2 I, H], `experts.down_proj` [E, H, I]: modeling_qwen3_moe.py Qwen3MoeExperts, MixtralExperts, OlmoeExperts).
+- expert_width_key: the config.json key of one expert's MLP width (qwen3_moe `moe_intermediate_size`; Mixtral and
+  OLMoE build experts of `intermediate_size`).
+- router_scores_fp32: MixtralTopKRouter.forward softmaxes `router_logits.float()` and returns the fp32 top-k weights
+  (Qwen3MoeTopKRouter and OlmoeTopKRouter cast them back with `.to(router_logits.dtype)`); Mixtral always
+  renormalizes the top-k (no `norm_topk_prob` key).
+- shared_expert: Qwen2MoeSparseMoeBlock adds `shared_expert` (a gated MLP of nn.Linear gate/up/down_proj of width
+  `shared_expert_intermediate_size`) and `shared_expert_gate` (nn.Linear(H, 1)): output = experts +
+  sigmoid(shared_expert_gate(x)) * shared_expert(x).
+- qk_norm_full: OlmoeAttention has q_norm = RMSNorm(hidden_size) and k_norm = RMSNorm(kv width) over the whole
+  projection outputs, before the per-head view.
 """
 
 from __future__ import annotations
@@ -40,6 +54,11 @@ class Family:
     liger: bool = False
     tokenizer: str | None = None
     template_hint: str = ""
+    experts_key: str | None = None
+    expert_width_key: str = "intermediate_size"
+    router_scores_fp32: bool = False
+    shared_expert: bool = False
+    qk_norm_full: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -64,6 +83,19 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(fused=True, liger=True, tokenizer="sp32k",
                    template_hint="`phi` for Phi-3/3.5, `phi4` for phi-4, `phi4_mini` for Phi-4-mini"),
     "granite": Family(),
+    # mixture-of-experts decoders (Llama-pattern attention, a routed-expert MLP in every layer)
+    "qwen3_moe": Family(qk_norm=True, liger=True, tokenizer="qwen", experts_key="num_experts",
+                        expert_width_key="moe_intermediate_size",
+                        template_hint="`qwen3` (thinking), `qwen3_nothink` (Instruct-2507)"),
+    # [S] Qwen2MoeConfig.qkv_bias defaults to True (q/k/v bias, no o bias, like qwen2); LLaMA-Factory's liger list
+    # has no qwen2_moe
+    "qwen2_moe": Family(qwen2_biases=True, tokenizer="qwen", experts_key="num_experts",
+                        expert_width_key="moe_intermediate_size", shared_expert=True, template_hint="`qwen`"),
+    "mixtral": Family(liger=True, tokenizer="sp32k", experts_key="num_local_experts", router_scores_fp32=True,
+                      template_hint="`mistral`"),
+    # LLaMA-Factory 0.9.5 registers no OLMoE model (extras/constants.py has OLMo 1/1.7 only, without a template)
+    "olmoe": Family(qk_norm=True, qk_norm_full=True, experts_key="num_experts",
+                    template_hint="`default` (LLaMA-Factory registers no OLMoE model)"),
 }
 
 
@@ -116,6 +148,11 @@ CATALOG_TEMPLATES: dict[str, str] = {
     "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_vl",
     "microsoft/Phi-3.5-mini-instruct": "phi",
     "microsoft/phi-4": "phi4",
+    # registered as "Qwen3-30B-A3B-Thinking" (template qwen3) and "Mixtral-8x7B-v0.1-Instruct" (template mistral);
+    # allenai/OLMoE-1B-7B-0924 has no registration, so no entry
+    "Qwen/Qwen3-30B-A3B": "qwen3",
+    "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
+    "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
 }
 
 # For ids outside the catalog (other sizes, base models, a local folder named after its hub repo): rules on the
@@ -130,9 +167,11 @@ _RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
         (r"^qwen3-", ("qwen3", "qwen3_moe"), "qwen3"),
         (r"^qwen2\.5-vl-", ("qwen2_5_vl",), "qwen2_vl"),
         (r"^qwen2\.5-", ("qwen2",), "qwen"),
+        (r"^qwen1\.5-moe-", ("qwen2_moe",), "qwen"),
         (r"^(meta-)?llama-3", ("llama",), "llama3"),
         (r"^smollm2-", ("llama",), "smollm2"),
         (r"^mistral-7b-", ("mistral",), "mistral"),
+        (r"^mixtral-8x(7|22)b-", ("mixtral",), "mistral"),
         (r"^mistral-nemo-", ("mistral",), "ministral"),
         (r"^gemma-2-", ("gemma2",), "gemma2"),
         (r"^gemma-3-(270m|1b)", ("gemma3_text",), "gemma2"),

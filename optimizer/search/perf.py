@@ -51,7 +51,12 @@ ADAMW_BYTES_PER_PARAM = 28
 
 
 def matmul_params(arch: Arch) -> int:
+    """Weights each token multiplies: the decoder Linears, the lm_head and, for MoE, the router and the
+    num_experts_per_tok experts the token is routed to (3 H I each), not all of them."""
     decoder = arch.num_hidden_layers * sum(m.weight_numel for m in layer_linears(arch))
+    if arch.is_moe:
+        H, I = arch.hidden_size, arch.moe_intermediate_size
+        decoder += arch.num_hidden_layers * (arch.num_experts_per_tok * 3 * H * I + arch.num_experts * H)
     return decoder + arch.vocab_size * arch.hidden_size
 
 

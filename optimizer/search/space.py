@@ -152,13 +152,21 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
     liger = list(s.enable_liger_kernel)
     if not family_of(arch.model_type).liger:
         liger = [False]
+    fts, targets = list(s.finetuning_type), list(s.lora_target)
+    if arch.is_moe:  # plan_for's full plans keep fp32 experts (precision.check_moe)
+        fts = [f for f in fts if f != "full"] or fts
+        if not _target_names(arch, "mlp"):  # routed experts only: no nn.Linear in the MLP block
+            targets = [t for t in targets if t != "mlp"] or targets
+        if len(fts) < len(s.finetuning_type) or len(targets) < len(s.lora_target):
+            notes.append(f"{arch.name} is a mixture-of-experts model: full fine-tuning (fp32 experts) and "
+                         "lora_target mlp (the routed experts are not nn.Linear) dropped where listed")
     # Domains keep the problem file's order (duplicates dropped): ties between plans with equal quality and
     # time go to the values listed first, dimension by dimension in MEM_KNOBS order, then accumulation and
     # max_samples.
     domains = {
-        "finetuning_type": _unique(s.finetuning_type),
+        "finetuning_type": _unique(fts),
         "lora_rank": _unique(s.lora_rank),
-        "lora_target": _unique(s.lora_target),
+        "lora_target": _unique(targets),
         "cutoff_len": _unique(s.cutoff_len),
         "per_device_train_batch_size": _unique(s.per_device_train_batch_size),
         "gradient_checkpointing": _unique(s.gradient_checkpointing),

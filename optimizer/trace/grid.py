@@ -2,7 +2,8 @@
 
 Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
-fused projections (Phi-3.5), qkv biases (Qwen2.5); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
+fused projections (Phi-3.5), qkv biases (Qwen2.5), mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B,
+OLMoE, Qwen1.5-MoE with a shared expert); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
 checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced
 micro-batches) for LoRA and full fine-tuning.
 """
@@ -125,4 +126,39 @@ GRID += [
     (_Q3, _p(stage="dpo", cutoff_len=512, flash_attn="disabled")),
     (_L1, _p(stage="dpo", cutoff_len=1024, per_device_train_batch_size=2, pref_ftx=0.1)),
     (_M7, _p(stage="dpo", cutoff_len=1024, quantization_bit=4)),
+]
+_Q3M = "Qwen/Qwen3-30B-A3B"
+_MIX = "mistralai/Mixtral-8x7B-Instruct-v0.1"
+_OLMOE = "allenai/OLMoE-1B-7B-0924"
+_Q15M = "Qwen/Qwen1.5-MoE-A2.7B-Chat"
+GRID += [
+    # mixture-of-experts (transformers' grouped_mm experts): every expert resident in bf16 (not quantized by
+    # bitsandbytes, not LoRA targets), router softmax in fp32, S = N k routed rows through the experts. 128/64/8
+    # experts, top-8/8/2, Mixtral's fp32 routing weights, OLMoE's full-width q/k norms; LoRA, QLoRA 4/8-bit, full
+    # (pure_bf16), fp16 autocast, checkpointing on and off, sdpa and eager.
+    (_OLMOE, _p(cutoff_len=256)),
+    (_OLMOE, _p(cutoff_len=2048, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_OLMOE, _p(cutoff_len=1024, quantization_bit=4)),
+    (_OLMOE, _p(cutoff_len=512, finetuning_type="full", pure_bf16=True, bf16=False)),
+    (_OLMOE, _p(cutoff_len=1024, quantization_bit=8)),
+    (_OLMOE, _p(cutoff_len=1024, fp16=True, bf16=False)),
+    (_Q3M, _p(cutoff_len=1024, per_device_train_batch_size=2)),
+    (_Q3M, _p(cutoff_len=512, disable_gradient_checkpointing=True)),
+    (_Q3M, _p(cutoff_len=1024, quantization_bit=4, flash_attn="disabled")),
+    (_MIX, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True)),
+    (_MIX, _p(cutoff_len=2048, per_device_train_batch_size=2)),
+]
+GRID += [
+    # Qwen2-MoE: a shared expert (nn.Linear gate/up/down, LoRA targets, 4-bit) and its sigmoid gate beside 60 routed
+    # experts, top-4, qkv biases
+    (_Q15M, _p(cutoff_len=1024, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_Q15M, _p(cutoff_len=1024, quantization_bit=4)),
+    (_Q15M, _p(cutoff_len=512, finetuning_type="full", pure_bf16=True, bf16=False,
+               disable_gradient_checkpointing=True)),
+    (_Q15M, _p(cutoff_len=2048, flash_attn="disabled", lora_dropout=0.1)),
+]
+GRID += [
+    # DPO on MoE: chosen + rejected through the routed experts; the LoRA reference is the adapter-disabled policy
+    (_OLMOE, _p(stage="dpo", cutoff_len=512)),
+    (_Q15M, _p(stage="dpo", cutoff_len=512, quantization_bit=4)),
 ]
