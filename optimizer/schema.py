@@ -206,6 +206,10 @@ class Plan(BaseModel):
             # [S] LLaMA-Factory hparams/parser.py: "`neat_packing` cannot be set as True except SFT."; data/loader.py
             # packs only the supervised (and pt) datasets, pairwise data is never packed
             problems.append(f"packing/neat_packing apply to stage sft only (stage {self.stage}): remove them")
+        if self.neat_packing and self.flash_attn == "fa2" and self.per_device_train_batch_size != 1:
+            # [S] LLaMA-Factory data/collator.py::SFTDataCollatorWith4DAttentionMask: "bsz should be 1 for neat packing"
+            problems.append("neat_packing with flash_attn fa2 needs per_device_train_batch_size 1: set it to 1 or use "
+                            "sdpa")
         if problems:
             raise ValueError("; ".join(problems))
         return self

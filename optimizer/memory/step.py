@@ -67,7 +67,7 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     # dies with the forward); LLaMA-Factory's neat_packing mask is part of the batch, held all step
     mask = _part("attention_mask", st, plan, lambda: attention_mask_bytes(st))
     mask_held = mask if (st.gc or st.mask == "float") else 0
-    mask_detail = (f"sdpa attention mask [{st.batch}, 1, {st.seq}, {st.seq}] "
+    mask_detail = (f"attention mask [{st.batch}, 1, {st.seq}, {st.seq}] "
                    + ("bool (padded batch)" if st.mask == "bool" else "compute dtype (neat_packing)"))
     ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
     if st.gc:

@@ -33,6 +33,11 @@ class DatasetSpec(BaseModel):
                            "counts on every machine), or a path to a tokenizer.json (relative to the problem file).")
     summary: DatasetSummary | None = Field(
         default=None, description="Sample count and token-length distribution; measured from `file` when absent.")
+    packing: bool = Field(default=False, description="LLaMA-Factory `packing`: pack samples into rows of cutoff_len "
+                          "tokens. Fewer, full-length micro-batches (the time objective counts packed rows); the "
+                          "emitted configs set it.")
+    neat_packing: bool = Field(default=False, description="LLaMA-Factory `neat_packing` (implies packing): no "
+                               "attention across packed samples; with sdpa a [b, 1, s, s] mask in the compute dtype.")
 
     @model_validator(mode="after")
     def _file_or_summary(self) -> DatasetSpec:

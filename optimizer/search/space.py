@@ -15,6 +15,7 @@ from pathlib import Path
 from ..distributed import DistSettings, comm_time_s, per_gpu
 from ..errors import ConfigError, ProblemError
 from ..memory import budget_bytes, count_params, estimate
+from ..memory.precision import padded_length
 from ..memory.step import context_window_problem
 from ..memory.terms import TermMemo, memoized
 from ..models import catalog
@@ -30,6 +31,7 @@ from .perf import (
     expected_padded_len_samples,
     micro_batch_seconds,
     optimizer_step_seconds,
+    packed_rows_estimate,
 )
 from .problem import CustomGpu, DatasetSummary, Problem
 
@@ -52,6 +54,7 @@ class Instance:
     quality_cache: dict[tuple, int] = field(default_factory=dict)
     summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
     lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
+    packed_rows: dict[int, int] = field(default_factory=dict)  # packing: cutoff_len -> rows of the whole data set
     evaluated: int = 0  # estimates (plans judged by the memory model)
     terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
@@ -107,6 +110,9 @@ def plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> 
     """The Plan fields the recipe sets (lora_dropout has a memory effect, so the search plans with it)."""
     h = hparams_for(inst, finetuning_type, lora_rank)
     out = {"max_grad_norm": h["max_grad_norm"], "num_train_epochs": inst.epochs}
+    ds = inst.problem.dataset
+    if ds.packing or ds.neat_packing:
+        out.update(packing=True, neat_packing=ds.neat_packing)
     if finetuning_type != "full":
         out.update(lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"])
     return out
@@ -227,6 +233,12 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         inst.epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
     for n in domains["max_samples"]:
         inst.samples_used[n] = ds.num_samples if n is None else min(n, ds.num_samples)
+    if problem.dataset.packing or problem.dataset.neat_packing:
+        from ..data.dataset import packed_rows
+
+        inst.packed_rows = {c: packed_rows(measured.samples, c) if measured is not None else
+                            packed_rows_estimate(ds.token_length_percentiles, ds.num_samples, c)
+                            for c in domains["cutoff_len"]}
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
              "enable_liger_kernel"]
@@ -354,7 +366,9 @@ def _add_combo(inst: Instance, knobs: dict, cutoff: int, batch: int, single: boo
     ds = inst.summary
     is_full = ft == "full"
     trainable, _ = count_params(inst.arch, plan)
-    if inst.lengths:
+    if plan.packed:  # every packed row is cutoff_len long (padded up to a multiple of 8)
+        seq = padded_length(cutoff)
+    elif inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
     else:
         seq = expected_padded_len(ds.token_length_percentiles, cutoff, batch)
