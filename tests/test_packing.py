@@ -170,3 +170,25 @@ def test_estimate_flags():
     bad = CliRunner().invoke(app, args + ["--neat-packing", "--flash-attn", "fa2"])
     assert bad.exit_code == 1
     assert "neat_packing with flash_attn fa2 needs per_device_train_batch_size 1" in bad.output
+
+
+def test_check_names_the_packing_pitfalls_and_key_effects():
+    from optimizer.check import check
+    from optimizer.models.catalog import get_gpu
+
+    arch, gpu = resolve_arch(Q05), get_gpu("rtx-4090")
+    base = {"model_name_or_path": Q05, "stage": "sft", "do_train": True, "dataset": "d", "template": "qwen",
+            "cutoff_len": 4096, "per_device_train_batch_size": 2, "bf16": True}
+    neat = {**base, "neat_packing": True}
+    plan, _ = plan_from_dict(neat)
+    rep = check(neat, plan, arch, gpu, margin=0.1, config_path="neat.yaml")
+    pit = next(p for p in rep.pitfalls if p.key == "neat_packing")
+    assert "(64 MiB here)" in pit.problem  # 2 x 4096^2 x 2 bytes
+    effect = next(e for e in rep.key_effects if e.key == "neat_packing")
+    assert effect.saves_bytes < 0  # costs memory versus the default
+    packed = {**base, "packing": True, "disable_gradient_checkpointing": True}
+    plan, _ = plan_from_dict(packed)
+    rep = check(packed, plan, arch, gpu, margin=0.1, config_path="packed.yaml")
+    assert any(p.key == "packing" and "attend to each other" in p.problem for p in rep.pitfalls)
+    effect = next(e for e in rep.key_effects if e.key == "packing")
+    assert effect.saves_bytes > 0  # rows of exactly cutoff_len: no padded-batch mask, no repeated K/V
