@@ -233,6 +233,20 @@ def _pitfalls(data: dict[str, Any], plan: Plan, arch: Arch, gpu: GpuSpec) -> lis
         out.append(Pitfall(key="flash_attn", problem=f"fa2 on {gpu.name}: FlashAttention-2 support is "
                            f"'{gpu.flash_attn2}'; LLaMA-Factory falls back with a warning when flash-attn is missing",
                            fix="set flash_attn: sdpa (or auto)"))
+    if plan.neat_packing and plan.flash_attn != "fa2":
+        s = padded_length(plan.cutoff_len)
+        mask_mib = plan.per_device_train_batch_size * s * s * 2 / MIB
+        # [S] LLaMA-Factory data/collator.py::SFTDataCollatorWith4DAttentionMask: without flash_attention_2 the
+        # collator builds prepare_4d_attention_mask [b, 1, s, s] in the compute dtype
+        out.append(Pitfall(key="neat_packing", problem=f"without fa2 each micro-batch carries a [b, 1, s, s] mask in "
+                           f"the compute dtype ({mask_mib:,.0f} MiB here), held for the whole step",
+                           fix="with flash-attn installed, flash_attn: fa2 and per_device_train_batch_size: 1 "
+                           "(no mask: varlen attention)"))
+    elif plan.packing and not plan.neat_packing:
+        # [S] LLaMA-Factory data/processor/supervised.py::PackedSupervisedDatasetProcessor: packed samples share one
+        # all-ones attention mask (neat_packing gives each its own block)
+        out.append(Pitfall(key="packing", problem="packed samples attend to each other (one causal mask over the "
+                           "whole row)", fix="set neat_packing: true for a block-diagonal mask"))
     out_dir = data.get("output_dir")
     if out_dir and not data.get("overwrite_output_dir") and not data.get("resume_from_checkpoint"):
         p = Path(str(out_dir))

@@ -125,6 +125,9 @@ def _plan_flags(
     upcast_lmhead_output: Optional[bool] = typer.Option(None, "--upcast-lmhead-output/--no-upcast-lmhead-output",
                                                         help=_FLAG_HELP),
     max_grad_norm: Optional[float] = typer.Option(None, help=_FLAG_HELP),
+    packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=_FLAG_HELP + " (rows of cutoff_len)"),
+    neat_packing: Optional[bool] = typer.Option(None, "--neat-packing/--no-neat-packing",
+                                                help=_FLAG_HELP + " (a [b, 1, s, s] mask with sdpa/eager)"),
     kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare",
                                                 help="Model prepared by PEFT's prepare_model_for_kbit_training "
                                                      "(PEFT/TRL scripts, not LLaMA-Factory)."),

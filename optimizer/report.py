@@ -256,10 +256,12 @@ def data_text(tokens, cutoffs: list[int]) -> str:
     for i, c in enumerate(counts):
         lines.append(f"  {i * width + 1:6d}-{(i + 1) * width:<6d} {'#' * round(40 * c / top):40s} {c}")
     lines.append(f"{'cutoff_len':>10s} {'whole samples':>14s} {'response kept':>14s} {'tokens kept':>12s} "
-                 f"{'truncated':>10s}")
+                 f"{'truncated':>10s} {'packed rows':>12s}")
     for c in tokens.coverage_table(cutoffs):
         lines.append(f"{c.cutoff_len:10d} {100 * c.whole_share:13.1f}% {100 * c.response_kept_share:13.1f}% "
-                     f"{100 * c.tokens_kept_share:11.1f}% {c.truncated:10d}")
+                     f"{100 * c.tokens_kept_share:11.1f}% {c.truncated:10d} {c.packed_rows:12d}")
+    lines.append("packed rows: the rows of cutoff_len tokens that `packing: true` makes of the samples "
+                 "(LLaMA-Factory's greedy knapsack)")
     return "\n".join(lines)
 
 

@@ -221,6 +221,16 @@ class Plan(BaseModel):
         description="DPO reference model path (default: LoRA disables the adapters; full loads a second frozen copy "
         "of the model). trainfit assumes it has the policy's architecture.",
     )
+    packing: bool | None = Field(
+        default=None,
+        description="LLaMA-Factory `packing`: samples packed into rows of exactly cutoff_len tokens (greedy knapsack; "
+        "default None: on only for stage pt). Every micro-batch row is then cutoff_len long.",
+    )
+    neat_packing: bool = Field(
+        default=False,
+        description="LLaMA-Factory `neat_packing` (implies packing): no attention across packed samples. With sdpa or "
+        "eager the collator builds a 4-D block-diagonal mask [b, 1, s, s] in the compute dtype, held all step.",
+    )
     kbit_prepare: bool = Field(
         default=False,
         description="trainfit option: model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts; "
@@ -240,9 +250,22 @@ class Plan(BaseModel):
         if self.pure_bf16 and self.fp16:
             # [S] LLaMA-Factory hparams/parser.py: pure_bf16 trains in bf16; fp16 autocast contradicts it
             problems.append("pure_bf16 and fp16 are both true: pick one precision")
+        if (self.packing or self.neat_packing) and self.stage != "sft":
+            # [S] LLaMA-Factory hparams/parser.py: "`neat_packing` cannot be set as True except SFT."; data/loader.py
+            # packs only the supervised (and pt) datasets, pairwise data is never packed
+            problems.append(f"packing/neat_packing apply to stage sft only (stage {self.stage}): remove them")
+        if self.neat_packing and self.flash_attn == "fa2" and self.per_device_train_batch_size != 1:
+            # [S] LLaMA-Factory data/collator.py::SFTDataCollatorWith4DAttentionMask: "bsz should be 1 for neat packing"
+            problems.append("neat_packing with flash_attn fa2 needs per_device_train_batch_size 1: set it to 1 or use "
+                            "sdpa")
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @property
+    def packed(self) -> bool:
+        """Rows are packed: [S] LLaMA-Factory hparams/data_args.py::__post_init__ sets packing when neat_packing."""
+        return bool(self.packing or self.neat_packing)
 
     @property
     def pairwise(self) -> bool:

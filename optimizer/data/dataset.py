@@ -37,6 +37,8 @@ __all__ = [
     "truncate",
     "coverage",
     "coverage_table",
+    "greedy_knapsack_count",
+    "packed_rows",
     "summarize",
     "token_pairs",
     "cache_dir",
@@ -114,6 +116,7 @@ class Coverage:
     mean_tokens: float  # mean sequence length after truncation
     max_tokens: int  # longest sequence after truncation
     truncated: int  # samples cut
+    packed_rows: int = 0  # rows of cutoff_len tokens that `packing: true` makes of the dataset (`packed_rows`)
 
 
 def coverage(samples: Sequence[SampleTokens], cutoff_len: int) -> Coverage:
@@ -142,7 +145,50 @@ def coverage(samples: Sequence[SampleTokens], cutoff_len: int) -> Coverage:
         mean_tokens=kept_tok / n,
         max_tokens=longest,
         truncated=n - whole,
+        packed_rows=packed_rows(samples, cutoff_len),
     )
+
+
+def greedy_knapsack_count(lengths: Iterable[int], capacity: int) -> int:
+    """How many knapsacks LLaMA-Factory's greedy packing fills ([S] data/processor/processor_utils.py::
+    greedy_knapsack: sort ascending, then fill one knapsack at a time with the longest length that still fits,
+    until none fits). Equal lengths are interchangeable, so a count per length gives the same knapsacks without
+    the list pops (quadratic on large datasets)."""
+    import bisect
+    from collections import Counter
+
+    left = Counter(lengths)
+    distinct = sorted(left)
+    rows = 0
+    while distinct:
+        rows += 1
+        room = capacity
+        while True:
+            i = bisect.bisect(distinct, room) - 1
+            if i < 0:
+                break
+            length = distinct[i]
+            room -= length
+            left[length] -= 1
+            if not left[length]:
+                distinct.pop(i)
+        if room == capacity:  # nothing fits an empty knapsack: LLaMA-Factory drops such samples before packing
+            break
+    return rows
+
+
+def packed_rows(samples: Sequence[SampleTokens], cutoff_len: int) -> int:
+    """Rows (micro-batch samples) that `packing: true` makes of the dataset at `cutoff_len`.
+
+    [S] LLaMA-Factory hparams/data_args.py::__post_init__ lowers cutoff_len by 1 when packing; data/processor/
+    supervised.py::PackedSupervisedDatasetProcessor encodes each sample at that cutoff (the same turn-by-turn
+    truncation), drops any still longer, packs the lengths with greedy_knapsack(lengths, cutoff_len - 1) and pads
+    every knapsack to cutoff_len tokens."""
+    capacity = cutoff_len - 1
+    if capacity <= 0:
+        return len(samples)
+    lengths = [n for n in (truncate(s, capacity)[0] for s in samples) if n <= capacity]
+    return greedy_knapsack_count(lengths, capacity)
 
 
 def coverage_table(samples: Sequence[SampleTokens], cutoffs: Iterable[int]) -> list[Coverage]:

@@ -31,7 +31,7 @@ PLAN_KEYS = tuple(k for k in Plan.model_fields if k != "kbit_prepare")
 NOT_MODELLED: dict[str, Any] = {
     "use_unsloth": False, "use_unsloth_gc": False, "use_galore": False, "use_apollo": False, "use_badam": False,
     "use_adam_mini": False, "use_muon": False, "use_dora": False, "pissa_init": False, "use_llama_pro": False,
-    "fsdp": None, "shift_attn": False, "mixture_of_depths": None, "neat_packing": False,
+    "fsdp": None, "shift_attn": False, "mixture_of_depths": None,
     "train_from_scratch": False, "resize_vocab": False, "torch_compile": False, "fp8": False,
     # vision-language models: only the frozen vision tower and merger are modelled (optimizer/memory/precision.py)
     "freeze_vision_tower": True, "freeze_multi_modal_projector": True, "freeze_language_model": False,
@@ -114,6 +114,9 @@ def plan_from_dict(data: dict[str, Any], where: str = "config") -> tuple[Plan, s
     fields = {k: _lower_bool(data[k]) for k in PLAN_KEYS if k in data}
     if fields.get("stage") == "pt":  # pretraining runs the same step as sft (labels = inputs, transformers' loss)
         fields["stage"] = "sft"
+        # [S] LLaMA-Factory hparams/parser.py: packing None -> True when stage == pt
+        if fields.get("packing") is None:
+            fields["packing"] = True
     if "lora_target" in fields and isinstance(fields["lora_target"], list):
         fields["lora_target"] = ",".join(str(t) for t in fields["lora_target"])
     if "additional_target" in fields and isinstance(fields["additional_target"], list):

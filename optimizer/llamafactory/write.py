@@ -222,6 +222,7 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
                             "cutoff_len": plan.cutoff_len}
     if plan.max_samples is not None:
         data["max_samples"] = plan.max_samples
+    _set_true(data, plan, "packing", "neat_packing")
     data["preprocessing_num_workers"] = 4
     data["dataloader_num_workers"] = 0
 

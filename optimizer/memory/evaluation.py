@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..schema import Arch, Moment, Phase, PhasePeak, Plan
 from ..units import alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES
-from .head import head_activations, shared_forward_bytes
+from .head import attention_mask_bytes, head_activations, shared_forward_bytes
 from .layer import layer_forward
 from .precision import setting_for
 from .static import adapter_bytes, base_weight_bytes, optimizer_state_bytes
@@ -38,7 +38,8 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
     adapters = adapter_bytes(arch, plan, st)
     states = optimizer_state_bytes(arch, plan, st)
     lay = layer_forward(arch, st, no_grad=True)
-    layer_peak = lay.peak_bytes + shared_forward_bytes(arch, st)
+    # + sdpa's 4-D mask of a padded (or neat_packing) batch, made once per forward (memory/head.py)
+    layer_peak = lay.peak_bytes + shared_forward_bytes(arch, st) + attention_mask_bytes(st)
     head = head_activations(arch, ev, st)
     loss = head.loss_peak_extra  # logits, their fp32 copy and log-softmax (computed, not saved: no_grad)
     kept = 0

@@ -23,8 +23,24 @@ def shared_forward_bytes(arch: Arch, st: Setting) -> int:
     """
     b, s = st.batch, st.seq
     rope = 2 * alloc_bytes(b * s * arch.head_dim * st.stream)
-    mask = alloc_bytes(b * s * s * st.stream) if st.attn == "eager" else 0
+    # (neat_packing's mask replaces eager's own: `attention_mask_bytes`)
+    mask = alloc_bytes(b * s * s * st.stream) if st.attn == "eager" and st.mask == "none" else 0
     return rope + mask
+
+
+def attention_mask_bytes(st: Setting) -> int:
+    """The 4-D attention mask sdpa gets (`st.mask`, memory/precision.py::attention_mask_kind), made once per step.
+
+    bool: [b, 1, s, s] torch.bool ([S] transformers masking_utils.py::sdpa_mask: the causal and padding mask
+    functions broadcast over (batch, head 1, q, kv), then `.expand`). float: LLaMA-Factory's block-diagonal
+    neat_packing mask [b, 1, s, s] in its compute dtype, bf16 or fp16 ([S] LLaMA-Factory data/collator.py::
+    prepare_4d_attention_mask, built on the CPU by the collator; the Trainer moves the batch to the GPU)."""
+    b, s = st.batch, st.seq
+    if st.mask == "bool":
+        return alloc_bytes(b * s * s)
+    if st.mask == "float":
+        return alloc_bytes(b * s * s * 2)
+    return 0
 
 
 @dataclass(frozen=True)

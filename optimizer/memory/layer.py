@@ -122,11 +122,21 @@ def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tup
 
 
 def _sdpa(w: Walk, arch: Arch, st: Setting, q: tuple, k: tuple, v: tuple, a_b: int) -> str:
-    """[S] transformers integrations/sdpa_attention.py: is_causal, no mask, GQA via enable_gqa; the CUDA flash
-    kernel saves q, k, v, out and the fp32 logsumexp [b, nh, s]. Output is laid out [b, s, nh, hd] so
+    """[S] transformers integrations/sdpa_attention.py: without a mask is_causal and GQA via enable_gqa; the CUDA
+    flash kernel saves q, k, v, out and the fp32 logsumexp [b, nh, s]. With a mask (`st.mask`, see
+    precision.attention_mask_kind) the memory-efficient kernel runs on repeated K/V and saves the mask too.
+    Output is laid out [b, s, nh, hd] so
     `.transpose(1, 2).contiguous()` copies nothing. `q`, `k`, `v`: (tensor, width, element size)."""
     b, s, c = st.batch, st.seq, st.c
     N = b * s
+    originals = []
+    if st.mask != "none" and arch.num_key_value_heads < arch.num_attention_heads:
+        # [S] transformers integrations/sdpa_attention.py::use_gqa_in_sdpa is False on CUDA with a mask, so
+        # repeat_kv copies K and V to every head before sdpa (autocast casts the copies inside sdpa)
+        k2 = w.op("sdpa_repeat_k", N * arch.q_dim * k[2], ins=(k[0],))
+        v2 = w.op("sdpa_repeat_v", N * arch.q_dim * v[2], ins=(v[0],))
+        originals = [k[0]] + ([] if arch.fused_qkv else [v[0]])  # Phi-3's v is a view of the fused qkv output
+        k, v = (k2, arch.q_dim, k[2]), (v2, arch.q_dim, v[2])
     ins = []
     for t, dim, tb in (q, k, v):
         if st.amp and tb != c:
@@ -134,9 +144,18 @@ def _sdpa(w: Walk, arch: Arch, st: Setting, q: tuple, k: tuple, v: tuple, a_b: i
             w.drop(t)
             t = t2
         ins.append(t)
+    q_b = c if st.amp else q[2]
+    mask = ()
+    if st.mask == "bool":
+        # [S] aten/src/ATen/native/transformers/attention.cpp::convert_boolean_attn_mask: a bool mask becomes an
+        # additive one, where(mask, 0, -inf) [b, 1, s, s] in the query dtype, per call; the fused kernel saves it
+        # for backward (preprocess_mask only expands it: rows of s elements are 8-aligned, no pad copy)
+        mask = (w.op("sdpa_mask_additive", b * s * s * q_b),)
     lse = w.op("sdpa_lse", b * arch.num_attention_heads * s * FP32)
-    out = w.op("sdpa_out", N * arch.q_dim * a_b, ins=tuple(ins), saves=tuple(ins) + (lse,), save_out=True)
-    w.drop(lse, *ins)
+    out = w.op("sdpa_out", N * arch.q_dim * a_b, ins=tuple(ins), saves=tuple(ins) + (lse,) + mask, save_out=True)
+    w.drop(lse, *ins, *mask)
+    # the un-repeated K/V stay referenced by the attention module until sdpa returns
+    w.drop(*originals)
     return out
 
 

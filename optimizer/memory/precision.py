@@ -53,6 +53,7 @@ class Setting:
     gemma_norm: bool
     mixed16: bool = False  # fp16 autocast over bf16 weights: same bytes, different dtype, so casts copy
     fp16: bool = False  # the autocast dtype is float16
+    mask: str = "none"  # sdpa's attention mask: none (is_causal), bool (padded batch), float (neat_packing)
 
     def same_as_c(self, nbytes: int, from_weights: bool) -> bool:
         """Does a tensor of `nbytes` per element have the compute dtype? Tensors that come from the 16-bit
@@ -141,7 +142,36 @@ def setting_for(arch: Arch, plan: Plan) -> Setting:
         # one batch of 2b sequences (chosen, then rejected)
         batch=plan.per_device_train_batch_size * (2 if plan.pairwise else 1),
         gemma_norm=family_of(arch.model_type).gemma_norm, mixed16=mixed16, fp16=amp and plan.fp16,
+        mask=attention_mask_kind(plan, _attention(arch, plan)),
     )
+
+
+def attention_mask_kind(plan: Plan, attn: str) -> str:
+    """Which attention mask sdpa gets in the worst case of a micro-batch (the tracer passes the same).
+
+    - `float`: neat_packing ([S] LLaMA-Factory data/collator.py::SFTDataCollatorWith4DAttentionMask: without
+      flash_attention_2 the collator replaces the 2-D mask by prepare_4d_attention_mask, [b, 1, s, s] in the
+      compute dtype; transformers masking_utils.py::_preprocess_mask_arguments returns a 4-D mask as-is).
+    - `none`: packing without neat_packing at a cutoff_len that is a multiple of 8: every row is exactly cutoff_len
+      tokens with an all-ones attention_mask ([S] LLaMA-Factory data/processor/supervised.py::
+      PackedSupervisedDatasetProcessor pads each row with attention_mask 1; hparams/data_args.py lowers cutoff_len
+      by 1 first, the row is cutoff_len - 1 + 1), so masking_utils.py::_ignore_causal_mask_sdpa drops the mask
+      (`fast_all(padding_mask)`) and sdpa runs is_causal.
+    - `bool`: any other micro-batch can hold padding: the collator pads to the longest sample rounded up to 8
+      (pad_to_multiple_of=8, attention_mask 0), even a single sample; a zero in the mask makes masking_utils.py::
+      sdpa_mask build a bool [b, 1, s, s] mask, which the worst case assumes.
+    fa2: `none` (LLaMA-Factory drops the mask for neat_packing, and FA2 unpads a padded batch: no [s, s] mask).
+    eager: `none` unless neat_packing (eager always builds its own 4-D mask, counted in head.py; neat_packing's
+    replaces it)."""
+    if plan.flash_attn == "fa2":
+        return "none"
+    if plan.neat_packing:
+        return "float"
+    if attn != "sdpa":
+        return "none"
+    if plan.packed and plan.cutoff_len % PAD_MULTIPLE == 0:
+        return "none"
+    return "bool"
 
 
 def _attention(arch: Arch, plan: Plan) -> str:

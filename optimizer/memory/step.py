@@ -9,7 +9,7 @@ from ..models.arch import expert_numels, layer_linears
 from ..schema import Arch, Estimate, MemoryTerm, Moment, Phase, PhasePeak, Plan
 from ..units import MIB, alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES, device_peak_for, large_blocks_at, reserved_bytes
-from .head import head_activations, shared_forward_bytes
+from .head import attention_mask_bytes, head_activations, shared_forward_bytes
 from .layer import layer_forward
 from .precision import FP32, Setting, setting_for
 from .preference import preference_head, reference_weight_bytes
@@ -94,6 +94,13 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     hplan = plan.model_copy(update={"enable_liger_kernel": False}) if plan.pairwise else plan
     head = _part("head", st, hplan, lambda: head_activations(arch, hplan, st))
     pref = _part("preference", st, plan, lambda: preference_head(arch, plan, st, head)) if plan.pairwise else None
+    # sdpa's 4-D mask (padded batch or neat_packing): live through the model forward; the bool mask that transformers
+    # builds is then held by the checkpointed layers' saved inputs until their backward (without checkpointing it
+    # dies with the forward); LLaMA-Factory's neat_packing mask is part of the batch, held all step
+    mask = _part("attention_mask", st, plan, lambda: attention_mask_bytes(st))
+    mask_held = mask if (st.gc or st.mask == "float") else 0
+    mask_detail = (f"attention mask [{st.batch}, 1, {st.seq}, {st.seq}] "
+                   + ("bool (padded batch)" if st.mask == "bool" else "compute dtype (neat_packing)"))
     ckpt = lay.input_bytes  # gradient checkpointing keeps each layer's input
     if st.gc:
         acts_all = L * ckpt
@@ -139,13 +146,15 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
 
     def forward_saved(norm_detail: str = "") -> tuple[tuple[str, int, str], ...]:
         """What the forward leaves saved for backward, held from the loss to the lm_head's backward."""
-        return (("activations_shared", shared, ""), ("activations_layers", acts_all, what),
+        return (("activations_shared", shared, ""), ("attention_mask", mask_held, mask_detail),
+                ("activations_layers", acts_all, what),
                 ("final_norm_saved", head.final_norm_saved, norm_detail),
                 ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"))
 
     forward = StepMoment(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
                         terms=static + terms(
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
+        ("attention_mask", mask, mask_detail),
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
         ("autocast_weight_cache", cache, "bf16 copies of the fp32 decoder weights, cached by autocast"),
         held,
@@ -210,7 +219,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     def layer_backward(kind: Moment, which: str, activations: int, detail: str) -> PhasePeak:
         """The top or bottom decoder layer's backward: `activations` in the layers, the head's gradients held."""
         return StepMoment(phase=Phase.BACKWARD, kind=kind, moment=f"{which} {layer_moment}", terms=static + terms(
-            bw_ws, ("activations_shared", shared, ""),
+            bw_ws, ("activations_shared", shared, ""), ("attention_mask", mask_held, mask_detail),
             ("activations_layers", activations, detail),
             ("grads", head_grads, "gradients of the lm_head/final norm"),
             held,
@@ -252,6 +261,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
                           moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
         bw_ws,
         ("grads", grads, "one gradient per trainable tensor"),
+        ("attention_mask", mask if st.mask == "float" else 0, mask_detail),
         ("optimizer_step_temporaries", opt_tmp,
          "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
@@ -338,11 +348,19 @@ def _notes(arch: Arch, plan: Plan, st: Setting, grads: int) -> list[str]:
             f"{grads / MIB:,.1f} MiB of accumulated gradients (.grad) stay live through forward, loss and backward "
             "(counted in the peak; the same for any value > 1; gradient_accumulation_steps 1 saves them)"
         )
-    if (plan.per_device_train_batch_size > 1 and st.attn == "sdpa"
-            and arch.num_key_value_heads < arch.num_attention_heads):
-        notes.append("a padded micro-batch (unequal lengths) makes sdpa take an explicit [b, 1, s, s] mask and "
-                     "repeat K/V to every head (transformers sdpa_attention_forward); the estimate's worst case, "
-                     "every sample at cutoff_len, has no padding")
+    gqa = arch.num_key_value_heads < arch.num_attention_heads
+    if st.mask == "bool":
+        notes.append("worst case with padding: a micro-batch holding a pad token (the collator pads to the longest "
+                     "sample, rounded up to 8) makes sdpa take a bool [b, 1, s, s] mask (transformers "
+                     "masking_utils.sdpa_mask), which each layer converts to an additive copy saved for backward"
+                     + (" and K/V repeated to every head (sdpa_attention_forward)" if gqa else "")
+                     + "; a batch without padding uses is_causal and needs less")
+    if plan.packed:
+        notes.append(f"packing: every row is {plan.cutoff_len} tokens (several samples, LLaMA-Factory's greedy "
+                     "knapsack)" + ("; neat_packing: a block-diagonal [b, 1, s, s] mask in the compute dtype, held "
+                                    "all step" if st.mask == "float" else
+                                    "; neat_packing with fa2: no mask (varlen), per_device_train_batch_size must be 1"
+                                    if plan.neat_packing and plan.flash_attn == "fa2" else ""))
     if plan.flash_attn == "fa2":
         notes.append("fa2 saves the same tensors as sdpa's flash kernel (q, k, v, out, logsumexp); modelled as sdpa")
     if plan.optim == "paged_adamw_8bit":

@@ -13,8 +13,9 @@ A plan is one value per knob (MEM_KNOBS, gradient_accumulation_steps, max_sample
   most allocator.allocated_limit(budget, managed bytes) (over MANAGED_KNOBS).
 - quality: the sum of quality.quality_terms, each term rounded to integer units (objectives.quality_units) and
   tabled over the knobs behind its declared inputs (quality.TERM_INPUTS).
-- time: micro-batches(max_samples, batch) x t_micro(type, rank, targets, cutoff, batch, checkpointing) + optimizer
-  steps(max_samples, batch, accumulation) x t_opt(type, rank, targets), in whole seconds (objectives.point_time).
+- time: micro-batches(rows, batch) x t_micro(type, rank, targets, cutoff, batch, checkpointing) + optimizer
+  steps(rows, batch, accumulation) x t_opt(type, rank, targets), in whole seconds (objectives.point_time); rows are
+  the samples kept by max_samples, or with packing the packed rows at cutoff_len (objectives.rows_used).
 
 `evaluations` counts the memory-model calls (`step_moments` at distinct representative plans): it grows with the
 sizes of the groups' sub-domains, not with the space. search/cpsat.py states these tables as CP-SAT constraints.
@@ -29,7 +30,7 @@ from ..memory.allocator import allocated_limit, large_blocks_at, reserved_overhe
 from ..memory.step import step_moments
 from ..memory.terms import MANAGED_KNOBS, OVERHEAD_KNOBS, PAIRWISE_TERMS, TERM_KNOBS, memoized, term_knobs
 from . import quality as qm
-from .objectives import MEM_KNOBS, Candidate, micro_batches, optimizer_steps, point_plan, quality_units
+from .objectives import MEM_KNOBS, Candidate, micro_batches, optimizer_steps, point_plan, quality_units, rows_used
 from .space import Instance, micro_ms, opt_ms, plan_fields, plan_for
 
 __all__ = ["KNOBS", "Table", "Factored", "factor", "MAX_TABLE_ENTRIES"]
@@ -41,7 +42,8 @@ _QUALITY_INPUT_KNOBS = {
     "finetuning_type": ("finetuning_type",), "lora_rank": ("finetuning_type", "lora_rank"),
     "lora_target": ("finetuning_type", "lora_target"), "num_train_epochs": (),
     "effective_batch": ("per_device_train_batch_size", "gradient_accumulation_steps"),
-    "optimizer_steps": ("max_samples", "per_device_train_batch_size", "gradient_accumulation_steps"),
+    # packing: the trainer steps over packed rows, and their count depends on cutoff_len (objectives.rows_used)
+    "optimizer_steps": ("max_samples", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps"),
     "samples_used": ("max_samples",), "kept_token_share": ("cutoff_len",),
 }
 # What one solve builds: the entries of all tables together (each memory entry is one step_moments call).
@@ -253,21 +255,23 @@ def _time_tables(inst: Instance, sizes: dict[str, int]) -> dict[str, Table]:
     samples_k = ("max_samples",)
     compute, step = {}, {}
     n_gpu = inst.num_gpus
-    bi_of = {k: i for i, k in enumerate(mk)}
+    pos = {k: i for i, k in enumerate(mk)}
     for si, smp in enumerate(d["max_samples"]):
-        n = -(-inst.samples_used[smp] // n_gpu)
         for idx, v in micro.items():
-            b = d["per_device_train_batch_size"][idx[bi_of["per_device_train_batch_size"]]]
+            b = d["per_device_train_batch_size"][idx[pos["per_device_train_batch_size"]]]
+            n = -(-rows_used(inst, d["cutoff_len"][idx[pos["cutoff_len"]]], smp) // n_gpu)
             compute[(si,) + idx] = micro_batches(inst.epochs, n, b) * v
-        for bi, b in enumerate(d["per_device_train_batch_size"]):
-            for ai, a in enumerate(d["gradient_accumulation_steps"]):
-                steps = optimizer_steps(inst.epochs, n, b, a)
-                for tidx, v in opt.items():
-                    step[(si, bi, ai) + tidx] = steps * v
+        for ci, c in enumerate(d["cutoff_len"]):
+            n = -(-rows_used(inst, c, smp) // n_gpu)
+            for bi, b in enumerate(d["per_device_train_batch_size"]):
+                for ai, a in enumerate(d["gradient_accumulation_steps"]):
+                    steps = optimizer_steps(inst.epochs, n, b, a)
+                    for tidx, v in opt.items():
+                        step[(si, ci, bi, ai) + tidx] = steps * v
     return {
         "compute_ms": Table("compute_ms", samples_k + mk, compute),
-        "step_ms": Table("step_ms", samples_k + ("per_device_train_batch_size", "gradient_accumulation_steps") + _T,
-                         step),
+        "step_ms": Table("step_ms", samples_k + ("cutoff_len", "per_device_train_batch_size",
+                                                 "gradient_accumulation_steps") + _T, step),
     }
 
 

@@ -22,7 +22,7 @@ from . import quality as qm
 if TYPE_CHECKING:
     from .space import Instance
 
-__all__ = ["Candidate", "MEM_KNOBS", "QUALITY_SCALE", "TIME_UNIT_MS", "micro_batches", "optimizer_steps",
+__all__ = ["Candidate", "MEM_KNOBS", "QUALITY_SCALE", "TIME_UNIT_MS", "micro_batches", "optimizer_steps", "rows_used",
            "point_plan", "point_quality", "quality_units", "point_time", "point_objectives", "recommend",
            "Recommendation"]
 
@@ -82,9 +82,10 @@ def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | N
     effective batch is the global one, b x accumulation x N, and each rank sees ceil(n / N) samples
     (torch DistributedSampler pads to a multiple of N), so the optimizer steps fall N-fold."""
     n, b, g = inst.samples_used[samples], c.per_device_train_batch_size, inst.num_gpus
+    rows = rows_used(inst, c.cutoff_len, samples)  # packing: the trainer steps over packed rows
     return {"finetuning_type": c.finetuning_type, "lora_rank": c.lora_rank, "lora_target": c.lora_target,
             "effective_batch": b * accumulation * g, "num_train_epochs": inst.epochs,
-            "optimizer_steps": optimizer_steps(inst.epochs, -(-n // g), b, accumulation),
+            "optimizer_steps": optimizer_steps(inst.epochs, -(-rows // g), b, accumulation),
             "kept_token_share": inst.coverage[c.cutoff_len], "samples_used": n}
 
 
@@ -106,10 +107,22 @@ def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int 
     return q
 
 
+def rows_used(inst: Instance, cutoff_len: int, samples: int | None) -> int:
+    """Dataset rows the trainer iterates: the samples, or with packing the packed rows at this cutoff_len (LLaMA-
+    Factory applies max_samples before packing: the rows of the whole set scaled to the samples kept, ceil)."""
+    n = inst.samples_used[samples]
+    rows = inst.packed_rows.get(cutoff_len)
+    if rows is None:
+        return n
+    total = inst.summary.num_samples if inst.summary is not None else n
+    return max(1, -(-rows * n // max(total, 1)))
+
+
 def point_time(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
     """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie and the
-    tie-break decides. With N GPUs each rank runs ceil(n / N) samples; c.opt_ms includes the communication."""
-    n, b = -(-inst.samples_used[samples] // inst.num_gpus), c.per_device_train_batch_size
+    tie-break decides. With N GPUs each rank runs ceil(n / N) rows (samples, or packed rows); c.opt_ms includes the
+    communication."""
+    n, b = -(-rows_used(inst, c.cutoff_len, samples) // inst.num_gpus), c.per_device_train_batch_size
     ms = micro_batches(inst.epochs, n, b) * c.micro_ms + optimizer_steps(inst.epochs, n, b, accumulation) * c.opt_ms
     return -(-ms // TIME_UNIT_MS)
 

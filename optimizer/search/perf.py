@@ -37,7 +37,8 @@ from ..memory.precision import padded_length
 from ..models.arch import layer_linears
 from ..schema import Arch, GpuSpec
 
-__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples"]
+__all__ = ["flops_per_token", "mfu", "micro_batch_seconds", "expected_padded_len", "expected_padded_len_samples",
+           "packed_rows_estimate"]
 
 # Fitted by benchmarks/throughput.py --fit (least squares of relative error): datacenter cards on the Qwen-7B
 # A100 rows; GeForce cards on the one published consumer point with a known setup (Qwen2.5-1.5B LoRA on an
@@ -139,6 +140,17 @@ def _expected_padded_len(pts: tuple[tuple[int, int], ...], cutoff_len: int, batc
         u = (i + 0.5) / steps
         total += min(cutoff_len, _quantile(dict(pts), u)) * batch * u ** (batch - 1) / steps
     return min(padded_length(math.ceil(total)), padded_length(cutoff_len))
+
+
+def packed_rows_estimate(percentiles: dict[int, int], num_samples: int, cutoff_len: int) -> int:
+    """Rows that `packing` makes of a dataset known only by its length percentiles: the tokens after truncation at
+    cutoff_len - 1 (LLaMA-Factory lowers cutoff_len by 1 when packing, hparams/data_args.py) divided by that
+    capacity, rounded up. A lower bound of the greedy knapsack's count (data.dataset.packed_rows, used when the data
+    file is given): it assumes every row full."""
+    capacity = max(cutoff_len - 1, 1)
+    steps = 400
+    mean = sum(min(capacity, _quantile(percentiles, (i + 0.5) / steps)) for i in range(steps)) / steps
+    return max(1, math.ceil(num_samples * mean / capacity))
 
 
 def expected_padded_len_samples(lengths: tuple[int, ...], cutoff_len: int, batch: int) -> int:

@@ -42,6 +42,11 @@ class DatasetSpec(BaseModel):
         "With `stage: dpo` a sample is a pair, its length the prompt plus the longer of chosen and rejected (what "
         "the collator pads to), response_token_share the longer response's share (from a summary the quality score "
         "counts that response once; a data file gives both responses' tokens).")
+    packing: bool = Field(default=False, description="LLaMA-Factory `packing`: pack samples into rows of cutoff_len "
+                          "tokens. Fewer, full-length micro-batches (the time objective counts packed rows); the "
+                          "emitted configs set it.")
+    neat_packing: bool = Field(default=False, description="LLaMA-Factory `neat_packing` (implies packing): no "
+                               "attention across packed samples; with sdpa a [b, 1, s, s] mask in the compute dtype.")
 
     @model_validator(mode="after")
     def _file_or_summary(self) -> DatasetSpec:

@@ -15,6 +15,7 @@ from pathlib import Path
 from ..distributed import DistSettings, comm_time_s, per_gpu
 from ..errors import ConfigError, ProblemError
 from ..memory import budget_bytes, count_params, estimate
+from ..memory.precision import padded_length
 from ..memory.step import context_window_problem
 from ..memory.terms import TermMemo, memoized
 from ..models import catalog
@@ -30,6 +31,7 @@ from .perf import (
     expected_padded_len_samples,
     micro_batch_seconds,
     optimizer_step_seconds,
+    packed_rows_estimate,
 )
 from .problem import CustomGpu, DatasetSummary, Problem
 
@@ -52,6 +54,7 @@ class Instance:
     quality_cache: dict[tuple, int] = field(default_factory=dict)
     summary: DatasetSummary | None = None  # the data's summary (given, or measured from the data file)
     lengths: tuple[int, ...] = ()  # measured total tokens per sample, sorted (empty without a data file)
+    packed_rows: dict[int, int] = field(default_factory=dict)  # packing: cutoff_len -> rows of the whole data set
     evaluated: int = 0  # estimates (plans judged by the memory model)
     terms: TermMemo = field(default_factory=TermMemo)  # the memory model's components, computed per sub-domain
     min_peak: tuple[int, tuple] | None = None  # smallest device peak seen and its knobs
@@ -109,6 +112,9 @@ def plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> 
     out = {"max_grad_norm": h["max_grad_norm"], "num_train_epochs": inst.epochs}
     if inst.problem.stage == "dpo":  # the memory model prices the DPO step from these (memory/preference.py)
         out.update(stage="dpo", pref_loss=inst.problem.pref_loss, pref_beta=inst.problem.pref_beta)
+    ds = inst.problem.dataset
+    if ds.packing or ds.neat_packing:
+        out.update(packing=True, neat_packing=ds.neat_packing)
     if finetuning_type != "full":
         out.update(lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"])
     return out
@@ -246,6 +252,12 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         inst.epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
     for n in domains["max_samples"]:
         inst.samples_used[n] = ds.num_samples if n is None else min(n, ds.num_samples)
+    if problem.dataset.packing or problem.dataset.neat_packing:
+        from ..data.dataset import packed_rows
+
+        inst.packed_rows = {c: packed_rows(measured.samples, c) if measured is not None else
+                            packed_rows_estimate(ds.token_length_percentiles, ds.num_samples, c)
+                            for c in domains["cutoff_len"]}
     if enumerate_settings:
         enumerate_instance(inst)
     return inst
@@ -383,7 +395,9 @@ def micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | 
                                           "gradient_checkpointing": gc, "flash_attn": "auto", "optim": "adamw_torch",
                                           "enable_liger_kernel": False}, plan_fields(inst, ft, lora_rank))
     trainable, _ = count_params(inst.arch, plan)
-    if inst.lengths:
+    if plan.packed:  # every packed row is cutoff_len long (padded up to a multiple of 8)
+        seq = padded_length(cutoff)
+    elif inst.lengths:
         seq = expected_padded_len_samples(inst.lengths, cutoff, batch)
     else:
         seq = expected_padded_len(inst.summary.token_length_percentiles, cutoff, batch)

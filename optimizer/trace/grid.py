@@ -162,3 +162,21 @@ GRID += [
     (_OLMOE, _p(stage="dpo", cutoff_len=512)),
     (_Q15M, _p(stage="dpo", cutoff_len=512, quantization_bit=4)),
 ]
+GRID += [
+    # padded batches, packing and neat_packing (optimizer/memory/precision.py::attention_mask_kind). sdpa's worst case
+    # holds a pad token: a bool [b, 1, s, s] mask, an additive copy saved per layer, K/V repeated (GQA); packing at a
+    # cutoff_len that is a multiple of 8 has none (rows of exactly cutoff_len); neat_packing: LLaMA-Factory's 4-D mask
+    # in the compute dtype, held all step (sdpa and eager).
+    (_SMOL, _p(cutoff_len=1024, per_device_train_batch_size=4, disable_gradient_checkpointing=True)),
+    (_Q05, _p(cutoff_len=1024, per_device_train_batch_size=2, packing=True)),
+    (_Q7, _p(cutoff_len=1020, per_device_train_batch_size=2, packing=True, quantization_bit=4)),
+    (_Q05, _p(cutoff_len=1024, per_device_train_batch_size=2, neat_packing=True)),
+    (_Q05, _p(cutoff_len=512, per_device_train_batch_size=2, neat_packing=True, disable_gradient_checkpointing=True)),
+    (_L1, _p(cutoff_len=2048, neat_packing=True, flash_attn="disabled")),
+    (_M7, _p(cutoff_len=2048, per_device_train_batch_size=2, neat_packing=True, quantization_bit=4)),
+    (_Q3, _p(cutoff_len=512, per_device_train_batch_size=2, neat_packing=True, finetuning_type="full")),
+    # long context: 32k-64k tokens per row (sdpa: the padded mask grows as s^2; eager: b x heads x s^2 fp32 softmax)
+    (_L1, _p(cutoff_len=65536)),
+    (_L1, _p(cutoff_len=32768, packing=True, quantization_bit=4)),
+    (_Q05, _p(cutoff_len=32768, flash_attn="disabled")),
+]

@@ -58,6 +58,21 @@ def _num_layers(config: dict[str, Any]) -> int:
 # notes: where a fake CPU step differs from the CUDA step it stands for
 # ---------------------------------------------------------------------------------------------------------------
 
+def _inputs_note(plan: Plan, attn_impl: str) -> str:
+    """What the traced micro-batch stands for (optimizer/memory/precision.py::attention_mask_kind)."""
+    from ..memory.precision import attention_mask_kind
+
+    kind = attention_mask_kind(plan, attn_impl)
+    head = "Inputs are one micro-batch of cutoff_len-long rows"
+    if kind == "bool":
+        return (head + " with the worst case's padding: the attention_mask is passed, and transformers builds the "
+                "bool [b, 1, s, s] sdpa mask (fake tensors cannot be read, as a padded batch's zeros force on a GPU).")
+    if kind == "float":
+        return head + " with neat_packing's 4-D [b, 1, s, s] mask in the compute dtype (LLaMA-Factory's collator)."
+    return (head + " without padding (no attention_mask, as transformers drops an all-ones mask on a GPU: packed rows "
+            "of exactly cutoff_len, fa2's unpadded path, or eager's own mask).")
+
+
 def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
     notes = [
         "Counts allocated tensor bytes, each storage rounded up to 512 B, as torch.cuda.max_memory_allocated() does. "
@@ -65,8 +80,7 @@ def _fake_notes(plan: Plan, built: Any, primed: bool) -> list[str]:
         "Kernel-internal scratch that CUDA kernels take from the caching allocator is invisible here: cuBLAS/cuBLASLt "
         "workspaces (~8 MiB per handle and stream, up to 32 MiB on Hopper), flash-attention backward buffers "
         "(fp32 dq accumulator; expanded dK/dV under GQA), embedding-backward sort buffers.",
-        "Inputs are one micro-batch with every sample at cutoff_len (no padding, attention_mask dropped as "
-        "transformers does for an all-ones mask on a GPU); LLaMA-Factory pads to the longest sample in the batch.",
+        _inputs_note(plan, built.attn_impl),
         "The CE loss uses reduction=sum with num_items_in_batch, as HF Trainer passes it (same buffers as mean).",
         "Autograd's gradient sums (InputBuffer) never run in place on fake tensors; the tracker replays eager "
         "autograd's rule (in place when the first gradient is an exclusively owned dense tensor, calibrated on this "

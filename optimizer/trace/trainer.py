@@ -139,6 +139,9 @@ class TrainerStep:
             else:
                 self.scaler = _FakeGradScaler(device)
         self.tr_loss = torch.zeros((), device=device)  # HF Trainer's running loss scalar
+        from ..memory.precision import attention_mask_kind
+
+        self.mask_kind = attention_mask_kind(plan, built.attn_impl)
         self._hooks = self._install_hooks()
 
     # -- phase hooks -------------------------------------------------------------------------------------------
@@ -176,16 +179,34 @@ class TrainerStep:
     def _batch(self) -> dict[str, torch.Tensor]:
         shape = (self.batch, self.seq)
         input_ids = torch.randint(0, self.vocab, shape, device=self.device)
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": torch.ones(shape, dtype=torch.long, device=self.device),
             "labels": input_ids.clone(),
         }
+        if self.mask_kind == "float":
+            # LLaMA-Factory data/collator.py::prepare_4d_attention_mask (neat_packing): [b, 1, s, s] in the compute
+            # dtype, built on the CPU by the collator and moved to the device with the batch
+            batch["attention_mask"] = torch.zeros((self.batch, 1, self.seq, self.seq), dtype=self.built.compute_dtype,
+                                                  device=self.device)
+        if self.plan.packed:
+            # data/processor/supervised.py::PackedSupervisedDatasetProcessor: position ids restart per packed sample
+            batch["position_ids"] = torch.zeros(shape, dtype=torch.long, device=self.device)
+        return batch
+
+    def _model_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The mask (and position ids) the model gets. A 2-D mask reaches transformers' masking_utils, which on a GPU
+        drops an all-ones mask (`fast_all`) and otherwise builds a bool [b, 1, s, s] mask; on fake tensors it cannot
+        read the values and always builds it, which is the padded worst case (`mask_kind` bool). Where that worst
+        case has no padding (`none`: packed rows of exactly cutoff_len) the mask is not passed."""
+        out = {k: inputs[k] for k in ("position_ids",) if k in inputs}
+        if self.mask_kind != "none":  # a 4-D neat_packing mask (sdpa or eager) or a padded 2-D one
+            out["attention_mask"] = inputs["attention_mask"]
+        return out
 
     def _forward(self, inputs: dict[str, torch.Tensor], num_items: torch.Tensor) -> torch.Tensor:
-        kwargs = {"input_ids": inputs["input_ids"], "labels": inputs["labels"], "num_items_in_batch": num_items}
-        # The all-ones attention mask is dropped by transformers on a GPU (`torch.all(mask == 1)` -> None);
-        # fake tensors cannot answer that question, so it is not passed.
+        kwargs = {"input_ids": inputs["input_ids"], "labels": inputs["labels"], "num_items_in_batch": num_items,
+                  **self._model_inputs(inputs)}
         if self.amp_dtype is not None:
             from accelerate.utils.operations import convert_to_fp32
 
@@ -208,12 +229,12 @@ class TrainerStep:
             from accelerate.utils.operations import convert_to_fp32
 
             with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
-                outputs = model(input_ids=ids, return_dict=True, use_cache=False)
+                outputs = model(input_ids=ids, return_dict=True, use_cache=False, **self._model_inputs(inputs))
             if not ref:
                 self.probe.set_sub_phase("out_fp32")
             outputs = convert_to_fp32(outputs)
         else:
-            outputs = model(input_ids=ids, return_dict=True, use_cache=False)
+            outputs = model(input_ids=ids, return_dict=True, use_cache=False, **self._model_inputs(inputs))
         logits = outputs.logits.to(torch.float32)
         del outputs, ids
         return logits
