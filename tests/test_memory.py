@@ -261,3 +261,14 @@ def test_kbit_prepare_upcasts_embeddings_to_fp32():
     peft = estimate(arch, _plan(quantization_bit=4, kbit_prepare=True))
     emb = lambda e: next(t.bytes for t in e.phases[0].terms if t.name == "weights_embed_tokens")
     assert emb(peft) == 2 * emb(lf)
+
+
+def test_device_peak_equals_estimates_on_the_grid():
+    """memory.step.device_peak (what the search judges plans by) is estimate's device peak, on every grid row."""
+    from optimizer.memory.step import device_peak
+    from optimizer.models import catalog
+    from optimizer.trace.grid import GRID
+
+    for model, plan in GRID:
+        arch = catalog.resolve_arch(model)
+        assert device_peak(arch, plan) == estimate(arch, plan).device_peak_bytes, (model, plan)

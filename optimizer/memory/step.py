@@ -270,6 +270,15 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     return StepMoments(flat, paged, st, grads)
 
 
+def device_peak(arch: Arch, plan: Plan, setting: Setting | None = None) -> int:
+    """The device peak `estimate` reports (`device_peak_bytes`), without building the Estimate: the first moment of
+    largest total, its allocator blocks, the managed bytes. What the search judges each plan by (search/space.py);
+    tests/test_memory.py checks it equals estimate's on the accuracy grid."""
+    sm = step_moments(arch, plan, setting)
+    peak = max(sm.moments, key=lambda p: p.total_bytes)
+    return device_peak_for(peak.total_bytes, large_blocks_at(arch, plan, peak.kind), sm.managed_bytes)
+
+
 def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:
     """The memory model of one steady-state step of `plan` on `arch` (`setting`: the dtypes the step computes in,
     when an engine changes them; `all_moments`: list every backward moment, not only the largest, for an engine

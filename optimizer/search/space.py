@@ -16,7 +16,7 @@ from ..distributed import DistSettings, comm_time_s, per_gpu
 from ..errors import ConfigError, ProblemError
 from ..memory import budget_bytes, count_params, estimate
 from ..memory.precision import padded_length
-from ..memory.step import context_window_problem
+from ..memory.step import context_window_problem, device_peak
 from ..memory.terms import TermMemo, memoized
 from ..models import catalog
 from ..models.arch import layer_linears
@@ -357,11 +357,11 @@ def _evaluate(inst: Instance, knobs: dict, cutoff: int, batch: int, accum: int):
     plan = plan_for(inst.arch, inst.gpu, {**knobs, "cutoff_len": cutoff, "per_device_train_batch_size": batch,
                                           "gradient_accumulation_steps": accum},
                     plan_fields(inst, knobs["finetuning_type"], knobs["lora_rank"]))
-    est = estimate(inst.arch, plan)
     inst.evaluated += 1
-    peak = est.device_peak_bytes
     if inst.dist is not None:
-        peak = dist_peak(inst, plan, est)
+        peak = dist_peak(inst, plan, estimate(inst.arch, plan))
+    else:
+        peak = device_peak(inst.arch, plan)
     if peak < NOT_RUNNABLE and (inst.min_peak is None or peak < inst.min_peak[0]):
         inst.min_peak = (peak, tuple(sorted({**knobs, "cutoff_len": cutoff,
                                              "per_device_train_batch_size": batch}.items())))
