@@ -223,3 +223,25 @@ def test_a_space_too_large_is_refused_up_front_with_its_size_and_what_to_pin():
 def test_solve_reports_wall_time_only_when_asked():
     assert solve_problem(_problem()).solve_s is None
     assert solve_problem(_problem(), timings=True).solve_s >= 0
+
+
+@pytest.mark.slow
+def test_cpsat_equals_brute_force_on_a_wide_space():
+    """A space of 583,200 plans (benchmarks/solve.py's third ladder): large tie-break keys and many literals. A
+    weighted lexicographic objective once overflowed CP-SAT's bounds there and returned an empty front."""
+    from optimizer.search.brute import solve_brute
+    from optimizer.search.cpsat import solve_cpsat
+    from optimizer.search.problem import DatasetSpec, DatasetSummary, Problem, SearchSpace
+    from optimizer.search.space import build_instance
+
+    data = DatasetSpec(summary=DatasetSummary(num_samples=2000,
+                                              token_length_percentiles={50: 400, 90: 1500, 100: 4000}))
+    space = SearchSpace(lora_rank=[4, 8, 16, 32, 64, 128],
+                        cutoff_len=[128, 256, 384, 512, 768, 1024, 1536, 2048, 3072, 4096],
+                        per_device_train_batch_size=[1, 2, 4, 8, 16], gradient_accumulation_steps=[1, 2, 4, 8, 16, 32],
+                        max_samples=[None, 500, 1000], finetuning_type=["lora", "qlora4", "qlora8"],
+                        optim=["adamw_torch", "adamw_torch_fused", "adamw_8bit"])
+    inst = build_instance(Problem(name="g", model="meta-llama/Llama-3.1-8B-Instruct", gpu="rtx-4090", dataset=data,
+                                  search=space))
+    front = [p[:3] for p in solve_cpsat(inst)]
+    assert front and front == [p[:3] for p in solve_brute(inst)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from ortools.sat.python import cp_model
 
+from ..errors import InfeasibleError
 from .objectives import MEM_KNOBS, TIME_UNIT_MS, point_objectives
 from .space import Instance
 
@@ -82,7 +83,7 @@ def _build(inst: Instance):
     m.add(sum(ct * v for ct, v in zip(t_coef, xs)) == T)
     key = m.new_int_var(0, max(k_coef), "key")
     m.add(key == sum(ck * v for ck, v in zip(k_coef, xs)))
-    return m, x, Q, T, key, groups, (q_coef, t_coef, k_coef)
+    return m, x, Q, T, key, groups, (max(t_coef), max(k_coef))
 
 
 def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, int]:
@@ -94,6 +95,11 @@ def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, i
     s.parameters.cp_model_probing_level = 0
     s.parameters.find_big_linear_overlap = False
     st = s.solve(m)
+    if st == cp_model.MODEL_INVALID:  # a bug, never a property of the problem: never an empty front
+        raise AssertionError(f"invalid CP-SAT model: {m.validate()}")  # pragma: no cover
+    if st == cp_model.UNKNOWN:  # no solution within the time limit: not "nothing fits"
+        raise InfeasibleError(f"CP-SAT found no solution within its {TIME_LIMIT_S:g} s limit. Solve with --solver "
+                              "brute, or pin the widest dimensions of the search space.")
     if st == cp_model.FEASIBLE:
         stats.proven = False
     return s, st
@@ -102,47 +108,31 @@ def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, i
 def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
     """The front as [(quality, time_ms, key, (combo position, accumulation, max_samples))], quality descending.
 
-    Per front point, one solve of the three objectives weighted lexicographically (quality, then time, then the
-    tie-break key) where the weights are exact in a double; otherwise three solves on the same model: maximize
-    quality; with quality fixed, minimize time; with both fixed, minimize the key. Then require a strictly smaller
-    time and repeat."""
+    Per front point, three solves on the same model: maximize quality; with quality fixed, minimize time;
+    with both fixed, minimize the tie-break key. Then require a strictly smaller time and repeat."""
     stats = stats or SolveStats()
     if not inst.combos:
         return []
-    base, x, Q, T, key, groups, (q_coef, t_coef, k_coef) = _build(inst)
+    base, x, Q, T, key, groups, _ = _build(inst)
     d = inst.domains
-    # The three objectives in one where the weights stay exact in a double (CP-SAT's objective): quality first,
-    # then time, then the key, as (q - q_min) * W - (t * K + k), W = (t_max + 1) * K, K = k_max + 1.
-    kk = max(k_coef) + 1
-    w = (max(t_coef) + 1) * kk
-    q0 = min(q_coef)
-    one_solve = (max(q_coef) - q0 + 1) * w < 2 ** 53
-    lex = sum(((cq - q0) * w - ct * kk - ck) * v for cq, ct, ck, v in zip(q_coef, t_coef, k_coef, x.values()))
     front = []
     eps = None
     while True:
         m = base.clone()
         if eps is not None:
             m.add(eps >= T)
-        if one_solve:
-            m.maximize(lex)
-            s, st = _solve(m, stats)
-            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                break
-            q, t = s.value(Q), s.value(T)
-        else:
-            m.maximize(Q)
-            s, st = _solve(m, stats)
-            if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-                break
-            q = s.value(Q)
-            m.add(q == Q)
-            m.minimize(T)
-            s, st = _solve(m, stats)
-            t = s.value(T)
-            m.add(t == T)
-            m.minimize(key)
-            s, st = _solve(m, stats)
+        m.maximize(Q)
+        s, st = _solve(m, stats)
+        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            break
+        q = s.value(Q)
+        m.add(q == Q)
+        m.minimize(T)
+        s, st = _solve(m, stats)
+        t = s.value(T)
+        m.add(t == T)
+        m.minimize(key)
+        s, st = _solve(m, stats)
         gi, accum, samples = next(k for k, var in x.items() if s.boolean_value(var))
         pos = groups[gi][0]
         k = inst.combos[pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples))
