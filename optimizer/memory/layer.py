@@ -112,6 +112,16 @@ def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tup
     a_b = st.c if st.amp else rope_b
     if st.attn == "sdpa":
         attn_out = _sdpa(w, arch, st, (qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b), a_b)
+        if st.mask == "none" and arch.partial_rotary_factor < 1:
+            # GLM-4's query is torch.cat's contiguous [b, nh, s, hd]; without a mask sdpa runs the flash kernel,
+            # whose output takes the query's layout ([S] torch/_meta_registrations.py::
+            # meta__scaled_dot_product_flash_attention: `torch.empty_like(query)`), so the caller's
+            # `.transpose(1, 2)...contiguous()` copies it. With a mask the memory-efficient kernel writes
+            # [b, s, nh, hd] whatever the query (meta__scaled_dot_product_efficient_attention: `empty(B, M,
+            # num_heads, Kv).transpose(1, 2)`): no copy.
+            a2 = w.op("attn_out_contiguous", N * qd * a_b, ins=(attn_out,), alias=True)
+            w.drop(attn_out)
+            attn_out = a2
     else:
         attn_out = _eager_attention(w, arch, st, qe, ke, v, rope_b, v_b, a_b)
     if qkv is not None:

@@ -190,4 +190,7 @@ GRID += [
     (_GLM, _p(cutoff_len=2048, per_device_train_batch_size=2, quantization_bit=4)),
     (_GLM, _p(cutoff_len=1024, flash_attn="disabled", disable_gradient_checkpointing=True)),
     (_GLM, _p(cutoff_len=256, finetuning_type="full", pure_bf16=True, bf16=False)),
+    # packed rows (no mask): flash sdpa's output takes the contiguous query's layout, so o_proj gets a copy, which
+    # QLoRA's adapter saves
+    (_GLM, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, packing=True)),
 ]
