@@ -97,7 +97,16 @@ class Arch(BaseModel):
                                  "routing weights (Mixtral always does).")
     router_scores_fp32: bool = Field(default=False, description="The routing weights stay fp32 into the expert "
                                      "combine (Mixtral's router softmaxes `logits.float()` and never casts back).")
+    partial_rotary_factor: float = Field(default=1.0, gt=0, le=1, description="The share of each head's channels "
+                                         "RoPE rotates (GLM-4: config.json `partial_rotary_factor` 0.5, adjacent "
+                                         "pairs); 1.0: all, Llama's rotate_half.")
     source: str = Field(default="", description="Where these numbers come from.")
+
+    @property
+    def rotary_dim(self) -> int:
+        """Channels per head that RoPE rotates ([S] transformers models/glm4/modeling_glm4.py
+        Glm4RotaryEmbedding.compute_default_rope_parameters: int(head_dim * partial_rotary_factor))."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def is_moe(self) -> bool:

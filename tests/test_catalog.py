@@ -71,6 +71,9 @@ GOLDEN_PARAMS: dict[str, int] = {
     "google/gemma-3-27b-it": 27_009_346_304,  # text tower only
     "microsoft/Phi-3.5-mini-instruct": 3_821_079_552,  # phi3: fused qkv_proj, gate_up_proj
     "microsoft/phi-4": 14_659_507_200,
+    # glm4: 4 norms, fused gate_up, q/k/v bias without o bias; the official safetensors total of
+    # zai-org/GLM-4-9B-0414 (as quoted with its revision in the catalog source) is the same 9,400,279,040
+    "zai-org/GLM-4-9B-0414": 9_400_279_040,
     # Qwen2.5-VL: the Hugging Face safetensors metadata totals of Qwen/Qwen2.5-VL-3B-Instruct / -7B-Instruct
     # (text decoder 3,085,938,688 / 7,615,616,512 + vision tower and merger 668,684,288 / 676,550,144); the same
     # numbers as Qwen2_5_VLForConditionalGeneration on the meta device (test below).
@@ -191,6 +194,14 @@ def test_family_flags_derived_from_model_type():
         60, 4, 5632, True)
     # the shared expert and its gate are nn.Linear (LoRA `all` targets them), the routed experts are not
     assert [m.name for m in layer_linears(q15m)][4:] == ["gate_proj", "up_proj", "down_proj", "shared_expert_gate"]
+    # glm4: q/k/v bias (attention_bias) but o_proj bias=False, fused gate_up only, 4 norms, RoPE on 64 of 128
+    glm = archs["zai-org/GLM-4-9B-0414"]
+    assert (glm.qkv_bias, glm.o_bias, glm.fused_qkv, glm.fused_gate_up, glm.norms_per_layer, glm.rotary_dim) == (
+        True, False, False, True, 4, 64)
+    assert [(m.name, m.bias) for m in layer_linears(glm)] == [
+        ("q_proj", True), ("k_proj", True), ("v_proj", True), ("o_proj", False), ("gate_up_proj", False),
+        ("down_proj", False)]
+    assert archs["Qwen/Qwen2.5-3B-Instruct"].rotary_dim == 128  # the other families rotate every channel
     olmoe = archs["allenai/OLMoE-1B-7B-0924"]
     assert (olmoe.num_experts, olmoe.num_experts_per_tok, olmoe.norm_topk_prob, olmoe.qk_norm_full) == (64, 8, False,
                                                                                                          True)
@@ -361,3 +372,13 @@ def test_qwen25_vl_without_vision_config_is_refused():
     cfg["vision_config"] = {"depth": 0}
     with pytest.raises(CatalogError, match="vision_config.depth"):
         arch_from_config(cfg, "x")
+
+
+def test_glm4_partial_rotary_factor_read_and_checked():
+    cfg = dict(resolve_config("zai-org/GLM-4-9B-0414"))
+    del cfg["partial_rotary_factor"]
+    assert arch_from_config(cfg, "glm").rotary_dim == 64  # Glm4Config's default 0.5
+    assert arch_from_config(dict(cfg, rope_parameters={"partial_rotary_factor": 0.25}), "glm").rotary_dim == 32
+    with pytest.raises(CatalogError) as err:
+        arch_from_config(dict(cfg, partial_rotary_factor=1.5), "glm")
+    assert "partial_rotary_factor must be a number in (0, 1], found 1.5" in str(err.value)

@@ -335,6 +335,17 @@ def test_gemma2_efficient_eos_and_qwen3_empty_thought(tmp_path):
     assert nothink[0][1] == ["A<|im_end|>\n"]
 
 
+def test_glm4_template_as_llamafactory_writes_it():
+    # LLaMA-Factory 0.9.5 data/template.py `glm4`: prefix "[gMASK]<sop>", "<|system|>\n", "<|user|>\n...<|assistant|>",
+    # answers "\n..." without EOS, one EOS at the end (efficient_eos)
+    msgs = [("user", "Q"), ("assistant", "A"), ("user", "Q2"), ("assistant", "A2")]
+    assert render_turns(get_template("glm4"), msgs, system="S") == [
+        (["[gMASK]<sop>", "<|system|>\nS", "<|user|>\nQ<|assistant|>"], ["\nA"]),
+        (["<|user|>\nQ2<|assistant|>"], ["\nA2"]),
+    ]
+    assert get_template("glm4").efficient_eos
+
+
 def test_required_templates_exist():
     for name in ("qwen", "qwen3", "qwen3_nothink", "llama3", "mistral", "gemma", "gemma2", "gemma3", "phi", "phi4",
                  "fallback"):
@@ -352,6 +363,7 @@ def test_required_templates_exist():
     ("google/gemma-3-12b-it", "gemma3"),
     ("microsoft/Phi-3.5-mini-instruct", "phi"),
     ("microsoft/phi-4", "phi4"),
+    ("zai-org/GLM-4-9B-0414", "glm4"),
     ("someone/unknown-model", "fallback"),
 ])
 def test_template_for_model(model, template):
@@ -363,6 +375,7 @@ def test_template_for_model(model, template):
     ("mistralai/Mistral-7B-Instruct-v0.3", "sp32k"), ("mistralai/Mistral-Nemo-Instruct-2407", "tekken"),
     ("google/gemma-2-2b-it", "gemma"), ("microsoft/phi-4", "cl100k"), ("microsoft/Phi-3.5-mini-instruct", "sp32k"),
     ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "deepseek"), ("HuggingFaceTB/SmolLM2-1.7B-Instruct", "smollm2"),
+    ("zai-org/GLM-4-9B-0414", "glm4"), ("/models/GLM-Z1-32B-0414", "glm4"),
 ])
 def test_tokenizer_family(model, family):
     assert tokenizer_family(model) == family

@@ -349,6 +349,8 @@ EXPECTED_TEMPLATES = {
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_vl", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_vl",
     "Qwen/Qwen3-30B-A3B": "qwen3", "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
     "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
+    # LLaMA-Factory 0.9.5 extras/constants.py: "GLM-4-0414-9B-Chat" (zai-org/GLM-4-9B-0414) with template="glm4"
+    "zai-org/GLM-4-9B-0414": "glm4",
 }
 # catalog models LLaMA-Factory registers no template for: template_for refuses them with a hint
 UNREGISTERED = {"allenai/OLMoE-1B-7B-0924"}

@@ -235,12 +235,15 @@ def test_primed_step1_is_exact(kw):
     ("llama", dict(tie_word_embeddings=False)),
     ("gemma3_text", dict(head_dim=32, sliding_window=32, query_pre_attn_scalar=32)),
     ("gemma2", dict(head_dim=32, final_logit_softcapping=30.0, sliding_window=512, query_pre_attn_scalar=32)),
+    # (Glm4Config's default pad_token_id 151329 is outside the tiny vocabulary)
+    ("glm4", dict(head_dim=32, partial_rotary_factor=0.5, attention_bias=True, pad_token_id=0)),
 ])
 def test_other_families(model_type, extra):
     cfg = dict(TINY, model_type=model_type, **extra)
     r = run_trace(cfg, small(bf16=True))
     assert r.arch == model_type and r.end_bytes == r.static_bytes
-    assert r.trainable_params == 3 * lora_params_per_layer(128, 352, 2 * r_head_dim(cfg), 8)
+    fused_gate_up = 8 * 128 if model_type == "glm4" else 0  # one gate_up_proj adapter: r (h + 2i), not 2 r (h + i)
+    assert r.trainable_params == 3 * (lora_params_per_layer(128, 352, 2 * r_head_dim(cfg), 8) - fused_gate_up)
     if model_type == "gemma2":  # no sdpa in transformers: eager, with a note
         assert any("eager" in n for n in r.notes)
 

@@ -12,7 +12,7 @@ LLaMA-Factory, transformers or a GPU:
   are a helpful assistant."). Later turns' prompts are just the user slot.
 - ``system_in_user`` templates (LLaMA-Factory's ``Llama2Template``: gemma*, mistral, ministral, llama2) put the
   system block's first slot in front of the first user message instead.
-- ``efficient_eos`` templates (gemma2) end the sequence with one EOS token, which is supervised.
+- ``efficient_eos`` templates (gemma2, glm4) end the sequence with one EOS token, which is supervised.
 - ``reasoning`` templates (qwen3, deepseekr1: LLaMA-Factory's ``ReasoningTemplate``) prepend an empty thought,
   ``<think>\\n\\n</think>\\n\\n``, to every assistant turn that has no ``<think>``/``</think>`` of its own; with
   LLaMA-Factory's default ``enable_thinking: true`` those tokens are part of the supervised response.
@@ -292,6 +292,19 @@ _ALL: tuple[ChatTemplate, ...] = (
         prefix=(BOS,),
         reasoning=True,
         special=("<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"),
+    ),
+    # [S] LLaMA-Factory 0.9.5 data/template.py `glm4`: prefix "[gMASK]<sop>" (text), no EOS after each answer but
+    # one at the end (efficient_eos); stop words <|user|>, <|observation|> (added as special tokens, EOS kept)
+    ChatTemplate(
+        name="glm4",
+        user=("<|user|>\n" + _C + "<|assistant|>",),
+        assistant=("\n" + _C,),
+        system=("<|system|>\n" + _C,),
+        function=(_C,),
+        observation=("<|observation|>\n" + _C + "<|assistant|>",),
+        prefix=("[gMASK]<sop>",),
+        efficient_eos=True,
+        special=("[gMASK]", "<sop>", "<|user|>", "<|assistant|>", "<|system|>", "<|observation|>"),
     ),
     # Not a LLaMA-Factory template: what trainfit counts with when it does not know the model's template. A
     # ChatML-shaped frame (about 5 tokens per message, like most chat formats), no default system prompt.

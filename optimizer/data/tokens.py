@@ -47,6 +47,7 @@ Three kinds, best first (:func:`resolve_counter` picks):
    Families without a reference tokenizer here (``sp32k``: Mistral-7B v0.3 and Phi-3.5's 32k SentencePiece;
    ``gemma``; ``tekken``: Mistral-Nemo; ``deepseek``; ``smollm2``) reuse the llama3 table with per-class
    factors that are NOT measured (educated guesses, maybe +-25%); their counters say so in ``description``.
+   ``glm4`` (GLM-4-0414) reuses the qwen table unchanged with cl100k's three-digit groups, also unmeasured.
 
 The interface every counter has: ``count_batch(texts) -> list[int]`` (each as
 ``tokenizer.encode(text, add_special_tokens=False)`` would count it), ``id`` (a stable string for cache keys),
@@ -475,6 +476,9 @@ APPROX_FAMILIES: dict[str, ApproxFamily] = {
     "deepseek": _family("deepseek", "llama3", digit_group=3, measured=False, factors={"cyr": 1.05, "cjk": 0.75}),
     "smollm2": _family("smollm2", "llama3", digit_group=1, measured=False,
                        factors={"lat": 1.08, "cyr": 1.8, "cjk": 1.6, "oth": 1.5}),
+    # Unmeasured: GLM-4-0414's 151k byte-level BPE (a cl100k-style vocabulary extended for Chinese, like Qwen's
+    # 151k): the qwen table, digits grouped by three as cl100k's split does (not checked against its tokenizer)
+    "glm4": _family("glm4", "qwen", digit_group=3, measured=False, has_bos=False, note="; GLM-4 151k BPE"),
 }
 MEASURED_FAMILIES = ("qwen", "llama3", "cl100k")
 
@@ -491,7 +495,7 @@ _TEMPLATE_FAMILY = {
     "ministral": "tekken", "mistral_small": "tekken",
     "gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma",
     "phi4": "cl100k", "phi4_mini": "cl100k",
-    "deepseekr1": "deepseek", "smollm2": "smollm2",
+    "deepseekr1": "deepseek", "smollm2": "smollm2", "glm4": "glm4",
     "default": "qwen", "empty": "qwen", "alpaca": "qwen", "cpm4": "qwen",
 }
 
@@ -508,6 +512,8 @@ def tokenizer_family(model: str | None = None, model_type: str | None = None, te
         return "qwen"
     if "smollm" in name:
         return "smollm2"
+    if name.startswith(("glm-4-", "glm-z1-")):
+        return "glm4"
     if "llama-3" in name or "llama3" in name:
         return "llama3"
     if "nemo" in name or "ministral" in name or "mistral-small" in name:

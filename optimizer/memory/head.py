@@ -22,7 +22,7 @@ def shared_forward_bytes(arch: Arch, st: Setting) -> int:
     ([S] transformers masking_utils.py::eager_mask, hidden dtype).
     """
     b, s = st.batch, st.seq
-    rope = 2 * alloc_bytes(b * s * arch.head_dim * st.stream)
+    rope = 2 * alloc_bytes(b * s * arch.rotary_dim * st.stream)  # GLM-4: [b, s, rotary_dim]
     # (neat_packing's mask replaces eager's own: `attention_mask_bytes`)
     mask = alloc_bytes(b * s * s * st.stream) if st.attn == "eager" and st.mask == "none" else 0
     return rope + mask

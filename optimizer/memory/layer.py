@@ -99,26 +99,74 @@ def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tup
         w.drop(a, bsin)
         return out
 
-    qe = rope(q, qd)
-    if not arch.fused_qkv or arch.qk_norm:
-        w.drop(q)
-    ke = rope(k, kvd)
-    if not arch.fused_qkv or arch.qk_norm:
-        w.drop(k)
+    if arch.partial_rotary_factor < 1:
+        qe, ke = _partial_rope(w, arch, st, (q, qd), (k, kvd), q_b, rope_b)
+        w.drop(q, k)
+    else:
+        qe = rope(q, qd)
+        if not arch.fused_qkv or arch.qk_norm:
+            w.drop(q)
+        ke = rope(k, kvd)
+        if not arch.fused_qkv or arch.qk_norm:
+            w.drop(k)
     a_b = st.c if st.amp else rope_b
     if st.attn == "sdpa":
         attn_out = _sdpa(w, arch, st, (qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b), a_b)
+        if st.mask == "none" and arch.partial_rotary_factor < 1:
+            # GLM-4's query is torch.cat's contiguous [b, nh, s, hd]; without a mask sdpa runs the flash kernel,
+            # whose output takes the query's layout ([S] torch/_meta_registrations.py::
+            # meta__scaled_dot_product_flash_attention: `torch.empty_like(query)`), so the caller's
+            # `.transpose(1, 2)...contiguous()` copies it. With a mask the memory-efficient kernel writes
+            # [b, s, nh, hd] whatever the query (meta__scaled_dot_product_efficient_attention: `empty(B, M,
+            # num_heads, Kv).transpose(1, 2)`): no copy.
+            a2 = w.op("attn_out_contiguous", N * qd * a_b, ins=(attn_out,), alias=True)
+            w.drop(attn_out)
+            attn_out = a2
     else:
         attn_out = _eager_attention(w, arch, st, qe, ke, v, rope_b, v_b, a_b)
     if qkv is not None:
         w.drop(qkv)
     o_out, o_b = linear_op(w, st, lin["o_proj"], attn_out, a_b, N)
     w.drop(attn_out)
-    if arch.norms_per_layer == 4:  # Gemma 2/3: post_attention_layernorm on the attention output
+    # Gemma 2/3: post_attention_layernorm on the attention output; GLM-4: post_self_attn_layernorm
+    if arch.norms_per_layer == 4:
         o2, o_b = norm_op(w, st, o_out, o_b, N * H, N, trainable)
         w.drop(o_out)
         o_out = o2
     return o_out, o_b
+
+
+def _partial_rope(w: Walk, arch: Arch, st: Setting, q: tuple, k: tuple, q_b: int, rope_b: int) -> tuple[str, str]:
+    """GLM-4's RoPE on the first rotary_dim channels of each head, adjacent pairs rotated.
+
+    [S] transformers models/glm4/modeling_glm4.py::apply_rotary_pos_emb: cos/sin [b, s, rotary_dim] (shared, see
+    `shared_forward_bytes`) become `cos[..., :r/2].repeat_interleave(2, -1)` [b, 1, s, r] in the stream dtype, once
+    per layer, saved by the muls; per tensor t: t_rot * cos, rotate_half = stack((-x[..., 1::2], x[..., 0::2]), -1)
+    .flatten(-2) (the negation, then the stacked copy; flatten is a view), * sin, +, then torch.cat([t_embed,
+    t_pass], -1) writes the full-width result. q and k (the projections' outputs) stay referenced by the function's
+    arguments until both are done. `q`, `k`: (tensor, width)."""
+    N = st.batch * st.seq
+    r = arch.rotary_dim
+    cos_r = w.op("rope_cos_rep", N * r * st.stream)
+    sin_r = w.op("rope_sin_rep", N * r * st.stream)
+    rotated = []
+    for t, dim in (q, k):
+        n_rot = N * dim // arch.head_dim * r
+        a = w.op("rope_cos", n_rot * rope_b, ins=(t,), saves=(cos_r,))
+        neg = w.op("rope_neg", n_rot // 2 * q_b, ins=(t,))
+        stk = w.op("rope_stack", n_rot * q_b, ins=(neg, t))
+        w.drop(neg)
+        bsin = w.op("rope_sin", n_rot * rope_b, ins=(stk,), saves=(sin_r,))
+        w.drop(stk)
+        e = w.op("rope_out", n_rot * rope_b, ins=(a, bsin), alias=True)
+        w.drop(a, bsin)
+        rotated.append(e)
+    out = []
+    for e, (t, dim) in zip(rotated, (q, k)):
+        out.append(w.op("rope_cat", N * dim * rope_b, ins=(e, t)))
+        w.drop(e)
+    w.drop(cos_r, sin_r)
+    return out[0], out[1]
 
 
 def _sdpa(w: Walk, arch: Arch, st: Setting, q: tuple, k: tuple, v: tuple, a_b: int) -> str:
@@ -229,7 +277,7 @@ def _mlp_block(w: Walk, arch: Arch, st: Setting, lin: dict, h1: str, res_b: int)
         w.drop(act, u)
     d_out, d_b = linear_op(w, st, lin["down_proj"], prod, g_b, N)
     w.drop(prod)
-    if arch.norms_per_layer == 4:  # Gemma: post_feedforward_layernorm
+    if arch.norms_per_layer == 4:  # Gemma: post_feedforward_layernorm; GLM-4: post_mlp_layernorm
         d2, d_b = norm_op(w, st, d_out, d_b, N * H, N, trainable)
         w.drop(d_out)
         d_out = d2

@@ -3,7 +3,8 @@ parameter counts exactly as transformers builds the model.
 
 The per-family flags (biases, q/k norms, norms per layer, fused projections, tied default) come from the family
 table in `models/families.py`, each with its transformers v5 source; llama, mistral, qwen3, olmo2 and granite
-take `bias=config.attention_bias` on q/k/v/o and `bias=config.mlp_bias` on the MLP.
+take `bias=config.attention_bias` on q/k/v/o and `bias=config.mlp_bias` on the MLP; glm4 on q/k/v only (o_proj and the
+MLP have none).
 """
 
 from __future__ import annotations
@@ -130,6 +131,9 @@ def validate_config(cfg: dict[str, Any]) -> list[str]:
     for key in ("hidden_act", "hidden_activation"):
         if cfg.get(key) is not None and not isinstance(cfg[key], str):
             problems.append(f"{key} must be a string, found {_show(cfg[key])}")
+    prf = cfg.get("partial_rotary_factor")
+    if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1):
+        problems.append(f"partial_rotary_factor must be a number in (0, 1], found {_show(prf)}")
     cap = cfg.get("final_logit_softcapping")
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1e6):
         problems.append(f"final_logit_softcapping must be a positive number or null, found {_show(cap)}")
@@ -174,7 +178,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
     nh = cfg["num_attention_heads"]
     attention_bias = bool(cfg.get("attention_bias") or False)
     qkv_bias = True if fam.qwen2_biases else attention_bias
-    o_bias = False if fam.qwen2_biases else attention_bias
+    o_bias = False if fam.qwen2_biases or fam.no_o_bias else attention_bias
     tied = cfg.get("tie_word_embeddings")
     return Arch(
         name=name,
@@ -198,7 +202,7 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         qk_norm=fam.qk_norm,
         norms_per_layer=fam.norms_per_layer,
         fused_qkv=fam.fused,
-        fused_gate_up=fam.fused,
+        fused_gate_up=fam.fused or fam.fused_gate_up,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
         vision=vision,
         qk_norm_full=fam.qk_norm_full,
@@ -209,8 +213,16 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         # Mixtral renormalizes always; Qwen3-MoE and OLMoE read `norm_topk_prob` (config class default False)
         norm_topk_prob=fam.router_scores_fp32 or bool(cfg.get("norm_topk_prob") or False),
         router_scores_fp32=fam.router_scores_fp32,
+        partial_rotary_factor=_partial_rotary_factor(cfg) if fam.partial_rope else 1.0,
         source=source,
     )
+
+
+def _partial_rotary_factor(cfg: dict[str, Any]) -> float:
+    """config.json `partial_rotary_factor` (transformers v5 may write it inside `rope_parameters`); GLM-4's default
+    0.5 ([S] transformers models/glm4/configuration_glm4.py Glm4Config.__post_init__ setdefault)."""
+    rope = cfg.get("rope_parameters") if isinstance(cfg.get("rope_parameters"), dict) else {}
+    return cfg.get("partial_rotary_factor") or rope.get("partial_rotary_factor") or 0.5
 
 
 def _moe_problems(cfg: dict[str, Any], experts_key: str, width_key: str, shared: bool) -> list[str]:

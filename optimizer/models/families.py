@@ -31,6 +31,11 @@ A row's fields and their sources:
   sigmoid(shared_expert_gate(x)) * shared_expert(x).
 - qk_norm_full: OlmoeAttention has q_norm = RMSNorm(hidden_size) and k_norm = RMSNorm(kv width) over the whole
   projection outputs, before the per-head view.
+- fused_gate_up: the MLP alone is fused (Glm4MLP: `gate_up_proj` nn.Linear(H, 2 I, bias=False), q/k/v separate).
+- no_o_bias: o_proj has no bias whatever `attention_bias` says (Glm4Attention: q/k/v `bias=config.attention_bias`,
+  o_proj `bias=False`).
+- partial_rope: RoPE on the first `partial_rotary_factor` x head_dim channels of each head, adjacent channel pairs
+  rotated (modeling_glm4.py apply_rotary_pos_emb / rotate_half); Glm4Config.__post_init__ defaults the factor to 0.5.
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ class Family:
     router_scores_fp32: bool = False
     shared_expert: bool = False
     qk_norm_full: bool = False
+    fused_gate_up: bool = False
+    no_o_bias: bool = False
+    partial_rope: bool = False
 
 
 FAMILIES: dict[str, Family] = {
@@ -83,6 +91,11 @@ FAMILIES: dict[str, Family] = {
     "phi3": Family(fused=True, liger=True, tokenizer="sp32k",
                    template_hint="`phi` for Phi-3/3.5, `phi4` for phi-4, `phi4_mini` for Phi-4-mini"),
     "granite": Family(),
+    # GLM-4-0414 (Glm4ForCausalLM): four RMSNorms per layer (input, post_self_attn, post_attention = pre-MLP,
+    # post_mlp; plain Llama-style RMSNorm), fused gate_up, q/k/v bias without o bias, partial interleaved RoPE;
+    # LLaMA-Factory's liger_kernel.py applies apply_liger_kernel_to_glm4 for model_type glm and glm4
+    "glm4": Family(norms_per_layer=4, fused_gate_up=True, no_o_bias=True, partial_rope=True, liger=True,
+                   tokenizer="glm4", template_hint="`glm4` for GLM-4-0414, `glmz1` for GLM-Z1-0414"),
     # mixture-of-experts decoders (Llama-pattern attention, a routed-expert MLP in every layer)
     "qwen3_moe": Family(qk_norm=True, liger=True, tokenizer="qwen", experts_key="num_experts",
                         expert_width_key="moe_intermediate_size",
@@ -153,6 +166,8 @@ CATALOG_TEMPLATES: dict[str, str] = {
     "Qwen/Qwen3-30B-A3B": "qwen3",
     "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
     "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
+    # registered as "GLM-4-0414-9B-Chat" (hub id zai-org/GLM-4-9B-0414, formerly THUDM/GLM-4-9B-0414: the name rule)
+    "zai-org/GLM-4-9B-0414": "glm4",
 }
 
 # For ids outside the catalog (other sizes, base models, a local folder named after its hub repo): rules on the
@@ -178,6 +193,8 @@ _RULES: tuple[tuple[re.Pattern[str], frozenset[str], str], ...] = tuple(
         (r"^gemma-3-", ("gemma3", "gemma3_text"), "gemma3"),
         (r"^phi-3(\.5)?-(mini|medium)-", ("phi3",), "phi"),
         (r"^phi-4$", ("phi3",), "phi4"),
+        # GLM-4-0414-9B-Chat, GLM-4-0414-32B-Base/Chat (template glm4); the GLM-Z1 reasoning models are glmz1
+        (r"^glm-4-(9b|32b)(-base)?-0414$", ("glm4",), "glm4"),
     )
 )
 

@@ -2,10 +2,10 @@
 
 Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
-fused projections (Phi-3.5), qkv biases (Qwen2.5), mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B,
-OLMoE, Qwen1.5-MoE with a shared expert); LoRA, QLoRA (4- and 8-bit) and full fine-tuning;
-checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced
-micro-batches) for LoRA and full fine-tuning.
+fused projections (Phi-3.5; GLM-4's gate_up), partial RoPE and post-block norms (GLM-4), qkv biases (Qwen2.5),
+mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, Qwen1.5-MoE with a shared expert); LoRA, QLoRA (4- and
+8-bit) and full fine-tuning; checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient
+accumulation (two traced micro-batches) for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -179,4 +179,18 @@ GRID += [
     (_L1, _p(cutoff_len=65536)),
     (_L1, _p(cutoff_len=32768, packing=True, quantization_bit=4)),
     (_Q05, _p(cutoff_len=32768, flash_attn="disabled")),
+]
+_GLM = "zai-org/GLM-4-9B-0414"
+GRID += [
+    # GLM-4-0414 (glm4): four norms per layer (post_self_attn and post_mlp on the block outputs), fused gate_up with
+    # separate q/k/v, q/k/v bias without o bias, partial interleaved RoPE (64 of 128 channels, per-layer cos/sin
+    # copies), 151k untied vocabulary, 16:1 GQA; LoRA, QLoRA, full (pure_bf16), sdpa and eager, checkpointing on and off
+    (_GLM, _p(cutoff_len=1024)),
+    (_GLM, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True)),
+    (_GLM, _p(cutoff_len=2048, per_device_train_batch_size=2, quantization_bit=4)),
+    (_GLM, _p(cutoff_len=1024, flash_attn="disabled", disable_gradient_checkpointing=True)),
+    (_GLM, _p(cutoff_len=256, finetuning_type="full", pure_bf16=True, bf16=False)),
+    # packed rows (no mask): flash sdpa's output takes the contiguous query's layout, so o_proj gets a copy, which
+    # QLoRA's adapter saves
+    (_GLM, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, packing=True)),
 ]
