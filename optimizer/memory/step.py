@@ -323,6 +323,8 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     reserved = reserved_bytes(peak.total_bytes, large)
     paged = sm.managed_bytes
     notes = _notes(arch, plan, st, sm.grads_bytes)
+    if Moment.VISION_FORWARD in by_kind:
+        notes.append(_vision_note(arch, plan, st, by_kind[Moment.VISION_FORWARD].total_bytes))
     return Estimate(
         arch=arch.name,
         trainable_params=trainable,
@@ -335,6 +337,20 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
         device_peak_bytes=device_peak_for(peak.total_bytes, large, paged),
         notes=notes,
     )
+
+
+def _vision_note(arch: Arch, plan: Plan, st: Setting, forward_bytes: int) -> str:
+    """What the images cost: the vision forward's peak and what its tower keeps (memory/vision.py)."""
+    vis = vision_step(arch, plan, st)
+    assert vis is not None and arch.vision is not None
+    m2 = arch.vision.spatial_merge_size ** 2
+    held = (f"with gradient checkpointing PEFT's enable_input_require_grads makes the frozen tower's patch embedding "
+            f"output require grad, so {vis.saved_bytes / MIB:,.1f} MiB of its tensors stay saved until the end of "
+            "backward" if st.gc else "without gradient checkpointing the frozen tower saves nothing for backward")
+    return (f"images: {vis.images} per micro-batch ({plan.images_per_sample} per sample at image_max_pixels "
+            f"{plan.image_max_pixels:,}), {vis.patches:,} patches through the vision tower, {vis.patches // m2:,} "
+            f"image tokens inside cutoff_len; vision forward peak {forward_bytes / MIB:,.1f} MiB (the tower's last "
+            f"block); {held}")
 
 
 def _dtype_name(nbytes: int, arch: Arch) -> str:

@@ -1,7 +1,8 @@
 """The vision tower's forward on a micro-batch's images (Qwen2.5-VL, LoRA, tower and merger frozen).
 
-Frozen is not transient here. PEFT 0.21 `PeftModel.__init__` calls `model.enable_input_require_grads()` whenever
-`is_gradient_checkpointing` is missing or true, and transformers 5.24 `modeling_utils.py::enable_input_require_grads`
+Frozen is not transient with gradient checkpointing. PEFT 0.21 `PeftModel.__init__` calls
+`model.enable_input_require_grads()` when the model's `is_gradient_checkpointing` is true (LLaMA-Factory enables
+checkpointing before it adds the adapters), and transformers 5.24 `modeling_utils.py::enable_input_require_grads`
 hooks the input embeddings of every PreTrainedModel inside the model: the text `embed_tokens` and the vision
 tower's `patch_embed` (`Qwen2_5_VisionTransformerPretrainedModel._input_embed_layer`). The patch embedding's output
 then requires grad, so autograd records the whole tower and keeps what its backward needs for the input gradient
@@ -21,6 +22,9 @@ Per tower: the patch embedding output [P, Hv] (the grad-requiring leaf its Accum
 window-permuted rotary cos and sin [P, hd] fp32, the merger's `ln_q` (fp32 copy + rsqrt) and its GELU input
 [P / m^2, m^2 Hv], the window index and its argsort [P / m^2] int64. Besides: the text embedding output [b, s, H],
 a leaf of the same hook that `masked_scatter` no longer hands to the first decoder layer, stays held too.
+
+Without checkpointing nothing requires grad in the tower (no hook) and nothing of it is saved: its forward is a
+transient working set and only its outputs reach the decoder.
 """
 
 from __future__ import annotations
@@ -114,10 +118,18 @@ def vision_step(arch: Arch, plan: Plan, st: Setting) -> VisionStep | None:
     merger = norm + alloc_bytes(P // m2 * Hv * m2 * a)
     tower = (v.depth * block + _attention_bytes(v, grids, a, st.attn == "eager") + alloc_bytes(P * Hv * a)
              + 2 * alloc_bytes(P * hd * FP32) + merger + 2 * alloc_bytes(P // m2 * _I64))
-    saved = tower + alloc_bytes(N * H * st.stream)
+    saved = tower + alloc_bytes(N * H * st.stream) if st.gc else 0
+    if not st.gc:
+        merger = 0
     # the last block's MLP: pixel_values cast to the tower dtype (get_image_features' local), the residual stream,
     # norm2's output, the gated product and down_proj's output
     working = (alloc_bytes(P * row * a) + 3 * alloc_bytes(P * Hv * a) + alloc_bytes(P * Iv * a))
+    if not st.gc:
+        # nothing saved: the attention's rotary step is larger (apply_rotary_pos_emb_vision: q and k upcast to fp32,
+        # then for k while q's result is held: k * cos, rotate_half(k), its product with sin and their sum, each
+        # [P, Hv] fp32) beside the qkv output, the residual stream and norm1's output; or the MLP's three [P, Iv]
+        rotary = alloc_bytes(P * 3 * Hv * a) + 7 * alloc_bytes(P * Hv * FP32)
+        working = alloc_bytes(P * row * a) + 2 * alloc_bytes(P * Hv * a) + max(rotary, 3 * alloc_bytes(P * Iv * a))
     tokens = alloc_bytes(P // m2 * H * a)
     last = alloc_bytes(P * Hv * a)
     # the tower's last_hidden_state and the merged features (the model output's image_outputs) + masked_scatter's
