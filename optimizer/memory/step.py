@@ -349,8 +349,8 @@ def _vision_note(arch: Arch, plan: Plan, st: Setting, forward_bytes: int) -> str
             "backward" if st.gc else "without gradient checkpointing the frozen tower saves nothing for backward")
     return (f"images: {vis.images} per micro-batch ({plan.images_per_sample} per sample at image_max_pixels "
             f"{plan.image_max_pixels:,}), {vis.patches:,} patches through the vision tower, {vis.patches // m2:,} "
-            f"image tokens inside cutoff_len; vision forward peak {forward_bytes / MIB:,.1f} MiB (the tower's last "
-            f"block); {held}")
+            f"image tokens in its cutoff_len-long rows; vision forward peak {forward_bytes / MIB:,.1f} MiB (the "
+            f"tower's last block); {held}")
 
 
 def _dtype_name(nbytes: int, arch: Arch) -> str:
