@@ -30,7 +30,6 @@ from typing import Any
 
 import yaml
 
-from ..data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
 from ..errors import ConfigError
 from ..schema import Plan
 from ..search.objectives import optimizer_steps
@@ -211,10 +210,11 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
 
     if template in VISION_TEMPLATES:
         # what the memory model assumes (LLaMA-Factory's defaults, written out): the vision tower and the merger
-        # frozen [S] hparams/finetuning_args.py; images resized within 768*768 / 32*32 pixels [S]
-        # hparams/model_args.py ProcessorArguments (optimizer/data/images.py counts their tokens)
-        model["image_max_pixels"] = IMAGE_MAX_PIXELS
-        model["image_min_pixels"] = IMAGE_MIN_PIXELS
+        # frozen [S] hparams/finetuning_args.py; images resized within the plan's image_max_pixels / image_min_pixels
+        # (defaults 768*768 / 32*32 [S] hparams/model_args.py ProcessorArguments; optimizer/data/images.py counts
+        # their tokens)
+        model["image_max_pixels"] = plan.image_max_pixels
+        model["image_min_pixels"] = plan.image_min_pixels
         method["freeze_vision_tower"] = True
         method["freeze_multi_modal_projector"] = True
 
