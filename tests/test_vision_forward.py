@@ -1,4 +1,4 @@
-"""The vision tower's forward on a micro-batch's images (optimizer/memory/vision.py), in estimate, check and the trace."""
+"""The vision tower's forward on a micro-batch's images (optimizer/memory/vision.py): estimate, check, the trace."""
 
 from __future__ import annotations
 

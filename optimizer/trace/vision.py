@@ -71,7 +71,7 @@ def vision_patches(grids: list[tuple[int, int, int]]) -> Iterator[None]:
     def position_ids(grid_thw, spatial_merge_size, include_temporal=False, kwargs=None):
         return torch.empty(patches, 3 if include_temporal else 2, dtype=torch.long, device=grid_thw.device)
 
-    def attention_seqlens(grid_thw, config, merge_temporal=False, kwargs=None):
+    def attention_seqlens(grid_thw, *args, **kwargs):  # (grid_thw, config, merge_temporal, kwargs)
         lengths = [h * w for t, h, w in grids for _ in range(t)]
         return _cu(lengths, grid_thw.device), None
 
