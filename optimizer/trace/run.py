@@ -317,7 +317,10 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         all_params=total,
         peak_breakdown=breakdown,
         top_tensors=top_list,
-        notes=built.notes + (ref.notes if ref is not None else []) + _fake_notes(plan, built, primed),
+        notes=built.notes + (ref.notes if ref is not None else []) + _fake_notes(plan, built, primed) + ([
+            f"Images: {len(grids)} per micro-batch, grid (t, h, w) {grids[0]} each; the vision code's value reads "
+            "(grid_thw, attention windows, per-image splits) are answered from these grids (trace/vision.py), and "
+            "input_ids hold no image tokens (masked_scatter's shapes and buffers are the same)."] if grids else []),
         wall_s=round(time.perf_counter() - t0, 3),
         aten_ops=tracker.op_count,
         versions=versions(),
