@@ -250,6 +250,7 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
 def _normalized(plan: Plan, epochs: float) -> dict[str, Any]:
     """The plan fields that reach the YAML, with the fields LLaMA-Factory ignores in this plan reset to defaults."""
     d = plan.model_dump()
+    d.pop("images_per_sample", None)  # a trainfit option (the dataset's), not a LLaMA-Factory key
     defaults = {name: f.default for name, f in Plan.model_fields.items()}
     d["num_train_epochs"] = float(epochs)
     d["lora_alpha"] = plan.effective_lora_alpha
