@@ -38,7 +38,8 @@ def compare(model: str, plan: Plan, full: bool = False) -> tuple[int, int, str]:
 
 def _label(plan: Plan) -> str:
     default = Plan().model_dump()
-    return json.dumps({k: v for k, v in plan.model_dump().items() if v != default[k]}, separators=(",", ":"))
+    return json.dumps({k: v for k, v in plan.model_dump().items() if k not in default or v != default[k]},
+                      separators=(",", ":"))
 
 
 def main() -> None:

@@ -322,7 +322,10 @@ def fix_candidates(opts, data, plan, arch, budget, evaluates):
             ratio = plan.per_device_train_batch_size // upd["per_device_train_batch_size"]
             upd["gradient_accumulation_steps"] = plan.gradient_accumulation_steps * ratio
         new = plan.model_copy(update=upd)
-        est = estimate(arch, new)
+        try:
+            est = estimate(arch, new)
+        except ConfigError:  # not a plan LLaMA-Factory runs (e.g. a cutoff_len shorter than the images' tokens)
+            continue
         dev = est.device_peak_bytes
         if evaluates:
             eb = min(eval_settings(data).per_device_eval_batch_size, new.per_device_train_batch_size)

@@ -168,6 +168,9 @@ def check(
     nodes: int = typer.Option(1, "--nodes", help="Machines the GPUs are spread over."),
     host_ram_gib: Optional[float] = typer.Option(None, "--host-ram-gib", help="Host RAM per node, GiB."),
     zero_init: bool = typer.Option(True, "--zero-init/--no-zero-init", help="ZeRO-3: built under zero.Init."),
+    images_per_sample: int = typer.Option(0, "--images-per-sample", min=0,
+                                          help="Images per sample (vision-language models; `trainfit data` counts "
+                                               "them)."),
 ) -> None:
     """Does a LLaMA-Factory config fit the GPU, why not, and the smallest change that fits.
     Exit codes: 0 fits, 3 does not fit, 1 bad input."""
@@ -200,6 +203,8 @@ def check(
                 raise typer.Exit(3)
             return
         plan, yaml_model = plan_from_dict(dict(data), config)
+        if images_per_sample:
+            plan = plan.model_copy(update={"images_per_sample": images_per_sample})
         name = model or yaml_model
         if not name:
             raise ConfigError("no model given. Pass --model or set model_name_or_path.")

@@ -77,9 +77,12 @@ def resolve_plan(config: Optional[str], model: Optional[str], overrides: dict[st
         if value is not None:
             data[key] = value.value if isinstance(value, Enum) else value
     kbit = data.pop("kbit_prepare", None)
+    images = data.pop("images_per_sample", None)  # a trainfit option, not a LLaMA-Factory key
     plan, yaml_model = plan_from_dict(data, where)
     if kbit:
         plan = plan.model_copy(update={"kbit_prepare": True})
+    if images:
+        plan = plan.model_copy(update={"images_per_sample": images})
     name = model or yaml_model
     if not name:
         raise ConfigError("no model given. Pass --model (a catalog id or a config.json path) or set "
@@ -128,6 +131,10 @@ def _plan_flags(
     packing: Optional[bool] = typer.Option(None, "--packing/--no-packing", help=_FLAG_HELP + " (rows of cutoff_len)"),
     neat_packing: Optional[bool] = typer.Option(None, "--neat-packing/--no-neat-packing",
                                                 help=_FLAG_HELP + " (a [b, 1, s, s] mask with sdpa/eager)"),
+    images_per_sample: Optional[int] = typer.Option(None, min=0, help="Images per sample (vision-language models; "
+                                                    "`trainfit data` counts them)."),
+    image_max_pixels: Optional[int] = typer.Option(None, min=1, help=_FLAG_HELP + " (default 768*768)"),
+    image_min_pixels: Optional[int] = typer.Option(None, min=1, help=_FLAG_HELP + " (default 32*32)"),
     kbit_prepare: Optional[bool] = typer.Option(None, "--kbit-prepare/--no-kbit-prepare",
                                                 help="Model prepared by PEFT's prepare_model_for_kbit_training "
                                                      "(PEFT/TRL scripts, not LLaMA-Factory)."),

@@ -240,6 +240,20 @@ class Plan(BaseModel):
         description="LLaMA-Factory `neat_packing` (implies packing): no attention across packed samples. With sdpa or "
         "eager the collator builds a 4-D block-diagonal mask [b, 1, s, s] in the compute dtype, held all step.",
     )
+    images_per_sample: int = Field(
+        default=0, ge=0, exclude_if=lambda v: v == 0,
+        description="trainfit option (vision-language models): images in each sample, from the dataset (`trainfit "
+        "data` counts them; 0: text only). Each image goes through the vision tower as a square of image_max_pixels, "
+        "the most patches LLaMA-Factory's resize lets one image have.",
+    )
+    image_max_pixels: int = Field(
+        default=768 * 768, gt=0, exclude_if=lambda v: v == 768 * 768,
+        description="LLaMA-Factory `image_max_pixels` (default 768*768): larger images are scaled down to it.",
+    )
+    image_min_pixels: int = Field(
+        default=32 * 32, gt=0, exclude_if=lambda v: v == 32 * 32,
+        description="LLaMA-Factory `image_min_pixels` (default 32*32): smaller images are scaled up to it.",
+    )
     kbit_prepare: bool = Field(
         default=False,
         description="trainfit option: model prepared by PEFT's prepare_model_for_kbit_training (PEFT/TRL scripts; "
@@ -267,6 +281,10 @@ class Plan(BaseModel):
             # [S] LLaMA-Factory data/collator.py::SFTDataCollatorWith4DAttentionMask: "bsz should be 1 for neat packing"
             problems.append("neat_packing with flash_attn fa2 needs per_device_train_batch_size 1: set it to 1 or use "
                             "sdpa")
+        if self.image_max_pixels < self.image_min_pixels:
+            # [S] LLaMA-Factory hparams/model_args.py ProcessorArguments.__post_init__
+            problems.append(f"image_max_pixels {self.image_max_pixels} is smaller than image_min_pixels "
+                            f"{self.image_min_pixels}: raise image_max_pixels or lower image_min_pixels")
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -316,6 +334,7 @@ class Moment(StrEnum):
     (`memory.allocator.large_blocks_at`) and the tracer's sub-phases (`trace.result.MOMENT_OF_SUB`) key on
     these, never on the human-readable `PhasePeak.moment` text."""
 
+    VISION_FORWARD = "vision_forward"  # vision-language models: the frozen vision tower's forward on the images
     FORWARD_LAST_LAYER = "forward_last_layer"  # the last decoder layer's forward, every earlier layer's saved
     LOSS_FORWARD = "loss_forward"  # logits, fp32 upcast, log-softmax
     REFERENCE_FORWARD = "reference_forward"  # DPO: the reference model's no_grad forward + log-softmax

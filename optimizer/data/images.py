@@ -19,13 +19,21 @@ Then, per image:
 
 from __future__ import annotations
 
-import math
 import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import TrainfitError
+from ..models.vision import (
+    IMAGE_MAX_PIXELS,
+    IMAGE_MIN_PIXELS,
+    PROCESSOR_MAX_PIXELS,
+    PROCESSOR_MIN_PIXELS,
+    image_grid,
+    regularized_size,
+    smart_resize,
+)
 from ..schema import VisionTower
 from .read import Conversation, DatasetError, read_files, resolve_source
 
@@ -36,12 +44,6 @@ __all__ = ["ImageError", "IMAGE_PLACEHOLDER", "IMAGE_MAX_PIXELS", "IMAGE_MIN_PIX
 
 # [S] LLaMA-Factory extras/constants.py IMAGE_PLACEHOLDER (overridable by the env var of the same name)
 IMAGE_PLACEHOLDER = os.environ.get("IMAGE_PLACEHOLDER", "<image>")
-# [S] LLaMA-Factory hparams/model_args.py ProcessorArguments defaults
-IMAGE_MAX_PIXELS = 768 * 768
-IMAGE_MIN_PIXELS = 32 * 32
-# [S] Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct preprocessor_config.json: min_pixels, max_pixels
-PROCESSOR_MIN_PIXELS = 3136
-PROCESSOR_MAX_PIXELS = 12845056
 # [S] LLaMA-Factory data/mm_plugin.py Qwen2VLPlugin: vision_bos_token / vision_eos_token around each image
 VISION_MARKERS = 2
 
@@ -111,49 +113,6 @@ def image_size(path: str | os.PathLike[str], where: str = "") -> tuple[int, int]
         raise ImageError(f"{at}image {str(p)!r} is not a PNG or JPEG file trainfit can read the size of. Convert "
                          "it to PNG or JPEG.")
     return size
-
-
-def regularized_size(width: int, height: int, max_pixels: int = IMAGE_MAX_PIXELS,
-                     min_pixels: int = IMAGE_MIN_PIXELS) -> tuple[int, int]:
-    """(width, height) after LLaMA-Factory's Qwen2VLPlugin._preprocess_image (see the module docstring)."""
-    if width * height > max_pixels:
-        f = math.sqrt(max_pixels / (width * height))
-        width, height = int(width * f), int(height * f)
-    if width * height < min_pixels:
-        f = math.sqrt(min_pixels / (width * height))
-        width, height = int(width * f), int(height * f)
-    if min(width, height) < 28:
-        width, height = max(width, 28), max(height, 28)
-    if width / height > 200:
-        width, height = height * 180, height
-    if height / width > 200:
-        width, height = width, width * 180
-    return width, height
-
-
-def smart_resize(height: int, width: int, factor: int, min_pixels: int = PROCESSOR_MIN_PIXELS,
-                 max_pixels: int = PROCESSOR_MAX_PIXELS) -> tuple[int, int]:
-    """(height, width) as transformers' qwen2_vl smart_resize returns them: multiples of `factor` within
-    [min_pixels, max_pixels] (Python's round(): half to even, as there)."""
-    h_bar = round(height / factor) * factor
-    w_bar = round(width / factor) * factor
-    if h_bar * w_bar > max_pixels:
-        beta = math.sqrt((height * width) / max_pixels)
-        h_bar = max(factor, math.floor(height / beta / factor) * factor)
-        w_bar = max(factor, math.floor(width / beta / factor) * factor)
-    elif h_bar * w_bar < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h_bar = math.ceil(height * beta / factor) * factor
-        w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
-
-
-def image_grid(width: int, height: int, vision: VisionTower, max_pixels: int = IMAGE_MAX_PIXELS,
-               min_pixels: int = IMAGE_MIN_PIXELS) -> tuple[int, int, int]:
-    """The processor's image_grid_thw (t, h, w) in patches for an image of `width` x `height` pixels."""
-    w, h = regularized_size(width, height, max_pixels, min_pixels)
-    hh, ww = smart_resize(h, w, vision.patch_size * vision.spatial_merge_size)
-    return 1, hh // vision.patch_size, ww // vision.patch_size
 
 
 def image_tokens(width: int, height: int, vision: VisionTower, max_pixels: int = IMAGE_MAX_PIXELS,

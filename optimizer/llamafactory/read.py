@@ -24,7 +24,7 @@ from ..schema import Plan
 
 __all__ = ["accepted_keys", "read_yaml", "plan_from_dict", "eval_settings", "EvalSettings", "PLAN_KEYS", "NOT_MODELLED"]
 
-PLAN_KEYS = tuple(k for k in Plan.model_fields if k != "kbit_prepare")
+PLAN_KEYS = tuple(k for k in Plan.model_fields if k not in ("kbit_prepare", "images_per_sample"))
 
 # Keys LLaMA-Factory accepts whose memory effect trainfit does not model: refusing is more honest than a
 # wrong number. (key, value that is harmless)

@@ -30,7 +30,6 @@ from typing import Any
 
 import yaml
 
-from ..data.images import IMAGE_MAX_PIXELS, IMAGE_MIN_PIXELS
 from ..errors import ConfigError
 from ..schema import Plan
 from ..search.objectives import optimizer_steps
@@ -211,10 +210,11 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
 
     if template in VISION_TEMPLATES:
         # what the memory model assumes (LLaMA-Factory's defaults, written out): the vision tower and the merger
-        # frozen [S] hparams/finetuning_args.py; images resized within 768*768 / 32*32 pixels [S]
-        # hparams/model_args.py ProcessorArguments (optimizer/data/images.py counts their tokens)
-        model["image_max_pixels"] = IMAGE_MAX_PIXELS
-        model["image_min_pixels"] = IMAGE_MIN_PIXELS
+        # frozen [S] hparams/finetuning_args.py; images resized within the plan's image_max_pixels / image_min_pixels
+        # (defaults 768*768 / 32*32 [S] hparams/model_args.py ProcessorArguments; optimizer/data/images.py counts
+        # their tokens)
+        model["image_max_pixels"] = plan.image_max_pixels
+        model["image_min_pixels"] = plan.image_min_pixels
         method["freeze_vision_tower"] = True
         method["freeze_multi_modal_projector"] = True
 
@@ -250,6 +250,7 @@ def _base_sections(plan: Plan, *, model_name_or_path: str, template: str, datase
 def _normalized(plan: Plan, epochs: float) -> dict[str, Any]:
     """The plan fields that reach the YAML, with the fields LLaMA-Factory ignores in this plan reset to defaults."""
     d = plan.model_dump()
+    d.pop("images_per_sample", None)  # a trainfit option (the dataset's), not a LLaMA-Factory key
     defaults = {name: f.default for name, f in Plan.model_fields.items()}
     d["num_train_epochs"] = float(epochs)
     d["lora_alpha"] = plan.effective_lora_alpha

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..schema import Arch, Moment, Phase, PhasePeak, Plan
 from ..units import alloc_bytes
 from .allocator import CUBLAS_WORKSPACE_BYTES
@@ -10,6 +12,7 @@ from .layer import layer_forward
 from .precision import setting_for
 from .static import adapter_bytes, base_weight_bytes, optimizer_state_bytes
 from .step import StepMoment, terms
+from .vision import vision_step
 
 # ---------------------------------------------------------------------------------------------------
 # The evaluation pass (HF Trainer.evaluate inside training): its own phase
@@ -54,13 +57,19 @@ def eval_estimate(arch: Arch, plan: Plan, *, eval_batch: int, compute_accuracy: 
     if predict_with_generate:
         kv = 2 * L * alloc_bytes(eval_batch * (st.seq + max_new_tokens) * arch.kv_dim * st.c)
         detail = f"KV cache for {st.seq} + {max_new_tokens} tokens"
-    work = max(layer_peak + kv, loss)
+    # images (memory/vision.py): under no_grad nothing of the vision tower is saved; its forward is a transient before
+    # the decoder's, its outputs are held through the decoder forward and the loss, the image inputs all pass
+    vis = vision_step(arch, ev, replace(st, gc=False))
+    fwd_out, loss_out = (vis.outputs_forward_bytes, vis.outputs_loss_bytes) if vis else (0, 0)
+    work = max(layer_peak + kv + fwd_out, loss + loss_out, vis.forward_working_bytes if vis else 0)
     moment = f"evaluation batch of {eval_batch} ({detail})"
     return StepMoment(phase=Phase.EVAL, kind=Moment.EVAL, moment=moment, terms=terms(
         ("weights", weights, "model weights"),
         ("adapters", adapters, ""),
         ("optimizer_states", states, "kept during evaluation"),
         ("cublas_workspace", CUBLAS_WORKSPACE_BYTES, ""),
-        ("eval_forward", work, "one layer at a time under no_grad, or the logits + loss"),
+        ("vision_inputs", vis.inputs_bytes if vis else 0, "pixel_values fp32 + mrope position ids"),
+        ("eval_forward", work, "one layer at a time under no_grad, or the logits + loss"
+         + (", or the vision tower's forward" if vis else "")),
         ("eval_kept_predictions", kept, detail),
     )).peak()

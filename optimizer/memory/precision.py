@@ -106,6 +106,10 @@ def check_moe(arch: Arch, plan: Plan) -> None:
 def setting_for(arch: Arch, plan: Plan) -> Setting:
     if arch.vision is not None:
         _check_vision(arch, plan)
+    elif plan.images_per_sample:
+        raise ConfigError(f"{arch.name}: images_per_sample {plan.images_per_sample} needs a vision-language model; "
+                          f"{arch.name} has no vision tower. Set images_per_sample 0 or use a vision-language model, "
+                          "e.g. Qwen/Qwen2.5-VL-3B-Instruct.")
     check_moe(arch, plan)
     ckpt_w = DTYPE_BYTES[arch.torch_dtype]
     amp = (plan.bf16 or plan.fp16) and not plan.pure_bf16
@@ -202,6 +206,21 @@ def _check_vision(arch: Arch, plan: Plan) -> None:
     if plan.additional_target:
         raise ConfigError(f"{arch.name}: additional_target with a vision-language model is not modelled yet. Leave "
                           "additional_target unset.")
+    if plan.images_per_sample and (plan.pairwise or plan.packed):
+        what = "stage dpo" if plan.pairwise else "packing/neat_packing"
+        raise ConfigError(f"{arch.name}: {what} with images is not modelled yet. Use stage sft without packing, or "
+                          "images_per_sample 0.")
+    if plan.images_per_sample:
+        from ..models.vision import plan_image_grid
+
+        t, h, w = plan_image_grid(arch.vision, plan.image_max_pixels, plan.image_min_pixels)
+        # [S] LLaMA-Factory data/mm_plugin.py Qwen2VLPlugin.process_messages: t h w / merge^2 <|image_pad|> tokens
+        # + <|vision_start|> and <|vision_end|> per image, inside the cutoff_len-long sequence
+        tokens = plan.images_per_sample * (t * h * w // arch.vision.spatial_merge_size ** 2 + 2)
+        if tokens > plan.cutoff_len:
+            raise ConfigError(f"{arch.name}: {plan.images_per_sample} image(s) of up to image_max_pixels "
+                              f"{plan.image_max_pixels} take {tokens} tokens, more than cutoff_len {plan.cutoff_len} "
+                              "(image tokens count toward it). Raise cutoff_len or lower image_max_pixels.")
 
 
 def additional_targets(plan: Plan) -> list[str]:

@@ -22,6 +22,7 @@ from .static import (
     optimizer_step_temp_bytes,
     paged_state_bytes,
 )
+from .vision import vision_step
 
 # ---------------------------------------------------------------------------------------------------
 # The step, phase by phase
@@ -117,7 +118,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
         ("weights_lm_head", weights["lm_head"], "V x H (untied)"),
         ("weights_norms", weights["norms"], "RMSNorm weights"),
         ("weights_vision_tower", weights.get("vision_tower", 0),
-         "frozen vision tower + merger, checkpoint dtype (its forward on the image patches is not modelled)"),
+         "frozen vision tower + merger, checkpoint dtype"),
         ("weights_experts", weights.get("experts", 0), f"all {arch.num_experts} experts + router per layer, "
          f"{'trainable' if st.full else 'checkpoint dtype'} (3-D parameters: not quantized, not LoRA targets)"),
         ("adapters", adapters, "LoRA A/B (fp32) + trainable copies of additional_target" if not st.full else ""),
@@ -127,6 +128,14 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
          if plan.pairwise else 0, "DPO reference: a frozen copy of the model, checkpoint dtype"),
     )
     static = terms(*weight_terms)
+    # vision-language models with images (memory/vision.py): the batch's image inputs all step; the tower's saved
+    # tensors from its forward to the end of backward; its outputs through the decoder forward and the loss
+    vis = vision_step(arch, plan, st)
+    vis_in = ("vision_inputs", vis.inputs_bytes if vis else 0,
+              f"pixel_values fp32 of {vis.images} image(s), {vis.patches} patches + mrope position ids" if vis else "")
+    vis_saved = ("vision_activations", vis.saved_bytes if vis else 0,
+                 "the vision tower's saved tensors (its patch embedding output requires grad) + the text embedding "
+                 "output" if vis else "")
     # [S] torch autocast `cached_cast`: the compute-dtype copy of a grad-requiring leaf weight is cached until
     # the outermost autocast region (the model forward) exits. Without checkpointing those copies are saved
     # for backward anyway (counted in the layers' saved tensors); with checkpointing the recompute runs in its
@@ -151,8 +160,22 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
                 ("final_norm_saved", head.final_norm_saved, norm_detail),
                 ("lm_head_weight_cast", head.weight_cast, "lm_head weight in the autocast dtype, saved for backward"))
 
+    vision_forward = None
+    if vis is not None:
+        vision_forward = StepMoment(phase=Phase.FORWARD, kind=Moment.VISION_FORWARD,
+                                    moment="vision tower's last block (MLP)", terms=static + terms(
+            vis_in,
+            ("vision_activations", vis.saved_bytes - vis.merger_saved_bytes,
+             "saved tensors of the patch embedding and every block + the text embedding output"),
+            ("vision_forward_working", vis.forward_working_bytes, "pixel_values in the tower dtype, residual stream, "
+             "norm2 output, gated product and down_proj output of the running block"),
+            held,
+        ))
     forward = StepMoment(phase=Phase.FORWARD, kind=Moment.FORWARD_LAST_LAYER, moment="last decoder layer's forward",
                         terms=static + terms(
+        vis_in, vis_saved,
+        ("vision_outputs", vis.outputs_forward_bytes if vis else 0,
+         "tower output + merged image features + the masked_scatter source"),
         ("activations_shared", shared, "RoPE cos/sin" + (" + causal mask" if st.attn == "eager" else "")),
         ("attention_mask", mask, mask_detail),
         ("activations_layers", fwd_layer, f"{L - 1} earlier layers + the running layer's peak"),
@@ -161,6 +184,9 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     ))
     loss = StepMoment(phase=Phase.LOSS, kind=Moment.LOSS_FORWARD,
                      moment="cross-entropy forward (fp32 logits + log-softmax)", terms=static + terms(
+        vis_in, vis_saved,
+        ("vision_outputs", vis.outputs_loss_bytes if vis else 0,
+         "tower output + merged image features in the model output" + (" (+ fp32 copies)" if st.amp else "")),
         *forward_saved("final RMSNorm saved tensors (+ lm_head input when it trains)"),
         ("logits_and_loss", pref.loss_peak_extra if pref else max(head.loss_peak_extra, head.forward_end_extra),
          f"logits [{N}, {arch.vocab_size}] + fp32 upcast + log-softmax"),
@@ -180,7 +206,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     bw_ws = ("cublas_workspace_backward", workspace, "cuBLAS workspace of the autograd thread")
     ce = StepMoment(phase=Phase.BACKWARD, kind=Moment.CE_BACKWARD, moment="cross-entropy backward",
                     terms=static + terms(
-        bw_ws,
+        bw_ws, vis_in, vis_saved,
         *forward_saved(),
         ("loss_saved", pref.loss_saved if pref else head.loss_saved, "saved log-softmax fp32 [N, V]"),
         ("loss_backward", pref.ce_backward_extra if pref else head.ce_backward_extra,
@@ -219,7 +245,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     def layer_backward(kind: Moment, which: str, activations: int, detail: str) -> PhasePeak:
         """The top or bottom decoder layer's backward: `activations` in the layers, the head's gradients held."""
         return StepMoment(phase=Phase.BACKWARD, kind=kind, moment=f"{which} {layer_moment}", terms=static + terms(
-            bw_ws, ("activations_shared", shared, ""), ("attention_mask", mask_held, mask_detail),
+            bw_ws, vis_in, vis_saved, ("activations_shared", shared, ""), ("attention_mask", mask_held, mask_detail),
             ("activations_layers", activations, detail),
             ("grads", head_grads, "gradients of the lm_head/final norm"),
             held,
@@ -232,7 +258,7 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
     )
     lmb = StepMoment(phase=Phase.BACKWARD, kind=Moment.LM_HEAD_BACKWARD, moment="lm_head backward",
                      terms=static + terms(
-        bw_ws,
+        bw_ws, vis_in, vis_saved,
         *forward_saved(),
         ("lm_head_backward", head.lm_head_backward_extra, "logits gradient, input gradient (+ weight gradient)"),
         held,
@@ -259,14 +285,15 @@ def step_moments(arch: Arch, plan: Plan, setting: Setting | None = None) -> Step
         candidates.append(end)
     optimizer = StepMoment(phase=Phase.OPTIMIZER, kind=Moment.OPTIMIZER_STEP,
                           moment="clip_grad_norm_ + optimizer.step()", terms=static + terms(
-        bw_ws,
+        bw_ws, vis_in,
         ("grads", grads, "one gradient per trainable tensor"),
         ("attention_mask", mask if st.mask == "float" else 0, mask_detail),
         ("optimizer_step_temporaries", opt_tmp,
          "clip norms" + (" + foreach sqrt(exp_avg_sq)" if plan.optim == "adamw_torch" else "")),
     ))
     paged = _part("paged_states", st, plan, lambda: paged_state_bytes(arch, plan, st))
-    flat = [forward, loss, *([reference] if reference is not None else []), ce, *lbs, *candidates, optimizer]
+    flat = [*([vision_forward] if vision_forward is not None else []), forward, loss,
+            *([reference] if reference is not None else []), ce, *lbs, *candidates, optimizer]
     return StepMoments(flat, paged, st, grads)
 
 
@@ -288,6 +315,8 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     st = sm.setting
     by_kind = {m.kind: m for m in sm.moments}
     forward, ce = by_kind[Moment.FORWARD_LAST_LAYER], by_kind[Moment.CE_BACKWARD]
+    if Moment.VISION_FORWARD in by_kind:
+        forward = max(by_kind[Moment.VISION_FORWARD], forward, key=lambda p: p.total_bytes)
     optimizer = by_kind[Moment.OPTIMIZER_STEP]
     loss = by_kind[Moment.LOSS_FORWARD]
     if Moment.REFERENCE_FORWARD in by_kind:
@@ -303,6 +332,8 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
     reserved = reserved_bytes(peak.total_bytes, large)
     paged = sm.managed_bytes
     notes = _notes(arch, plan, st, sm.grads_bytes)
+    if Moment.VISION_FORWARD in by_kind:
+        notes.append(_vision_note(arch, plan, st, by_kind[Moment.VISION_FORWARD].total_bytes))
     return Estimate(
         arch=arch.name,
         trainable_params=trainable,
@@ -315,6 +346,20 @@ def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments
         device_peak_bytes=device_peak_for(peak.total_bytes, large, paged),
         notes=notes,
     )
+
+
+def _vision_note(arch: Arch, plan: Plan, st: Setting, forward_bytes: int) -> str:
+    """What the images cost: the vision forward's peak and what its tower keeps (memory/vision.py)."""
+    vis = vision_step(arch, plan, st)
+    assert vis is not None and arch.vision is not None
+    m2 = arch.vision.spatial_merge_size ** 2
+    held = (f"with gradient checkpointing PEFT's enable_input_require_grads makes the frozen tower's patch embedding "
+            f"output require grad, so {vis.saved_bytes / MIB:,.1f} MiB of its tensors stay saved until the end of "
+            "backward" if st.gc else "without gradient checkpointing the frozen tower saves nothing for backward")
+    return (f"images: {vis.images} per micro-batch ({plan.images_per_sample} per sample at image_max_pixels "
+            f"{plan.image_max_pixels:,}), {vis.patches:,} patches through the vision tower, {vis.patches // m2:,} "
+            f"image tokens in its cutoff_len-long rows; vision forward peak {forward_bytes / MIB:,.1f} MiB (the "
+            f"tower's last block); {held}")
 
 
 def _dtype_name(nbytes: int, arch: Arch) -> str:

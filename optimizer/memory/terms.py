@@ -122,6 +122,8 @@ TERM_KNOBS: dict[str, tuple[str, ...]] = {
     "weights_lm_head": ("finetuning_type",), "weights_norms": ("finetuning_type",),
     "reference_model_weights": ("finetuning_type",), "weights_vision_tower": ("finetuning_type",),
     "weights_experts": ("finetuning_type",),
+    "vision_inputs": _TOK, "vision_activations": ("finetuning_type",) + _TOK,
+    "vision_outputs": ("finetuning_type",) + _TOK, "vision_forward_working": ("finetuning_type",),
     "adapters": _T, "optimizer_states": _T + ("optim",), "optimizer_step_temporaries": _T + ("optim",),
     "cublas_workspace": (), "cublas_workspace_backward": (),
     "activations_shared": ("finetuning_type", "flash_attn") + _TOK,

@@ -182,7 +182,8 @@ def factor(inst: Instance) -> Factored:
 def _flat_order(kinds: list[str]) -> list[str]:
     from ..schema import Moment
 
-    flat = [Moment.FORWARD_LAST_LAYER, Moment.LOSS_FORWARD, Moment.REFERENCE_FORWARD, Moment.CE_BACKWARD,
+    flat = [Moment.VISION_FORWARD, Moment.FORWARD_LAST_LAYER, Moment.LOSS_FORWARD, Moment.REFERENCE_FORWARD,
+            Moment.CE_BACKWARD,
             Moment.LAYER_BACKWARD_TOP, Moment.LAYER_BACKWARD_BOTTOM, Moment.LM_HEAD_BACKWARD,
             Moment.EMBEDDING_GRAD_END, Moment.OPTIMIZER_STEP]
     return [m.value for m in flat if m.value in kinds]

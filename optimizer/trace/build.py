@@ -12,6 +12,7 @@ parameters and quantizes bitsandbytes layers from fake 16-bit weights.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,7 +164,7 @@ def _lora_targets(model: nn.Module, plan: Plan) -> list[str]:
     if targets == ["all"]:
         names: set[str] = set()
         for name, module in model.named_modules():
-            if "lm_head" in name:
+            if "lm_head" in name or "visual" in name.split("."):  # find_all_linear_modules' forbidden modules
                 continue
             cls = module.__class__.__name__
             if "Linear" in cls and "Embedding" not in cls:
@@ -172,9 +173,17 @@ def _lora_targets(model: nn.Module, plan: Plan) -> list[str]:
     return targets
 
 
+def _vision_free_targets(targets: list[str]) -> str:
+    """LoRA target modules outside the vision tower and merger, as a PEFT regex (full-name match): LLaMA-Factory
+    model/model_utils/visual.py::patch_target_modules excludes the `visual` modules of Qwen2.5-VL with
+    `freeze_vision_tower` (default) so that suffixes the tower shares with the decoder (gate_proj, up_proj,
+    down_proj) get no adapters there."""
+    return r"^(?!.*\bvisual\b).*\.(?:{})$".format("|".join(re.escape(t) for t in targets))
+
+
 def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None) -> BuiltModel:
     """The model of one LLaMA-Factory run, on meta tensors."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     if plan.enable_liger_kernel:
         raise NotImplementedError(
@@ -188,11 +197,14 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
     attn_impl, attn_notes = attn_impl_for(plan)
     notes += attn_notes
     hf_cfg = _hf_config(config, layers, attn_impl)
-    n_layers = int(hf_cfg.num_hidden_layers)
+    n_layers = int(hf_cfg.get_text_config().num_hidden_layers)
 
+    vlm = getattr(hf_cfg, "vision_config", None) is not None
+    # LLaMA-Factory model/loader.py loads a vision-language model with AutoModelForImageTextToText
+    auto = AutoModelForImageTextToText if vlm else AutoModelForCausalLM
     with torch.device("meta"):
         try:
-            model = AutoModelForCausalLM.from_config(hf_cfg, dtype=ckpt_dtype, attn_implementation=attn_impl)
+            model = auto.from_config(hf_cfg, dtype=ckpt_dtype, attn_implementation=attn_impl)
         except ValueError as exc:
             if attn_impl == "sdpa" and plan.flash_attn in ("auto", "fa2"):
                 # LLaMA-Factory: fa2 when flash-attn is installed, else eager (e.g. Gemma 2)
@@ -202,7 +214,7 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
                     "[B, heads, S, S] probabilities). With flash-attn installed LLaMA-Factory would use FA2, which "
                     "keeps none; the trace cannot run FA2."
                 )
-                model = AutoModelForCausalLM.from_config(hf_cfg, dtype=ckpt_dtype, attn_implementation=attn_impl)
+                model = auto.from_config(hf_cfg, dtype=ckpt_dtype, attn_implementation=attn_impl)
             else:
                 raise ConfigError(f"transformers cannot build {hf_cfg.model_type} with flash_attn="
                                   f"{plan.flash_attn}: {exc}") from None
@@ -278,7 +290,7 @@ def build_model(config: dict[str, Any], plan: Plan, *, layers: int | None = None
             r=plan.lora_rank,
             lora_alpha=plan.effective_lora_alpha,
             lora_dropout=plan.lora_dropout,
-            target_modules=targets,
+            target_modules=_vision_free_targets(targets) if vlm else targets,
             modules_to_save=extra,
         )
         try:

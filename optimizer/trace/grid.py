@@ -3,9 +3,10 @@
 Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy.py (prints the table).
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
 fused projections (Phi-3.5; GLM-4's gate_up), partial RoPE and post-block norms (GLM-4), qkv biases (Qwen2.5),
-mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, Qwen1.5-MoE with a shared expert); LoRA, QLoRA (4- and
-8-bit) and full fine-tuning; checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient
-accumulation (two traced micro-batches) for LoRA and full fine-tuning.
+mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, Qwen1.5-MoE with a shared expert), vision-language
+models with images (Qwen2.5-VL); LoRA, QLoRA (4- and 8-bit) and full fine-tuning; checkpointing on and off; eager
+and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced micro-batches) for LoRA and full
+fine-tuning.
 """
 
 from __future__ import annotations
@@ -193,4 +194,22 @@ GRID += [
     # packed rows (no mask): flash sdpa's output takes the contiguous query's layout, so o_proj gets a copy, which
     # QLoRA's adapter saves
     (_GLM, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, packing=True)),
+]
+_QVL3 = "Qwen/Qwen2.5-VL-3B-Instruct"
+_QVL7 = "Qwen/Qwen2.5-VL-7B-Instruct"
+GRID += [
+    # vision-language models (Qwen2.5-VL, LoRA, frozen tower and merger): images_per_sample images per sequence at
+    # image_max_pixels (optimizer/trace/vision.py answers the tower's value reads from their grids). With gradient
+    # checkpointing PEFT's enable_input_require_grads makes the tower's patch embedding output require grad, so every
+    # vision block keeps its saved tensors until the end of backward; without it the tower is a transient. sdpa and
+    # eager (windowed and full attention), 1-4 images of 256^2-1024^2 pixels, batch 1-2, AMP and not.
+    (_QVL3, _p(cutoff_len=1024, images_per_sample=1)),
+    (_QVL3, _p(cutoff_len=2048, per_device_train_batch_size=2, images_per_sample=2, image_max_pixels=512 * 512,
+               disable_gradient_checkpointing=True)),
+    (_QVL7, _p(cutoff_len=2048, images_per_sample=1, image_max_pixels=1024 * 1024)),
+    (_QVL3, _p(cutoff_len=1024, per_device_train_batch_size=2, images_per_sample=1, image_max_pixels=448 * 448,
+               flash_attn="disabled")),
+    (_QVL7, _p(cutoff_len=1024, images_per_sample=4, image_max_pixels=256 * 256, lora_rank=32,
+               disable_gradient_checkpointing=True)),
+    (_QVL3, _p(cutoff_len=512, images_per_sample=1, image_max_pixels=448 * 448, bf16=False)),
 ]

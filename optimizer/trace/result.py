@@ -12,6 +12,7 @@ __all__ = ["TraceResult", "TopTensor", "TRACE_PHASES", "TRACE_SUB_PHASES", "MOME
 TRACE_PHASES = PHASES
 # Finer instants, in step order, each inside one of TRACE_PHASES (see optimizer/trace/tracker.py).
 TRACE_SUB_PHASES = (
+    "vision_fwd",   # forward (vision-language models): the frozen vision tower on the images, under no grad
     "fwd",          # forward: step start (inputs) .. the lm_head is called
     "lm_head",      # loss: the lm_head matmul (+ LLaMA-Factory's upcast_lmhead_output hook)
     "loss_ce",      # loss: logits.float() + cross-entropy, until the model's forward returns
@@ -29,6 +30,7 @@ TRACE_SUB_PHASES = (
 # The memory model's moment (schema.Moment) each sub-phase's peak stands for. bwd_layers spans the decoder
 # layers' backward and, under full fine-tuning, the embedding gradient at its end.
 MOMENT_OF_SUB: dict[str, Moment] = {
+    "vision_fwd": Moment.VISION_FORWARD,
     "fwd": Moment.FORWARD_LAST_LAYER,
     "lm_head": Moment.LOSS_FORWARD,
     "loss_ce": Moment.LOSS_FORWARD,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import defaultdict
@@ -251,7 +252,8 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
     from .build import build_model, build_reference, count_parameters, materialize
     from .patches import quiet_library_warnings, trace_patches
     from .tracker import PHASE_OF_SUB, StorageTracker, tracked_backward, tracking_fake_mode
-    from .trainer import TrainerStep
+    from .trainer import TrainerStep, image_grids
+    from .vision import vision_patches
 
     t0 = time.perf_counter()
     with quiet_library_warnings():
@@ -261,7 +263,9 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
     primed = steps >= 2 and not measure_step1
     stats: dict[int, Any] = {}
     try:
+        grids = image_grids(built, plan)
         with trace_patches(bnb4=bool(built.bnb4), bnb8=bool(built.bnb8), bnb_optim=plan.optim in _8BIT_OPTIMS), \
+                (vision_patches(grids) if grids else contextlib.nullcontext()), \
                 tracking_fake_mode(tracker), tracked_backward(tracker):
             tracker.calibrate()
             materialize(built, plan)
@@ -313,7 +317,10 @@ def run_fake(config: dict[str, Any], plan: Plan, *, layers: int | None = None, s
         all_params=total,
         peak_breakdown=breakdown,
         top_tensors=top_list,
-        notes=built.notes + (ref.notes if ref is not None else []) + _fake_notes(plan, built, primed),
+        notes=built.notes + (ref.notes if ref is not None else []) + _fake_notes(plan, built, primed) + ([
+            f"Images: {len(grids)} per micro-batch, grid (t, h, w) {grids[0]} each; the vision code's value reads "
+            "(grid_thw, attention windows, per-image splits) are answered from these grids (trace/vision.py), and "
+            "input_ids hold no image tokens (masked_scatter's shapes and buffers are the same)."] if grids else []),
         wall_s=round(time.perf_counter() - t0, 3),
         aten_ops=tracker.op_count,
         versions=versions(),

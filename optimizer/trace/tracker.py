@@ -45,6 +45,7 @@ _F, _L, _B, _O = (p.value for p in (Phase.FORWARD, Phase.LOSS, Phase.BACKWARD, P
 # Sub-phase -> phase (schema.Phase, as the memory model names them). The step walks through them in this order.
 PHASE_OF_SUB: dict[str, str] = {
     "setup": "setup",
+    "vision_fwd": _F,
     "fwd": _F,
     "lm_head": _L,
     "loss_ce": _L,

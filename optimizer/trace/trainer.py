@@ -114,6 +114,20 @@ class _FakeGradScaler:
         self.found_inf = None
 
 
+def image_grids(built: BuiltModel, plan: Plan) -> list[tuple[int, int, int]]:
+    """The image grids (t, h, w) of one micro-batch: images_per_sample per sequence, each at the plan's
+    image_max_pixels (optimizer.models.vision.plan_image_grid); empty for a text-only model or plan."""
+    vc = getattr(built.config, "vision_config", None)
+    if vc is None or not plan.images_per_sample:
+        return []
+    from ..memory.vision import image_grids as plan_grids
+    from ..schema import VisionTower
+
+    vision = VisionTower(**{k: tuple(v) if isinstance(v, list) else v
+                            for k, v in vc.to_dict().items() if k in VisionTower.model_fields})
+    return plan_grids(vision, plan)
+
+
 class TrainerStep:
     """Drives training steps of a built, materialized model; reports sub-phase changes to a probe."""
 
@@ -128,7 +142,7 @@ class TrainerStep:
         self.model.train()
         self.seq = padded_seq_len(plan)
         self.batch = plan.per_device_train_batch_size * (2 if plan.pairwise else 1)  # chosen + rejected
-        self.vocab = int(built.config.vocab_size)
+        self.vocab = int(built.config.get_text_config().vocab_size)
         self.amp_dtype = torch.bfloat16 if plan.bf16 else (torch.float16 if plan.fp16 else None)
         self.optimizer = make_optimizer(self.model, plan)
         self.trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -142,6 +156,7 @@ class TrainerStep:
         from ..memory.precision import attention_mask_kind
 
         self.mask_kind = attention_mask_kind(plan, built.attn_impl)
+        self.grids = image_grids(built, plan)
         self._hooks = self._install_hooks()
 
     # -- phase hooks -------------------------------------------------------------------------------------------
@@ -169,6 +184,17 @@ class TrainerStep:
                  head.register_forward_hook(post_head, prepend=True)]
         if self.ref is not None:
             hooks.append(self.ref.lm_head.register_forward_pre_hook(pre_head, prepend=True))
+        visual = getattr(getattr(self.built.hf_model, "model", None), "visual", None)
+        if self.grids and visual is not None:
+            def pre_visual(module: nn.Module, args: Any) -> None:
+                if torch.is_grad_enabled():
+                    probe.set_sub_phase("vision_fwd")
+
+            def post_visual(module: nn.Module, args: Any, output: Any) -> None:
+                if torch.is_grad_enabled():
+                    probe.set_sub_phase("fwd")
+
+            hooks += [visual.register_forward_pre_hook(pre_visual), visual.register_forward_hook(post_visual)]
         return hooks
 
     def close(self) -> None:
@@ -192,6 +218,16 @@ class TrainerStep:
         if self.plan.packed:
             # data/processor/supervised.py::PackedSupervisedDatasetProcessor: position ids restart per packed sample
             batch["position_ids"] = torch.zeros(shape, dtype=torch.long, device=self.device)
+        if self.grids:
+            # LLaMA-Factory data/collator.py::MultiModalDataCollatorForSeq2Seq: the processor's pixel_values (fp32
+            # [patches, channels x temporal_patch x patch^2]) and image_grid_thw, and mrope position ids [3, b, s]
+            # from the model's get_rope_index, all moved to the device with the batch
+            vc = self.built.config.vision_config
+            patches = sum(t * h * w for t, h, w in self.grids)
+            row = vc.in_channels * vc.temporal_patch_size * vc.patch_size ** 2
+            batch["pixel_values"] = torch.zeros((patches, row), dtype=torch.float32, device=self.device)
+            batch["image_grid_thw"] = torch.zeros((len(self.grids), 3), dtype=torch.long, device=self.device)
+            batch["position_ids"] = torch.zeros((3, *shape), dtype=torch.long, device=self.device)
         return batch
 
     def _model_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -199,7 +235,7 @@ class TrainerStep:
         drops an all-ones mask (`fast_all`) and otherwise builds a bool [b, 1, s, s] mask; on fake tensors it cannot
         read the values and always builds it, which is the padded worst case (`mask_kind` bool). Where that worst
         case has no padding (`none`: packed rows of exactly cutoff_len) the mask is not passed."""
-        out = {k: inputs[k] for k in ("position_ids",) if k in inputs}
+        out = {k: inputs[k] for k in ("position_ids", "pixel_values", "image_grid_thw") if k in inputs}
         if self.mask_kind != "none":  # a 4-D neat_packing mask (sdpa or eager) or a padded 2-D one
             out["attention_mask"] = inputs["attention_mask"]
         return out
