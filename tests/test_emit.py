@@ -348,12 +348,16 @@ EXPECTED_TEMPLATES = {
     # LLaMA-Factory 0.9.5 extras/constants.py: Qwen2.5-VL-*-Instruct registered with template="qwen2_vl"
     "Qwen/Qwen2.5-VL-3B-Instruct": "qwen2_vl", "Qwen/Qwen2.5-VL-7B-Instruct": "qwen2_vl",
     "Qwen/Qwen3-30B-A3B": "qwen3", "mistralai/Mixtral-8x7B-Instruct-v0.1": "mistral",
+    # not registered by id in 0.9.5 (FAMILY_ONLY below); LLaMA-Factory's Qwen2 group, Qwen2-MoE included, uses qwen
     "Qwen/Qwen1.5-MoE-A2.7B-Chat": "qwen",
     # LLaMA-Factory 0.9.5 extras/constants.py: "GLM-4-0414-9B-Chat" (zai-org/GLM-4-9B-0414) with template="glm4"
     "zai-org/GLM-4-9B-0414": "glm4",
 }
 # catalog models LLaMA-Factory registers no template for: template_for refuses them with a hint
 UNREGISTERED = {"allenai/OLMoE-1B-7B-0924"}
+# catalog ids LLaMA-Factory 0.9.5 does not register by id, whose family it registers: id -> a registered model of the
+# family with the same template (extras/constants.py)
+FAMILY_ONLY = {"Qwen/Qwen1.5-MoE-A2.7B-Chat": "Qwen2-MoE-57B-A14B-Instruct"}
 
 
 def test_template_for_every_catalog_model():
@@ -585,6 +589,9 @@ def test_llamafactory_knows_our_templates(monkeypatch):
              "meta-llama/llama-3.1-70b-instruct": "meta-llama/meta-llama-3.1-70b-instruct"}
     checked = 0
     for mid, template in CATALOG_TEMPLATES.items():
+        if mid in FAMILY_ONLY:
+            assert DEFAULT_TEMPLATE[FAMILY_ONLY[mid]] == template, mid
+            continue
         name = by_path.get(alias.get(mid.lower(), mid.lower()))
         assert name is not None, f"{mid} is not registered in LLaMA-Factory"
         if name in DEFAULT_TEMPLATE:  # only names with -Instruct/-Chat/-Distill/-Thinking get a default
