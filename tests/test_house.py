@@ -124,3 +124,14 @@ def test_no_dead_code():
     out = subprocess.run([_tool("vulture"), "optimizer", "tests/vulture_allow.py", "--min-confidence", "60"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-4000:]
+
+
+def test_readme_names_only_files_that_exist():
+    """Every committed path the README shows (configs/, problems/) exists: regenerated fronts rename files."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    paths = set(re.findall(r"(?<![\w/])((?:configs|problems)/[\w./-]+\.(?:yaml|json))", readme))
+    assert paths
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, f"README.md names files that do not exist: {missing}"
