@@ -216,9 +216,11 @@ GRID += [
 _G2 = "google/gemma-2-2b-it"
 GRID += [
     # QLoRA without checkpointing: the adapters save the attention output o_proj gets. Phi-3's RoPE ends in
-    # torch.cat (a contiguous query), so packed rows' flash sdpa output needs the caller's contiguous copy; Gemma 2's
+    # torch.cat (a contiguous query), so packed rows' flash sdpa output needs the caller's contiguous copy (with a
+    # mask CUDA's memory-efficient kernel writes [b, s, nh, hd]: no copy; trace/patches.py keeps that); Gemma 2's
     # eager attention soft-caps the scores (tanh saves a [b, nh, s, s] tensor per layer)
     (_PHI, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, packing=True)),
+    (_PHI, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, per_device_train_batch_size=2)),
     (_G2, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, flash_attn="disabled")),
     (_G2, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True,
              flash_attn="disabled")),

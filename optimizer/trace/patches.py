@@ -96,9 +96,20 @@ def _cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
                     enable_gqa=False):
     kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale,
               "enable_gqa": enable_gqa}
-    if _cuda_sdpa_backend(query, key, attn_mask, enable_gqa) != "math":
+    backend = _cuda_sdpa_backend(query, key, attn_mask, enable_gqa)
+    if backend != "math":
         # CPU's flash kernel keeps what CUDA's flash / memory-efficient kernels keep: output + fp32 logsumexp
         SEEN["sdpa_fused"] += 1
+        if backend == "efficient" and not query.transpose(1, 2).is_contiguous():
+            # The CPU kernel's output takes the query's layout ([S] torch/_meta_registrations.py::
+            # meta__scaled_dot_product_flash_attention_for_cpu: `torch.empty_like(query)`); CUDA's memory-efficient
+            # kernel writes [b, s, heads, hd] whatever the query (meta__scaled_dot_product_efficient_attention:
+            # `torch.empty(B, M, num_heads, Kv).transpose(1, 2)`), so the caller's `.transpose(1, 2).contiguous()`
+            # copies nothing there. A query that is contiguous [b, heads, s, hd] (a RoPE ending in torch.cat:
+            # Phi-3, GLM-4) is handed over in the [b, s, heads, hd] layout, so the output takes it and the caller
+            # makes no copy that CUDA does not make (which LoRA on o_proj would then save). Left: the query copy,
+            # live until the attention module returns (the caller holds the original), a transient CUDA lacks.
+            query = query.transpose(1, 2).contiguous().transpose(1, 2)
         return _ORIG_SDPA(query, key, value, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
