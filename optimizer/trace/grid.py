@@ -4,9 +4,9 @@ Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
 fused projections (Phi-3.5; GLM-4's gate_up), partial RoPE and post-block norms (GLM-4), qkv biases (Qwen2.5),
 mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, Qwen1.5-MoE with a shared expert), vision-language
-models with images (Qwen2.5-VL); LoRA, QLoRA (4- and 8-bit) and full fine-tuning; checkpointing on and off; eager
-and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced micro-batches) for LoRA and full
-fine-tuning.
+models with images (Qwen2.5-VL), soft-capped eager attention (Gemma 2); LoRA, QLoRA (4- and 8-bit) and full
+fine-tuning; checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two
+traced micro-batches) for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ tensor *values* (which fake tensors do not have), or on the CUDA autocast state:
    dtype; on CUDA it runs `native_dropout`, which keeps a bool mask. The patch calls `native_dropout`.
 5. `F.scaled_dot_product_attention`: CPU runs its flash kernel for any dtype, CUDA only for fp16/bf16; fp32
    inputs with GQA (no fused CUDA kernel takes both) fall back to the math kernel, which materializes the
-   [B, heads, S, S] scores and repeats K/V. The patch picks the backend the CUDA dispatcher would.
+   [B, heads, S, S] scores and repeats K/V. The patch picks the backend the CUDA dispatcher would; where that is
+   the memory-efficient kernel (a mask), the output gets that kernel's [B, S, heads, hd] layout.
 6. LLM.int8 (8-bit): bitsandbytes picks its CPU training path (`MatMul8bitFp`) on a CPU device; the patch
    keeps the CUDA path (`MatMul8bitLt`) and replays bitsandbytes' CUDA int8 kernels' allocations (int8 row/col
    copies, int32 GEMM output, fp16 dequant). Outlier columns (threshold 6.0) have a data-dependent count;
