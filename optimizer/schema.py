@@ -80,6 +80,10 @@ class Arch(BaseModel):
     final_logit_softcapping: float | None = Field(
         default=None, description="config.json `final_logit_softcapping` (Gemma 2): tanh capping of the logits."
     )
+    attn_logit_softcapping: float | None = Field(
+        default=None, description="config.json `attn_logit_softcapping` (Gemma 2): tanh capping of the attention "
+        "scores (eager attention only; sdpa ignores it)."
+    )
     vision: VisionTower | None = Field(
         default=None, description="The vision tower of a vision-language model (None: a text-only decoder)."
     )

@@ -130,6 +130,7 @@ def cases() -> list[Case]:
                         "dtype number": {"torch_dtype": 16}, "tie string": {"tie_word_embeddings": "yes"},
                         "hidden_act list": {"hidden_act": ["silu"]},
                         "softcapping string": {"final_logit_softcapping": "x"},
+                        "attention softcapping negative": {"attn_logit_softcapping": -1},
                         "text_config list": {"text_config": [1, 2]},
                         "text_config bad": {"model_type": "gemma3", "text_config": {"hidden_size": -1}}}.items():
         out.append(Case("config.json values", label, {"cfg.json": _cfg(**over)}, est))

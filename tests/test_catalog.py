@@ -175,6 +175,7 @@ def test_family_flags_derived_from_model_type():
     assert (qwen3.qkv_bias, qwen3.qk_norm, qwen3.q_dim) == (False, True, 8192)
     gemma2 = archs["google/gemma-2-2b-it"]
     assert (gemma2.norms_per_layer, gemma2.qk_norm, gemma2.final_logit_softcapping) == (4, False, 30.0)
+    assert gemma2.attn_logit_softcapping == 50.0
     gemma3 = archs["google/gemma-3-1b-it"]
     assert (gemma3.norms_per_layer, gemma3.qk_norm, gemma3.head_dim) == (4, True, 256)
     phi = archs["microsoft/Phi-3.5-mini-instruct"]

@@ -272,3 +272,25 @@ def test_device_peak_equals_estimates_on_the_grid():
     for model, plan in GRID:
         arch = catalog.resolve_arch(model)
         assert device_peak(arch, plan) == estimate(arch, plan).device_peak_bytes, (model, plan)
+
+
+# [T] fake-tensor traces, `run_fake(resolve_config(model), plan, layers=n)` (optimizer/trace/run.py), bf16, cutoff_len
+# 1024, QLoRA 4-bit without checkpointing: the step's peak (cross-entropy backward) with 1 and 2 decoder layers
+# (Phi-3.5 padded: 2 and 3). Their difference is what one layer keeps for backward.
+PER_LAYER_TRACES = [
+    # Gemma 2 eager attention: the soft-capped scores' tanh output [1, 8, 1024, 1024] bf16 is saved
+    ("google/gemma-2-2b-it", dict(flash_attn="disabled"), (1, 2), (5_103_170_048, 5_355_705_344)),
+    # Phi-3.5 packed rows: flash sdpa's output in the contiguous query's layout, copied for o_proj (whose adapter
+    # saves the copy)
+    ("microsoft/Phi-3.5-mini-instruct", dict(packing=True), (1, 2), (1_001_443_840, 1_214_496_768)),
+    # Phi-3.5 padded: the memory-efficient kernel's output needs no copy
+    ("microsoft/Phi-3.5-mini-instruct", dict(), (2, 3), (1_206_099_968, 1_414_958_592)),
+]
+
+
+@pytest.mark.parametrize("model,kw,layers,traced", PER_LAYER_TRACES, ids=["gemma2-eager", "phi3-packed", "phi3-padded"])
+def test_qlora_without_checkpointing_keeps_per_layer_what_the_trace_keeps(model, kw, layers, traced):
+    plan = _plan(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, **kw)
+    arch = resolve_arch(model)
+    a, b = (estimate(arch.model_copy(update={"num_hidden_layers": n}), plan).peak_allocated_bytes for n in layers)
+    assert abs((b - a) - (traced[1] - traced[0])) <= 64 * 1024, f"{b - a:,} vs {traced[1] - traced[0]:,}"

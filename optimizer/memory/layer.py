@@ -112,7 +112,10 @@ def _attention_block(w: Walk, arch: Arch, st: Setting, lin: dict, x: str) -> tup
     a_b = st.c if st.amp else rope_b
     if st.attn == "sdpa":
         attn_out = _sdpa(w, arch, st, (qe, qd, rope_b), (ke, kvd, rope_b), (v, kvd, v_b), a_b)
-        if st.mask == "none" and arch.partial_rotary_factor < 1:
+        # Phi-3's RoPE ends in torch.cat too, even rotating every channel ([S] transformers models/phi3/
+        # modeling_phi3.py::apply_rotary_pos_emb: `torch.cat([(q_rot * cos) + (rotate_half(q_rot) * sin), q_pass],
+        # dim=-1)`, q_pass empty)
+        if st.mask == "none" and (arch.partial_rotary_factor < 1 or arch.model_type == "phi3"):
             # GLM-4's query is torch.cat's contiguous [b, nh, s, hd]; without a mask sdpa runs the flash kernel,
             # whose output takes the query's layout ([S] torch/_meta_registrations.py::
             # meta__scaled_dot_product_flash_attention: `torch.empty_like(query)`), so the caller's
@@ -228,6 +231,16 @@ def _eager_attention(w: Walk, arch: Arch, st: Setting, qe: str, ke: str, v: str,
     w.drop(qe, kr)
     s2 = w.op("scores_scaled", sc * a_b, ins=(s1,))
     w.drop(s1)
+    if arch.attn_logit_softcapping:
+        # [S] transformers models/gemma2/modeling_gemma2.py::eager_attention_forward: scores / softcap, tanh,
+        # * softcap, three [b, nh, s, s] tensors in the scores' dtype (tanh is on no autocast list); the divide and
+        # multiply by a Python scalar save nothing, tanh saves its output for backward (1 - tanh^2)
+        d = w.op("softcap_div", sc * a_b, ins=(s2,))
+        w.drop(s2)
+        t = w.op("softcap_tanh", sc * a_b, ins=(d,), save_out=True)
+        w.drop(d)
+        s2 = w.op("softcap_mul", sc * a_b, ins=(t,))
+        w.drop(t)
     s3 = w.op("scores_masked", sc * a_b, ins=(s2,), alias=True)
     w.drop(s2)
     # softmax(..., dtype=float32) converts its input first ([S] aten/src/ATen/native/SoftMax.cpp::softmax:

@@ -134,9 +134,10 @@ def validate_config(cfg: dict[str, Any]) -> list[str]:
     prf = cfg.get("partial_rotary_factor")
     if prf is not None and (isinstance(prf, bool) or not isinstance(prf, (int, float)) or not 0 < prf <= 1):
         problems.append(f"partial_rotary_factor must be a number in (0, 1], found {_show(prf)}")
-    cap = cfg.get("final_logit_softcapping")
-    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1e6):
-        problems.append(f"final_logit_softcapping must be a positive number or null, found {_show(cap)}")
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        cap = cfg.get(key)
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, (int, float)) or not 0 < cap < 1e6):
+            problems.append(f"{key} must be a positive number or null, found {_show(cap)}")
     return problems
 
 
@@ -204,6 +205,9 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         fused_qkv=fam.fused,
         fused_gate_up=fam.fused or fam.fused_gate_up,
         final_logit_softcapping=cfg.get("final_logit_softcapping"),
+        # [S] transformers models/gemma2/configuration_gemma2.py: Gemma2Config `attn_logit_softcapping = 50.0` when
+        # config.json leaves it out (Gemma3TextConfig: None); an explicit null turns it off
+        attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
         vision=vision,
         qk_norm_full=fam.qk_norm_full,
         num_experts=cfg[fam.experts_key] if fam.experts_key else 0,

@@ -4,9 +4,9 @@ Used by tests/test_accuracy.py (asserts the error bound) and benchmarks/accuracy
 Architectures: tied and untied embeddings, vocabularies from 32k to 152k, GQA and MHA, q/k norms (Qwen3),
 fused projections (Phi-3.5; GLM-4's gate_up), partial RoPE and post-block norms (GLM-4), qkv biases (Qwen2.5),
 mixture-of-experts (Qwen3-30B-A3B, Mixtral-8x7B, OLMoE, Qwen1.5-MoE with a shared expert), vision-language
-models with images (Qwen2.5-VL); LoRA, QLoRA (4- and 8-bit) and full fine-tuning; checkpointing on and off; eager
-and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two traced micro-batches) for LoRA and full
-fine-tuning.
+models with images (Qwen2.5-VL), soft-capped eager attention (Gemma 2); LoRA, QLoRA (4- and 8-bit) and full
+fine-tuning; checkpointing on and off; eager and sdpa; cutoff_len 128-4096; batch 1-4; gradient accumulation (two
+traced micro-batches) for LoRA and full fine-tuning.
 """
 
 from __future__ import annotations
@@ -212,4 +212,16 @@ GRID += [
     (_QVL7, _p(cutoff_len=1024, images_per_sample=4, image_max_pixels=256 * 256, lora_rank=32,
                disable_gradient_checkpointing=True)),
     (_QVL3, _p(cutoff_len=512, images_per_sample=1, image_max_pixels=448 * 448, bf16=False)),
+]
+_G2 = "google/gemma-2-2b-it"
+GRID += [
+    # QLoRA without checkpointing: the adapters save the attention output o_proj gets. Phi-3's RoPE ends in
+    # torch.cat (a contiguous query), so packed rows' flash sdpa output needs the caller's contiguous copy (with a
+    # mask CUDA's memory-efficient kernel writes [b, s, nh, hd]: no copy; trace/patches.py keeps that); Gemma 2's
+    # eager attention soft-caps the scores (tanh saves a [b, nh, s, s] tensor per layer)
+    (_PHI, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, packing=True)),
+    (_PHI, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, per_device_train_batch_size=2)),
+    (_G2, _p(cutoff_len=1024, quantization_bit=4, disable_gradient_checkpointing=True, flash_attn="disabled")),
+    (_G2, _p(cutoff_len=512, per_device_train_batch_size=2, disable_gradient_checkpointing=True,
+             flash_attn="disabled")),
 ]

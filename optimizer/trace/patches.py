@@ -17,7 +17,8 @@ tensor *values* (which fake tensors do not have), or on the CUDA autocast state:
    dtype; on CUDA it runs `native_dropout`, which keeps a bool mask. The patch calls `native_dropout`.
 5. `F.scaled_dot_product_attention`: CPU runs its flash kernel for any dtype, CUDA only for fp16/bf16; fp32
    inputs with GQA (no fused CUDA kernel takes both) fall back to the math kernel, which materializes the
-   [B, heads, S, S] scores and repeats K/V. The patch picks the backend the CUDA dispatcher would.
+   [B, heads, S, S] scores and repeats K/V. The patch picks the backend the CUDA dispatcher would; where that is
+   the memory-efficient kernel (a mask), the output gets that kernel's [B, S, heads, hd] layout.
 6. LLM.int8 (8-bit): bitsandbytes picks its CPU training path (`MatMul8bitFp`) on a CPU device; the patch
    keeps the CUDA path (`MatMul8bitLt`) and replays bitsandbytes' CUDA int8 kernels' allocations (int8 row/col
    copies, int32 GEMM output, fp16 dequant). Outlier columns (threshold 6.0) have a data-dependent count;
@@ -96,9 +97,20 @@ def _cuda_like_sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
                     enable_gqa=False):
     kwargs = {"attn_mask": attn_mask, "dropout_p": dropout_p, "is_causal": is_causal, "scale": scale,
               "enable_gqa": enable_gqa}
-    if _cuda_sdpa_backend(query, key, attn_mask, enable_gqa) != "math":
+    backend = _cuda_sdpa_backend(query, key, attn_mask, enable_gqa)
+    if backend != "math":
         # CPU's flash kernel keeps what CUDA's flash / memory-efficient kernels keep: output + fp32 logsumexp
         SEEN["sdpa_fused"] += 1
+        if backend == "efficient" and not query.transpose(1, 2).is_contiguous():
+            # The CPU kernel's output takes the query's layout ([S] torch/_meta_registrations.py::
+            # meta__scaled_dot_product_flash_attention_for_cpu: `torch.empty_like(query)`); CUDA's memory-efficient
+            # kernel writes [b, s, heads, hd] whatever the query (meta__scaled_dot_product_efficient_attention:
+            # `torch.empty(B, M, num_heads, Kv).transpose(1, 2)`), so the caller's `.transpose(1, 2).contiguous()`
+            # copies nothing there. A query that is contiguous [b, heads, s, hd] (a RoPE ending in torch.cat:
+            # Phi-3, GLM-4) is handed over in the [b, s, heads, hd] layout, so the output takes it and the caller
+            # makes no copy that CUDA does not make (which LoRA on o_proj would then save). Left: the query copy,
+            # live until the attention module returns (the caller holds the original), a transient CUDA lacks.
+            query = query.transpose(1, 2).contiguous().transpose(1, 2)
         return _ORIG_SDPA(query, key, value, **kwargs)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
