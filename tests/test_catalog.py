@@ -383,3 +383,18 @@ def test_glm4_partial_rotary_factor_read_and_checked():
     with pytest.raises(CatalogError) as err:
         arch_from_config(dict(cfg, partial_rotary_factor=1.5), "glm")
     assert "partial_rotary_factor must be a number in (0, 1], found 1.5" in str(err.value)
+
+
+def test_gemma2_softcaps_default_like_gemma2config():
+    """A Gemma-2 config.json without the soft-cap keys gets transformers' Gemma2Config defaults (30.0 final, 50.0
+    attention); an explicit null turns a cap off; Gemma-3 has none by default."""
+    cfg = dict(model_configs()["google/gemma-2-2b-it"]["config"])
+    cfg.pop("final_logit_softcapping")
+    cfg.pop("attn_logit_softcapping")
+    arch = arch_from_config(cfg, "gemma-2-no-caps")
+    assert (arch.final_logit_softcapping, arch.attn_logit_softcapping) == (30.0, 50.0)
+    off = arch_from_config({**cfg, "final_logit_softcapping": None}, "gemma-2-off")
+    assert off.final_logit_softcapping is None
+    g3 = dict(model_configs()["google/gemma-3-1b-it"]["config"])
+    g3.pop("final_logit_softcapping", None)
+    assert arch_from_config(g3, "gemma-3").final_logit_softcapping is None

@@ -204,9 +204,10 @@ def arch_from_config(cfg: dict[str, Any], name: str, source: str = "") -> Arch:
         norms_per_layer=fam.norms_per_layer,
         fused_qkv=fam.fused,
         fused_gate_up=fam.fused or fam.fused_gate_up,
-        final_logit_softcapping=cfg.get("final_logit_softcapping"),
-        # [S] transformers models/gemma2/configuration_gemma2.py: Gemma2Config `attn_logit_softcapping = 50.0` when
-        # config.json leaves it out (Gemma3TextConfig: None); an explicit null turns it off
+        # [S] transformers models/gemma2/configuration_gemma2.py: Gemma2Config `final_logit_softcapping = 30.0` and
+        # `attn_logit_softcapping = 50.0` when config.json leaves them out (Gemma3TextConfig: None); an explicit null
+        # turns them off
+        final_logit_softcapping=cfg.get("final_logit_softcapping", 30.0 if model_type == "gemma2" else None),
         attn_logit_softcapping=cfg.get("attn_logit_softcapping", 50.0 if model_type == "gemma2" else None),
         vision=vision,
         qk_norm_full=fam.qk_norm_full,
