@@ -1,0 +1,185 @@
+"""Which CP-SAT encoding of the search is fast, measured (issue 10): the same exact front four ways.
+
+1. default: the feasible memory settings enumerated (the staircase walk, space.enumerate_instance), one Boolean per
+   (objective group, accumulation, max_samples); no coupling constraint, the LP relaxation is integral
+   (search/cpsat.py solve_cpsat).
+2. factored: the memory model as tables per moment x knob group and the objectives as tables per term, all
+   channelled to one-hot knobs (search/factored.py + cpsat.solve_factored).
+3. staircase + factored objectives: memory as one enforced bound per (outer setting, accumulation class): the
+   sorted batch position <= the largest that fits at the chosen cutoff_len (the staircase the enumeration walks,
+   |C| + |B| estimates per row); objectives as in 2.
+4. staircase + joint objectives: memory as in 3; quality and time as one table over every objective knob
+   (finetuning type, rank, targets, cutoff_len, batch, checkpointing, accumulation, max_samples).
+
+Each prints the time of its epsilon-constraint loop (3 solves per front point, one worker) and checks its front
+against brute force. Run: python benchmarks/cpsat_encodings.py [problem.yaml]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ortools.sat.python import cp_model
+
+from optimizer.memory.terms import memoized
+from optimizer.search.brute import solve_brute
+from optimizer.search.cpsat import TIME_UNIT_MS, _bounds, _Factored, solve_cpsat, solve_factored
+from optimizer.search.factored import KNOBS, Table, _points, _quality_tables, _time_tables, candidate, factor
+from optimizer.search.objectives import point_objectives
+from optimizer.search.problem import load_problem
+from optimizer.search.space import _evaluate, build_instance, micro_ms, opt_ms
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTER = ("finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
+         "enable_liger_kernel")
+OBJECTIVE_KNOBS = ("finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
+                   "gradient_checkpointing", "gradient_accumulation_steps", "max_samples")
+
+
+def staircases(inst, sizes: dict, classes: list[bool]) -> dict[tuple, dict[int, int]]:
+    """(outer setting indices, accumulation class) -> cutoff index -> largest fitting batch position (sorted), -1."""
+    d = inst.domains
+    cutoffs = sorted(range(len(d["cutoff_len"])), key=lambda i: d["cutoff_len"][i])
+    batches = sorted(d["per_device_train_batch_size"])
+    out = {}
+    with memoized(inst.terms):
+        for idx in _points(inst, OUTER, sizes):
+            knobs = {k: d[k][i] for k, i in zip(OUTER, idx)}
+            if knobs["finetuning_type"] == "full":
+                knobs["lora_rank"] = knobs["lora_target"] = None
+            for ci, later in enumerate(classes):
+                accum = min(a for a in d["gradient_accumulation_steps"] if (a > 1) == later)
+                j, row = len(batches) - 1, {}
+                for c in cutoffs:
+                    while j >= 0 and _evaluate(inst, knobs, d["cutoff_len"][c], batches[j], accum) > inst.budget_bytes:
+                        j -= 1
+                    row[c] = j
+                out[idx + (ci,)] = row
+    return out
+
+
+class Staircase(_Factored):
+    """Encodings 3 (joint=False) and 4 (joint=True); one-hots, rows and the key as in _Factored."""
+
+    def __init__(self, inst, joint: bool) -> None:
+        d = inst.domains
+        classes = sorted({a > 1 for a in d["gradient_accumulation_steps"]})
+        sizes = {k: len(d[k]) for k in KNOBS} | {"accumulating": len(classes)}
+        t = time.perf_counter()
+        stairs = staircases(inst, sizes, classes)
+        self.stairs_s = time.perf_counter() - t
+        m = self.cp = cp_model.CpModel()
+        self._rows = {}
+        self.x = {k: [m.new_bool_var(f"{k}={i}") for i in range(sizes[k])] for k in KNOBS + ("accumulating",)}
+        for vs in self.x.values():
+            m.add_exactly_one(vs)
+        for c, later in enumerate(classes):
+            m.add(sum(v for a, v in zip(d["gradient_accumulation_steps"], self.x["gradient_accumulation_steps"])
+                      if (a > 1) == later) == self.x["accumulating"][c])
+        batches = sorted(d["per_device_train_batch_size"])
+        rank = sum(batches.index(b) * v for b, v in zip(d["per_device_train_batch_size"],
+                                                         self.x["per_device_train_batch_size"]))
+        for key, y in self.rows(OUTER + ("accumulating",), stairs.keys()).items():
+            row = stairs[key]
+            if max(row.values()) < 0:
+                m.add(y == 0)
+            elif min(row.values()) < len(batches) - 1:
+                m.add(rank <= sum(j * self.x["cutoff_len"][c] for c, j in row.items())).only_enforce_if(y)
+        if joint:
+            q, s = {}, {}
+            for idx in _points(inst, OBJECTIVE_KNOBS, sizes):
+                v = {k: d[k][i] for k, i in zip(OBJECTIVE_KNOBS, idx)}
+                ft = v["finetuning_type"]
+                r, tg = (None, None) if ft == "full" else (v["lora_rank"], v["lora_target"])
+                cand = candidate(inst, v, micro_ms(inst, ft, r, tg, v["cutoff_len"], v["per_device_train_batch_size"],
+                                                   v["gradient_checkpointing"]), opt_ms(inst, ft, r, tg))
+                q[idx], s[idx] = point_objectives(inst, cand, v["gradient_accumulation_steps"], v["max_samples"])
+            self.quality = m.new_int_var(min(q.values()), max(q.values()), "quality")
+            m.add(self.quality == self.value(Table("quality", OBJECTIVE_KNOBS, q)))
+            self.time = m.new_int_var(0, max(s.values()), "time")
+            m.add(self.time == self.value(Table("time", OBJECTIVE_KNOBS, s)))
+        else:
+            quality, times = _quality_tables(inst, sizes), _time_tables(inst, sizes)
+            self.quality = m.new_int_var(*_bounds([self.bounds(t) for t in quality]), "quality")
+            m.add(self.quality == sum(self.value(t) for t in quality))
+            ms = self.value(times["compute_ms"]) + self.value(times["step_ms"])
+            hi = -(-(self.bounds(times["compute_ms"])[1] + self.bounds(times["step_ms"])[1]) // TIME_UNIT_MS)
+            self.time = m.new_int_var(0, hi, "time")
+            m.add(TIME_UNIT_MS * self.time >= ms)
+            m.add(TIME_UNIT_MS * self.time <= ms + TIME_UNIT_MS - 1)
+        stride, hi, terms = 1, 0, []
+        for k in reversed(KNOBS):
+            terms += [stride * i * v for i, v in enumerate(self.x[k]) if i]
+            hi += stride * (sizes[k] - 1)
+            stride *= sizes[k]
+        self.key = m.new_int_var(0, hi, "key")
+        m.add(self.key == sum(terms))
+
+
+def front_of(model: Staircase) -> tuple[list[tuple[int, int]], list[float]]:
+    """The epsilon-constraint loop of cpsat.solve_factored; the objective vectors and each solve's seconds."""
+    front, times, eps = [], [], None
+
+    def run(m):
+        s = cp_model.CpSolver()
+        s.parameters.num_workers, s.parameters.random_seed, s.parameters.cp_model_presolve = 1, 0, False
+        t = time.perf_counter()
+        st = s.solve(m)
+        times.append(time.perf_counter() - t)
+        return s, st
+
+    while True:
+        m = model.cp.clone()
+        if eps is not None:
+            m.add(model.time <= eps)
+        m.maximize(model.quality)
+        s, st = run(m)
+        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return front, times
+        q = s.value(model.quality)
+        m.add(model.quality == q)
+        m.minimize(model.time)
+        s, _ = run(m)
+        t = s.value(model.time)
+        m.add(model.time == t)
+        m.minimize(model.key)
+        run(m)
+        front.append((q, t))
+        eps = t - 1
+
+
+def main(path: Path) -> None:
+    problem, base = load_problem(path)
+    t = time.perf_counter()
+    inst = build_instance(problem, base)
+    build = time.perf_counter() - t
+    oracle = [p[:2] for p in solve_brute(inst)]
+    t = time.perf_counter()
+    default = [p[:2] for p in solve_cpsat(inst)]
+    print(f"{path.name}: front {len(oracle)} points")
+    print(f"  1 default (enumerated feasible points): build {build:.2f} s ({inst.evaluated} estimates), CP-SAT "
+          f"{time.perf_counter() - t:.2f} s, equal to brute: {default == oracle}")
+    t = time.perf_counter()
+    fac = factor(build_instance(problem, base, enumerate_settings=False))
+    tables = time.perf_counter() - t
+    t = time.perf_counter()
+    factored = [p[:2] for p in solve_factored(fac)]
+    print(f"  2 factored tables: tables {tables:.2f} s ({fac.evaluations} step_moments), CP-SAT "
+          f"{time.perf_counter() - t:.2f} s, equal to brute: {factored == oracle}")
+    for n, joint in ((3, False), (4, True)):
+        inst = build_instance(problem, base, enumerate_settings=False)
+        t = time.perf_counter()
+        model = Staircase(inst, joint)
+        built = time.perf_counter() - t
+        front, times = front_of(model)
+        print(f"  {n} staircase + {'joint' if joint else 'factored'} objectives: staircase {model.stairs_s:.2f} s "
+              f"({inst.evaluated} estimates), model {built - model.stairs_s:.2f} s, CP-SAT {sum(times):.2f} s in "
+              f"{len(times)} solves (slowest {max(times):.2f} s), equal to brute: {front == oracle}")
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "problems/qwen2.5-3b-rtx5060ti-16gb.yaml")
