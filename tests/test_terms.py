@@ -94,7 +94,9 @@ def test_component_evaluations_grow_with_their_sub_domains_not_the_space():
     n_small, small = run(optim=["adamw_torch_fused"], enable_liger_kernel=[False], gradient_checkpointing=[True])
     n_big, big = run(optim=["adamw_torch_fused", "adamw_torch", "adamw_8bit"], enable_liger_kernel=[False, True],
                      gradient_checkpointing=[True, False])
-    assert n_big > 6 * n_small  # twelve times the memory settings: many more estimates...
+    # twelve times the memory settings: more estimates, not twelve times more (the optimizer and liger values are
+    # judged only above the staircase the earlier ones cover: space._settings)...
+    assert n_small < n_big < 6 * n_small
     assert small["layer"] <= big["layer"] <= layer_domain < n_big  # ...but the walks stay within their sub-domain
     assert big["optimizer_states"] == 2 * 3  # rank x optimizer
     assert big["weights"] == 1

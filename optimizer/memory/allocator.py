@@ -11,7 +11,7 @@ from typing import Literal
 
 from ..schema import Arch, Moment, Plan
 from ..units import MIB, alloc_bytes, round_up
-from .precision import FP32, setting_for
+from .precision import FP32, Setting, setting_for
 
 # ---------------------------------------------------------------------------------------------------
 # Beyond tensors: workspaces, allocator, CUDA context
@@ -64,17 +64,21 @@ def allocated_limit(device_budget: int, managed: int = 0) -> int | None:
     return (device_budget - managed - CUDA_CONTEXT_BYTES) // ROUND_LARGE * ROUND_LARGE
 
 
-def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = None) -> list[int]:
+def large_blocks_at(arch: Arch, plan: Plan, moment: Moment, batch: int | None = None,
+                    setting: Setting | None = None) -> list[int]:
     """The big tensors live at a moment's peak, for the allocator's rounding ([T] the trace's largest live
     tensors): the cross-entropy backward holds three fp32 [N, V] blocks (saved log-softmax and two
     gradients), the loss forward two fp32 [N, V] and the logits, evaluation the same as the loss; every
     other moment (a layer's forward or backward, the lm_head backward, the end of backward) is modelled by a
     layer's MLP factors ([N, I] in the compute dtype, three; a MoE layer's routed-row tensors); the optimizer step
-    none beyond weights."""
-    st = setting_for(arch, plan if batch is None else plan.model_copy(update={"per_device_train_batch_size": batch}))
-    nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
+    none beyond weights. `setting`: the plan's own setting_for, when the caller has it (not with `batch`)."""
     if plan.enable_liger_kernel or moment is Moment.OPTIMIZER_STEP:
         return []
+    if setting is None or batch is not None:
+        setting = setting_for(arch, plan if batch is None else plan.model_copy(
+            update={"per_device_train_batch_size": batch}))
+    st = setting
+    nv4 = alloc_bytes(st.tokens * arch.vocab_size * FP32)
     if moment is Moment.CE_BACKWARD:
         return [nv4] * 3
     if moment in (Moment.LOSS_FORWARD, Moment.EVAL):

@@ -303,7 +303,9 @@ def device_peak(arch: Arch, plan: Plan, setting: Setting | None = None) -> int:
     tests/test_memory.py checks it equals estimate's on the accuracy grid."""
     sm = step_moments(arch, plan, setting)
     peak = max(sm.moments, key=lambda p: p.total_bytes)
-    return device_peak_for(peak.total_bytes, large_blocks_at(arch, plan, peak.kind), sm.managed_bytes)
+    # the blocks are the plan's own setting's (as estimate's), reused when the caller passed none
+    own = sm.setting if setting is None else None
+    return device_peak_for(peak.total_bytes, large_blocks_at(arch, plan, peak.kind, setting=own), sm.managed_bytes)
 
 
 def estimate(arch: Arch, plan: Plan, setting: Setting | None = None, all_moments: bool = False) -> Estimate:

@@ -49,12 +49,15 @@ class Candidate:
     micro_ms: int  # one micro-batch, ms (ceil)
     opt_ms: int  # one optimizer step, ms (ceil)
     # memory depends on accumulation only through `gradient_accumulation_steps > 1` (the accumulated gradients are
-    # live: memory/step.py), so a setting fits with accumulation 1, with every value > 1, or both
+    # live: memory/step.py), so a setting fits with accumulation 1, with every value > 1, or both. The instance keeps
+    # a setting for a class only where it is the first of its memory-only knob values (space.MEMORY_ONLY, in the
+    # search space's order) that fits: a later one has the same objectives and a larger key (space._settings).
     fits_single: bool = True
     fits_accumulated: bool = True
 
     def allows(self, accumulation: int) -> bool:
-        """Does this memory setting fit at this accumulation?"""
+        """Is this memory setting kept at this accumulation (it fits there, and no earlier memory-only value
+        does)?"""
         return self.fits_accumulated if accumulation > 1 else self.fits_single
 
     def knobs(self) -> dict:

@@ -61,6 +61,9 @@ class Instance:
     host_limited: bool = False  # some plan fit nothing because of the host RAM per node
     notes: list[str] = field(default_factory=list)
     dist: DistSettings | None = None  # several GPUs (problem.cluster): engine, count, offload of this instance
+    # plan_fields, micro_ms and opt_ms by their arguments: pure functions of them and of the instance, called once per
+    # memory setting otherwise (the search calls them for thousands of settings that share a few argument values)
+    memo: dict[tuple, object] = field(default_factory=dict)
 
     @property
     def num_gpus(self) -> int:
@@ -107,7 +110,16 @@ def hparams_for(inst: Instance, finetuning_type: str, lora_rank: int | None,
 
 
 def plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> dict:
-    """The Plan fields the recipe sets (lora_dropout has a memory effect, so the search plans with it)."""
+    """The Plan fields the recipe sets (lora_dropout has a memory effect, so the search plans with it). Shared per
+    (type, rank) on the instance: read it, never change it."""
+    key = ("plan_fields", finetuning_type, lora_rank)
+    out = inst.memo.get(key)
+    if out is None:
+        out = inst.memo[key] = _plan_fields(inst, finetuning_type, lora_rank)
+    return out
+
+
+def _plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) -> dict:
     h = hparams_for(inst, finetuning_type, lora_rank)
     out = {"max_grad_norm": h["max_grad_norm"], "num_train_epochs": inst.epochs}
     if inst.problem.stage == "dpo":  # the memory model prices the DPO step from these (memory/preference.py)
@@ -264,8 +276,9 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
 
 
 def enumerate_instance(inst: Instance) -> Instance:
-    """Every memory setting judged by `estimate` (the staircase per setting of the other knobs), the feasible ones
-    kept as `inst.combos`: what brute force (the oracle) and CP-SAT's table encoding of several GPUs search."""
+    """The memory settings judged by the memory model (a staircase per setting of the other knobs, memory-only knob
+    values above what earlier ones cover: `_settings`), the feasible ones a solve needs kept as `inst.combos`: what
+    brute force (the oracle) and CP-SAT search."""
     domains = inst.domains
     cutoffs, batches = sorted(domains["cutoff_len"]), sorted(domains["per_device_train_batch_size"])
     outer = ["finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
@@ -283,7 +296,15 @@ def enumerate_instance(inst: Instance) -> Instance:
 
 def _settings(inst: Instance, domains: dict, outer: list[str], cutoffs: list[int], batches: list[int],
               classes: list[int]) -> None:
+    """The settings a solve needs, per (type, rank, targets, checkpointing): the flash_attn, optim and liger values
+    change memory only (the objectives never read them), so at each (cutoff, batch) and accumulation class only the
+    first of them in the search space's order that fits can win a tie-break: every later one has the same
+    objectives and a larger key (MEM_KNOBS order puts them after the rest). They are walked in that order and each
+    is judged only above the staircase the earlier ones cover (`_staircase`); a setting is kept for the classes
+    where it is that first fit (Candidate.fits_single / fits_accumulated)."""
     seen_full = set()
+    covered: dict[int, list[int]] = {}
+    group = None
     for vals in itertools.product(*(domains[k] for k in outer)):
         knobs = dict(zip(outer, vals))
         if knobs["finetuning_type"] == "full":
@@ -294,12 +315,20 @@ def _settings(inst: Instance, domains: dict, outer: list[str], cutoffs: list[int
             seen_full.add(key)
             knobs["lora_rank"] = None
             knobs["lora_target"] = None
-        fit = {a: _staircase(inst, knobs, cutoffs, batches, a) for a in classes}
+        g = tuple(knobs[k] for k in outer if k not in MEMORY_ONLY)
+        if g != group:  # product order: the memory-only knobs vary fastest, so a group's settings are consecutive
+            group, covered = g, {a: [-1] * len(cutoffs) for a in classes}
+        fit = {a: _staircase(inst, knobs, cutoffs, batches, a, covered[a]) for a in classes}
         single, accumulated = fit.get(1, set()), (fit[classes[-1]] if classes[-1] > 1 else set())
         for cutoff in cutoffs:
             for batch in batches:
                 if (cutoff, batch) in single or (cutoff, batch) in accumulated:
                     _add_combo(inst, knobs, cutoff, batch, (cutoff, batch) in single, (cutoff, batch) in accumulated)
+
+
+# Memory knobs no objective reads (objectives.point_objectives: quality and time depend on the type, rank, targets,
+# cutoff, batch, checkpointing, accumulation and max_samples only)
+MEMORY_ONLY = ("flash_attn", "optim", "enable_liger_kernel")
 
 
 # What one solve handles: memory settings (memory knobs without accumulation and max_samples; each costs a few
@@ -336,20 +365,23 @@ def check_size(domains: dict[str, list]) -> None:
     )
 
 
-def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int], accum: int) -> set[tuple]:
-    """Feasible (cutoff, batch) pairs for fixed other knobs and accumulation. The peak is monotone in both
-    (property-tested in tests/test_memory.py), so the feasible set is a staircase: walk it with |C| + |B|
-    estimates."""
+def _staircase(inst: Instance, knobs: dict, cutoffs: list[int], batches: list[int], accum: int,
+               covered: list[int]) -> set[tuple]:
+    """Feasible (cutoff, batch) pairs above `covered` (per sorted cutoff, the largest sorted batch position an earlier
+    setting already fits, -1: none), for fixed other knobs and accumulation; `covered` is raised to include them.
+    The peak is monotone in both (property-tested in tests/test_memory.py), so the feasible set is a staircase:
+    walk it with at most |C| + |B| estimates, none at or below `covered`."""
     out = set()
     j = len(batches) - 1
     for i in range(len(cutoffs)):
-        while j >= 0:
+        # invariant: no batch above j fits at this cutoff (monotone in cutoff: none fitted above j at the last one)
+        while j > covered[i]:
             if _evaluate(inst, knobs, cutoffs[i], batches[j], accum) <= inst.budget_bytes:
                 break
             j -= 1
-        if j < 0:
-            break
-        out.update((cutoffs[i], batches[jj]) for jj in range(j + 1))
+        if j > covered[i]:
+            out.update((cutoffs[i], batches[jj]) for jj in range(covered[i] + 1, j + 1))
+            covered[i] = j
     return out
 
 
@@ -390,6 +422,15 @@ def dist_peak(inst: Instance, plan: Plan, est) -> int:
 def micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, cutoff: int, batch: int,
              gc: bool) -> int:
     """One micro-batch, ms (ceil): perf.micro_batch_seconds at the data's expected padded length."""
+    key = ("micro_ms", ft, lora_rank, lora_target, cutoff, batch, gc)
+    ms = inst.memo.get(key)
+    if ms is None:
+        ms = inst.memo[key] = _micro_ms(inst, ft, lora_rank, lora_target, cutoff, batch, gc)
+    return ms
+
+
+def _micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, cutoff: int, batch: int,
+              gc: bool) -> int:
     plan = plan_for(inst.arch, inst.gpu, {"finetuning_type": ft, "lora_rank": lora_rank, "lora_target": lora_target,
                                           "cutoff_len": cutoff, "per_device_train_batch_size": batch,
                                           "gradient_checkpointing": gc, "flash_attn": "auto", "optim": "adamw_torch",
@@ -410,6 +451,16 @@ def micro_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | 
 def opt_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, plan: Plan | None = None) -> int:
     """One optimizer step, ms (ceil), with the communication of several GPUs (not overlapped; distributed/comm.py).
     `plan`: a plan of these knobs, when the caller has one (several GPUs need it)."""
+    if inst.dist is not None:  # the communication reads the plan: not shared
+        return _opt_ms(inst, ft, lora_rank, lora_target, plan)
+    key = ("opt_ms", ft, lora_rank, lora_target)
+    ms = inst.memo.get(key)
+    if ms is None:
+        ms = inst.memo[key] = _opt_ms(inst, ft, lora_rank, lora_target, plan)
+    return ms
+
+
+def _opt_ms(inst: Instance, ft: str, lora_rank: int | None, lora_target: str | None, plan: Plan | None) -> int:
     plan = plan or plan_for(inst.arch, inst.gpu, {"finetuning_type": ft, "lora_rank": lora_rank,
                                                   "lora_target": lora_target, "cutoff_len": 512,
                                                   "per_device_train_batch_size": 1, "gradient_checkpointing": True,
