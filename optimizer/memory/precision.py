@@ -211,16 +211,22 @@ def _check_vision(arch: Arch, plan: Plan) -> None:
         raise ConfigError(f"{arch.name}: {what} with images is not modelled yet. Use stage sft without packing, or "
                           "images_per_sample 0.")
     if plan.images_per_sample:
-        from ..models.vision import plan_image_grid
-
-        t, h, w = plan_image_grid(arch.vision, plan.image_max_pixels, plan.image_min_pixels)
-        # [S] LLaMA-Factory data/mm_plugin.py Qwen2VLPlugin.process_messages: t h w / merge^2 <|image_pad|> tokens
-        # + <|vision_start|> and <|vision_end|> per image, inside the cutoff_len-long sequence
-        tokens = plan.images_per_sample * (t * h * w // arch.vision.spatial_merge_size ** 2 + 2)
+        tokens = sample_image_tokens(arch, plan.images_per_sample, plan.image_max_pixels, plan.image_min_pixels)
         if tokens > plan.cutoff_len:
             raise ConfigError(f"{arch.name}: {plan.images_per_sample} image(s) of up to image_max_pixels "
                               f"{plan.image_max_pixels} take {tokens} tokens, more than cutoff_len {plan.cutoff_len} "
                               "(image tokens count toward it). Raise cutoff_len or lower image_max_pixels.")
+
+
+def sample_image_tokens(arch: Arch, images: int, max_pixels: int, min_pixels: int) -> int:
+    """The tokens `images` images of up to `max_pixels` take in a sample's cutoff_len-long sequence, each priced as
+    the memory model takes it (a square of max_pixels: models/vision.plan_image_grid)."""
+    from ..models.vision import plan_image_grid
+
+    t, h, w = plan_image_grid(arch.vision, max_pixels, min_pixels)
+    # [S] LLaMA-Factory data/mm_plugin.py Qwen2VLPlugin.process_messages: t h w / merge^2 <|image_pad|> tokens
+    # + <|vision_start|> and <|vision_end|> per image, inside the cutoff_len-long sequence
+    return images * (t * h * w // arch.vision.spatial_merge_size ** 2 + 2)
 
 
 def additional_targets(plan: Plan) -> list[str]:

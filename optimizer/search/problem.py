@@ -48,10 +48,23 @@ class DatasetSpec(BaseModel):
     neat_packing: bool = Field(default=False, description="LLaMA-Factory `neat_packing` (implies packing): no "
                                "attention across packed samples; with sdpa a [b, 1, s, s] mask in the compute dtype.")
 
+    images_per_sample: int | None = Field(
+        default=None, ge=0, description="Vision-language models: the images each sample holds, each priced at "
+        "image_max_pixels in memory and in cutoff_len (the worst micro-batch). Default: the most images one sample "
+        "of `file` has (its image tokens are added to each sample's prompt), 0 with a summary (whose "
+        "token_length_percentiles should then include the image tokens).")
+    image_max_pixels: int = Field(default=768 * 768, gt=0, description="LLaMA-Factory `image_max_pixels` (default "
+                                  "768*768): larger images are scaled down to it.")
+    image_min_pixels: int = Field(default=32 * 32, gt=0, description="LLaMA-Factory `image_min_pixels` (default "
+                                  "32*32): smaller images are scaled up to it.")
+
     @model_validator(mode="after")
     def _file_or_summary(self) -> DatasetSpec:
         if self.file is None and self.summary is None:
             raise ValueError("give the data `file` or its `summary` (num_samples, token_length_percentiles)")
+        if self.image_max_pixels < self.image_min_pixels:
+            raise ValueError(f"image_max_pixels {self.image_max_pixels} is smaller than image_min_pixels "
+                             f"{self.image_min_pixels}: raise image_max_pixels or lower image_min_pixels")
         return self
 
 

@@ -64,6 +64,7 @@ class Instance:
     # plan_fields, micro_ms and opt_ms by their arguments: pure functions of them and of the instance, called once per
     # memory setting otherwise (the search calls them for thousands of settings that share a few argument values)
     memo: dict[tuple, object] = field(default_factory=dict)
+    images_per_sample: int = 0  # vision-language models: images per sample priced in every plan (problem.dataset)
 
     @property
     def num_gpus(self) -> int:
@@ -127,6 +128,9 @@ def _plan_fields(inst: Instance, finetuning_type: str, lora_rank: int | None) ->
     ds = inst.problem.dataset
     if ds.packing or ds.neat_packing:
         out.update(packing=True, neat_packing=ds.neat_packing)
+    if inst.arch.vision is not None:  # the emitted configs carry the problem's image sizes
+        out.update(images_per_sample=inst.images_per_sample, image_max_pixels=ds.image_max_pixels,
+                   image_min_pixels=ds.image_min_pixels)
     if finetuning_type != "full":
         out.update(lora_alpha=h["lora_alpha"], lora_dropout=h["lora_dropout"])
     return out
@@ -171,6 +175,17 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
     if not family_of(arch.model_type).liger:
         liger = [False]
     fts, targets = list(s.finetuning_type), list(s.lora_target)
+    if arch.vision is not None:  # precision._check_vision: LoRA on the decoder, the vision tower frozen and 16-bit
+        vlm = [f for f in fts if f == "lora"]
+        if not vlm:
+            raise ProblemError(f"search.finetuning_type {', '.join(fts)}: {arch.name} is a vision-language model, "
+                               "whose memory is modelled for lora only (bitsandbytes would also quantize the vision "
+                               "tower; full fine-tuning would train it). Add lora to search.finetuning_type.")
+        if len(vlm) < len(fts):
+            dropped = ", ".join(f for f in fts if f != "lora")
+            notes.append(f"{arch.name} is a vision-language model: finetuning_type {dropped} dropped (modelled: lora, "
+                         "the vision tower frozen)")
+        fts = vlm
     if arch.is_moe:  # plan_for's full plans keep fp32 experts (precision.check_moe)
         fts = [f for f in fts if f != "full"] or fts
         if not _target_names(arch, "mlp"):  # routed experts only: no nn.Linear in the MLP block
@@ -243,6 +258,10 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
                      f"template {measured.template})")
     else:
         inst.summary = problem.dataset.summary
+    measured = _images(inst, measured, data_path if problem.dataset.file else None)
+    if measured is not None:
+        inst.summary = measured.summary()
+        inst.lengths = tuple(sorted(sm.total for sm in measured.samples))
     ds = inst.summary
     if measured is not None:
         cov = {c: measured.coverage(c).response_kept_share for c in domains["cutoff_len"]}
@@ -273,6 +292,59 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
     if enumerate_settings:
         enumerate_instance(inst)
     return inst
+
+
+def _images(inst: Instance, measured, data_path: Path | None):
+    """The images each sample of a vision-language problem holds (problem.dataset.images_per_sample, or the most one
+    sample of the data file has), set on the instance; cutoff_len values too short for their tokens dropped. With a
+    data file of images, each sample's image tokens join its first turn's prompt (LLaMA-Factory expands the <image>
+    placeholders before truncation: data/mm_plugin.py process_messages): the measured samples returned."""
+    from dataclasses import replace
+
+    from ..memory.precision import sample_image_tokens
+
+    problem, arch = inst.problem, inst.arch
+    spec = problem.dataset
+    if arch.vision is None:
+        if spec.images_per_sample:
+            raise ProblemError(f"dataset.images_per_sample {spec.images_per_sample}: {arch.name} has no vision tower. "
+                               "Remove images_per_sample, or solve for a vision-language model, e.g. "
+                               "Qwen/Qwen2.5-VL-3B-Instruct.")
+        return measured
+    counts = None
+    if data_path is not None and measured is not None and problem.stage != "dpo":
+        from ..data.images import dataset_images
+
+        counts = dataset_images(data_path, arch.vision, model=arch.name, formatting=spec.formatting,
+                                max_pixels=spec.image_max_pixels, min_pixels=spec.image_min_pixels)
+    n = spec.images_per_sample
+    if n is None:
+        n = max((len(c) for c in counts), default=0) if counts else 0
+    if n and (problem.stage == "dpo" or spec.packing or spec.neat_packing):
+        what = "stage dpo" if problem.stage == "dpo" else "packing"
+        raise ProblemError(f"{what} with images is not modelled yet. Solve without it, or set "
+                           "dataset.images_per_sample: 0 for text-only samples.")
+    inst.images_per_sample = n
+    if not n:
+        return measured
+    need = sample_image_tokens(arch, n, spec.image_max_pixels, spec.image_min_pixels)
+    cutoffs = inst.domains["cutoff_len"]
+    short = [c for c in cutoffs if c < need]
+    if len(short) == len(cutoffs):
+        raise ProblemError(f"search.cutoff_len: {n} image(s) per sample at image_max_pixels {spec.image_max_pixels} "
+                           f"take {need} tokens, more than every cutoff_len ({', '.join(map(str, cutoffs))}). Add a "
+                           f"cutoff_len of at least {need}, or lower dataset.image_max_pixels.")
+    inst.domains["cutoff_len"] = [c for c in cutoffs if c >= need]
+    how = "dataset.images_per_sample" if spec.images_per_sample is not None else "the most in one sample of the data"
+    inst.notes.append(f"images: {n} per sample ({how}), each priced at image_max_pixels {spec.image_max_pixels:,}: "
+                      f"{need} tokens of every cutoff_len" + (f"; cutoff_len {', '.join(map(str, short))} dropped "
+                                                               "(too short for them)" if short else "") +
+                      "; the time objective leaves out the vision tower's compute")
+    if counts is None:
+        return measured
+    samples = tuple(replace(sm, turns=((sm.turns[0][0] + sum(x.tokens for x in c), sm.turns[0][1]),) + sm.turns[1:])
+                    if c and sm.turns else sm for sm, c in zip(measured.samples, counts, strict=True))
+    return replace(measured, samples=samples)
 
 
 def enumerate_instance(inst: Instance) -> Instance:
