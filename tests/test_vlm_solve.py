@@ -107,6 +107,9 @@ def test_what_is_not_modelled_is_one_clear_error(tmp_path):
         update={"images_per_sample": 1})})
     with pytest.raises(ProblemError, match="images_per_sample 1: Qwen/Qwen2.5-3B-Instruct has no vision tower"):
         build_instance(text_model, base)
+    text_only = problem.model_copy(update={"model": "Qwen/Qwen2.5-3B-Instruct"})
+    with pytest.raises(ProblemError, match="samples have images but Qwen/Qwen2.5-3B-Instruct has no vision tower"):
+        build_instance(text_only, base)
     packed = problem.model_copy(update={"dataset": problem.dataset.model_copy(update={"packing": True})})
     with pytest.raises(ProblemError, match="packing with images is not modelled yet"):
         build_instance(packed, base)

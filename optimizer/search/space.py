@@ -310,6 +310,14 @@ def _images(inst: Instance, measured, data_path: Path | None):
             raise ProblemError(f"dataset.images_per_sample {spec.images_per_sample}: {arch.name} has no vision tower. "
                                "Remove images_per_sample, or solve for a vision-language model, e.g. "
                                "Qwen/Qwen2.5-VL-3B-Instruct.")
+        if data_path is not None and problem.stage != "dpo":  # a data file of images: one clear error
+            from ..data.read import read_files, resolve_source
+
+            files, fmt, _ = resolve_source(data_path, None, spec.formatting)
+            if any(c.images for c in read_files(files, fmt)):
+                raise ProblemError(f"dataset {spec.file}: samples have images but {arch.name} has no vision tower. "
+                                   "Set the problem's model to a vision-language model (e.g. "
+                                   "Qwen/Qwen2.5-VL-3B-Instruct), or remove the images from the data.")
         return measured
     counts = None
     if data_path is not None and measured is not None and problem.stage != "dpo":
