@@ -83,7 +83,7 @@ def _build(inst: Instance):
     m.add(sum(ct * v for ct, v in zip(t_coef, xs)) == T)
     key = m.new_int_var(0, max(k_coef), "key")
     m.add(key == sum(ck * v for ck, v in zip(k_coef, xs)))
-    return m, x, Q, T, key, groups, (max(t_coef), max(k_coef))
+    return m, x, Q, T, key, groups, (q_coef, t_coef, k_coef)
 
 
 def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, int]:
@@ -108,12 +108,15 @@ def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, i
 def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
     """The front as [(quality, time_ms, key, (combo position, accumulation, max_samples))], quality descending.
 
-    Per front point, three solves on the same model: maximize quality; with quality fixed, minimize time;
-    with both fixed, minimize the tie-break key. Then require a strictly smaller time and repeat."""
+    Per front point: maximize quality (time below the last point's); then, with quality fixed, minimize time and
+    then the tie-break key. Exactly one literal is true, so fixing the quality leaves only the literals of that
+    quality coefficient: the two lexicographic steps solve on that sub-model (`_lexmin`), not on the whole one.
+    Then require a strictly smaller time and repeat."""
     stats = stats or SolveStats()
     if not inst.combos:
         return []
-    base, x, Q, T, key, groups, _ = _build(inst)
+    base, x, Q, T, key, groups, (qc, tc, kc) = _build(inst)
+    lits = list(x)
     d = inst.domains
     front = []
     eps = None
@@ -126,14 +129,10 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
             break
         q = s.value(Q)
-        m.add(q == Q)
-        m.minimize(T)
-        s, st = _solve(m, stats)
-        t = s.value(T)
-        m.add(t == T)
-        m.minimize(key)
-        s, st = _solve(m, stats)
-        gi, accum, samples = next(k for k, var in x.items() if s.boolean_value(var))
+        sub = [i for i, cq in enumerate(qc) if cq == q and (eps is None or tc[i] <= eps)]
+        i = _lexmin(sub, tc, kc, stats)
+        gi, accum, samples = lits[i]
+        t = tc[i]
         pos = groups[gi][0]
         k = inst.combos[pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples))
         front.append((q, t, k, (pos, accum, samples)))
@@ -141,6 +140,20 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         if eps < 0:
             break
     return front
+
+
+def _lexmin(sub: list[int], tc: list[int], kc: list[int], stats: SolveStats) -> int:
+    """The literal of `sub` with the smallest time, then the smallest key: a one-hot over `sub`, two solves."""
+    m = cp_model.CpModel()
+    xs = [m.new_bool_var(f"s{i}") for i in sub]
+    m.add_exactly_one(xs)
+    t = sum(tc[i] * v for i, v in zip(sub, xs))
+    m.minimize(t)
+    s, _ = _solve(m, stats)
+    m.add(t == int(s.objective_value))
+    m.minimize(sum(kc[i] * v for i, v in zip(sub, xs)))
+    s, _ = _solve(m, stats)
+    return next(i for i, v in zip(sub, xs) if s.boolean_value(v))
 
 
 def nearest_feasible(costs: list[int], tiebreak: list[int]) -> int:
