@@ -143,7 +143,10 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
 
 
 def _lexmin(sub: list[int], tc: list[int], kc: list[int], stats: SolveStats) -> int:
-    """The literal of `sub` with the smallest time, then the smallest key: a one-hot over `sub`, two solves."""
+    """The literal of `sub` with the smallest time, then the smallest key: a one-hot over `sub`, two solves (one
+    literal: it is the one)."""
+    if len(sub) == 1:
+        return sub[0]
     m = cp_model.CpModel()
     xs = [m.new_bool_var(f"s{i}") for i in sub]
     m.add_exactly_one(xs)
