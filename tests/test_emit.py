@@ -577,6 +577,26 @@ def test_llamafactory_parses_emitted_configs(tmp_path, monkeypatch):
 
 
 @pytest.mark.llamafactory
+def test_llamafactory_parses_a_vision_language_config(tmp_path, monkeypatch):
+    """What solve writes for a vision-language model (template qwen2_vl): the image sizes and the frozen tower are
+    LLaMA-Factory keys, read back as set."""
+    get_train_args, lf_parser = _import_llamafactory_parser(monkeypatch)
+    monkeypatch.setattr(lf_parser, "is_torch_bf16_gpu_available", lambda: True)
+    data, model = _lf_workspace(tmp_path)
+    plan = Plan(bf16=True, cutoff_len=2048, images_per_sample=2, image_max_pixels=512 * 512, image_min_pixels=64 * 64)
+    text = render_config(plan, model_name_or_path=str(model), template="qwen2_vl", dataset="chat",
+                         dataset_dir=str(data), output_dir=str(tmp_path / "out"), header=["vl"])
+    cfg = tmp_path / "vl.yaml"
+    write_text_atomic(cfg, text, force=False)
+    monkeypatch.setattr(sys, "argv", ["llamafactory-cli", str(cfg), "use_cpu=true"])
+    lf_parser.HfArgumentParser(lf_parser._TRAIN_ARGS).parse_dict(dict(lf_parser.read_args()), allow_extra_keys=False)
+    model_args, data_args, _, finetuning_args, _ = get_train_args()
+    assert (model_args.image_max_pixels, model_args.image_min_pixels) == (512 * 512, 64 * 64)
+    assert finetuning_args.freeze_vision_tower and finetuning_args.freeze_multi_modal_projector
+    assert data_args.template == "qwen2_vl" and data_args.cutoff_len == 2048
+
+
+@pytest.mark.llamafactory
 def test_llamafactory_knows_our_templates(monkeypatch):
     _import_llamafactory_parser(monkeypatch)
     from llamafactory.extras.constants import DEFAULT_TEMPLATE, SUPPORTED_MODELS, DownloadSource
