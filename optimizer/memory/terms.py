@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from operator import attrgetter
 
 from ..schema import Plan
 from .precision import Setting
@@ -78,6 +79,18 @@ SEARCH_KNOBS: dict[str, tuple[str, ...]] = {
 }
 
 
+def _getter(fields: tuple[str, ...]):
+    """The fields' values as one tuple (operator.attrgetter, in C: the memo builds a key per component per plan)."""
+    if not fields:
+        return lambda _obj: ()
+    get = attrgetter(*fields)
+    return (lambda obj: (get(obj),)) if len(fields) == 1 else get
+
+
+# a declaration -> its getters (keyed by the declaration itself, so a changed declaration gets its own)
+_KEYS: dict[tuple, tuple] = {}
+
+
 class TermMemo:
     """Components by (name, the fields they declare); `evaluations` counts the computations per component."""
 
@@ -87,8 +100,11 @@ class TermMemo:
         self.calls: Counter[str] = Counter()
 
     def get(self, name: str, st: Setting, plan: Plan, fn):
-        fields, plan_fields = COMPONENTS[name]
-        key = (name, tuple(getattr(st, f) for f in fields), tuple(getattr(plan, f) for f in plan_fields))
+        declared = COMPONENTS[name]
+        getters = _KEYS.get(declared)
+        if getters is None:
+            getters = _KEYS[declared] = (_getter(declared[0]), _getter(declared[1]))
+        key = (name, getters[0](st), getters[1](plan))
         self.calls[name] += 1
         try:
             return self._values[key]
