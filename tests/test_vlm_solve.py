@@ -116,8 +116,11 @@ def test_what_is_not_modelled_is_one_clear_error(tmp_path):
     tall = problem.model_copy(update={"search": problem.search.model_copy(update={"cutoff_len": [512, 1024]})})
     with pytest.raises(ProblemError, match="take 1462 tokens, more than every cutoff_len"):
         build_instance(tall, base)
-    res = CliRunner().invoke(app, ["solve", str(_problem(tmp_path)), "--out", str(tmp_path / "o")])
-    assert res.exit_code == 0
+    small = CliRunner().invoke(app, ["solve", str(_problem(tmp_path)), "--gpus", "rtx-5060-ti-16gb",
+                                     "--out", str(tmp_path / "o")])
+    assert small.exit_code != 0 and "Traceback" not in small.output
+    assert "Relax: fewer or smaller images (dataset.images_per_sample, dataset.image_max_pixels" in small.output
+    assert "qlora4" not in small.output
     bad = tmp_path / "bad.yaml"
     spec = yaml.safe_load((tmp_path / "vl.yaml").read_text(encoding="utf-8"))
     spec["dataset"]["image_max_pixels"] = 100

@@ -110,11 +110,16 @@ def _infeasible(inst: Instance) -> InfeasibleError:
                 "cluster.host_ram_gib more, or search less offload. ")
     seen = (f"the smallest device peak is {peak / GIB:.2f} GiB ({desc})" if inst.min_peak is not None
             else "no plan the engines can run")
+    if inst.arch.vision is not None:  # qlora is not modelled for a vision-language model (space._domains)
+        relax = "fewer or smaller images (dataset.images_per_sample, dataset.image_max_pixels: each image's tokens " \
+                "and the vision tower's saved activations scale with its pixels), smaller cutoff_len and batch 1"
+    else:
+        relax = "allow qlora4, smaller cutoff_len and batch 1"
     return InfeasibleError(
         f"no plan of the search space fits {inst.gpu.name}: {seen} and the bound is "
         f"{inst.budget_bytes / GIB:.2f} GiB ({inst.problem.margin:.0%} margin). {host}"
-        "Relax: allow qlora4, smaller cutoff_len and batch 1, gradient checkpointing and the liger kernel, "
-        "lower the margin, or pick a bigger GPU or a smaller model."
+        f"Relax: {relax}, gradient checkpointing and the liger kernel, lower the margin, or pick a bigger GPU or a "
+        "smaller model."
     )
 
 
