@@ -23,15 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ortools.sat.python import cp_model
-
 from optimizer.memory.terms import memoized
 from optimizer.search.brute import solve_brute
-from optimizer.search.cpsat import TIME_UNIT_MS, _bounds, _Factored, solve_cpsat, solve_factored
+from optimizer.search.cpsat import SolveStats, _Factored, epsilon_front, solve_cpsat, solve_factored
 from optimizer.search.factored import KNOBS, Table, _points, _quality_tables, _time_tables, candidate, factor
 from optimizer.search.objectives import point_objectives
 from optimizer.search.problem import load_problem
-from optimizer.search.space import _evaluate, build_instance, micro_ms, opt_ms
+from optimizer.search.space import _staircase, build_instance, micro_ms, opt_ms
 
 ROOT = Path(__file__).resolve().parents[1]
 OUTER = ("finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
@@ -53,17 +51,14 @@ def staircases(inst, sizes: dict, classes: list[bool]) -> dict[tuple, dict[int, 
                 knobs["lora_rank"] = knobs["lora_target"] = None
             for ci, later in enumerate(classes):
                 accum = min(a for a in d["gradient_accumulation_steps"] if (a > 1) == later)
-                j, row = len(batches) - 1, {}
-                for c in cutoffs:
-                    while j >= 0 and _evaluate(inst, knobs, d["cutoff_len"][c], batches[j], accum) > inst.budget_bytes:
-                        j -= 1
-                    row[c] = j
-                out[idx + (ci,)] = row
+                covered = [-1] * len(cutoffs)  # space._staircase raises it to each cutoff's largest fitting batch
+                _staircase(inst, knobs, [d["cutoff_len"][c] for c in cutoffs], batches, accum, covered)
+                out[idx + (ci,)] = dict(zip(cutoffs, covered))
     return out
 
 
 class Staircase(_Factored):
-    """Encodings 3 (joint=False) and 4 (joint=True); one-hots, rows and the key as in _Factored."""
+    """Encodings 3 (joint=False) and 4 (joint=True); one-hots, rows, objectives and the key as in _Factored."""
 
     def __init__(self, inst, joint: bool) -> None:
         d = inst.domains
@@ -72,14 +67,8 @@ class Staircase(_Factored):
         t = time.perf_counter()
         stairs = staircases(inst, sizes, classes)
         self.stairs_s = time.perf_counter() - t
-        m = self.cp = cp_model.CpModel()
-        self._rows = {}
-        self.x = {k: [m.new_bool_var(f"{k}={i}") for i in range(sizes[k])] for k in KNOBS + ("accumulating",)}
-        for vs in self.x.values():
-            m.add_exactly_one(vs)
-        for c, later in enumerate(classes):
-            m.add(sum(v for a, v in zip(d["gradient_accumulation_steps"], self.x["gradient_accumulation_steps"])
-                      if (a > 1) == later) == self.x["accumulating"][c])
+        self.knobs(sizes, lambda i: classes.index(d["gradient_accumulation_steps"][i] > 1))
+        m = self.cp
         batches = sorted(d["per_device_train_batch_size"])
         rank = sum(batches.index(b) * v for b, v in zip(d["per_device_train_batch_size"],
                                                          self.x["per_device_train_batch_size"]))
@@ -89,67 +78,22 @@ class Staircase(_Factored):
                 m.add(y == 0)
             elif min(row.values()) < len(batches) - 1:
                 m.add(rank <= sum(j * self.x["cutoff_len"][c] for c, j in row.items())).only_enforce_if(y)
-        if joint:
-            q, s = {}, {}
-            for idx in _points(inst, OBJECTIVE_KNOBS, sizes):
-                v = {k: d[k][i] for k, i in zip(OBJECTIVE_KNOBS, idx)}
-                ft = v["finetuning_type"]
-                r, tg = (None, None) if ft == "full" else (v["lora_rank"], v["lora_target"])
-                cand = candidate(inst, v, micro_ms(inst, ft, r, tg, v["cutoff_len"], v["per_device_train_batch_size"],
-                                                   v["gradient_checkpointing"]), opt_ms(inst, ft, r, tg))
-                q[idx], s[idx] = point_objectives(inst, cand, v["gradient_accumulation_steps"], v["max_samples"])
-            self.quality = m.new_int_var(min(q.values()), max(q.values()), "quality")
-            m.add(self.quality == self.value(Table("quality", OBJECTIVE_KNOBS, q)))
-            self.time = m.new_int_var(0, max(s.values()), "time")
-            m.add(self.time == self.value(Table("time", OBJECTIVE_KNOBS, s)))
-        else:
-            quality, times = _quality_tables(inst, sizes), _time_tables(inst, sizes)
-            self.quality = m.new_int_var(*_bounds([self.bounds(t) for t in quality]), "quality")
-            m.add(self.quality == sum(self.value(t) for t in quality))
-            ms = self.value(times["compute_ms"]) + self.value(times["step_ms"])
-            hi = -(-(self.bounds(times["compute_ms"])[1] + self.bounds(times["step_ms"])[1]) // TIME_UNIT_MS)
-            self.time = m.new_int_var(0, hi, "time")
-            m.add(TIME_UNIT_MS * self.time >= ms)
-            m.add(TIME_UNIT_MS * self.time <= ms + TIME_UNIT_MS - 1)
-        stride, hi, terms = 1, 0, []
-        for k in reversed(KNOBS):
-            terms += [stride * i * v for i, v in enumerate(self.x[k]) if i]
-            hi += stride * (sizes[k] - 1)
-            stride *= sizes[k]
-        self.key = m.new_int_var(0, hi, "key")
-        m.add(self.key == sum(terms))
-
-
-def front_of(model: Staircase) -> tuple[list[tuple[int, int]], list[float]]:
-    """The epsilon-constraint loop of cpsat.solve_factored; the objective vectors and each solve's seconds."""
-    front, times, eps = [], [], None
-
-    def run(m):
-        s = cp_model.CpSolver()
-        s.parameters.num_workers, s.parameters.random_seed, s.parameters.cp_model_presolve = 1, 0, False
-        t = time.perf_counter()
-        st = s.solve(m)
-        times.append(time.perf_counter() - t)
-        return s, st
-
-    while True:
-        m = model.cp.clone()
-        if eps is not None:
-            m.add(model.time <= eps)
-        m.maximize(model.quality)
-        s, st = run(m)
-        if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return front, times
-        q = s.value(model.quality)
-        m.add(model.quality == q)
-        m.minimize(model.time)
-        s, _ = run(m)
-        t = s.value(model.time)
-        m.add(model.time == t)
-        m.minimize(model.key)
-        run(m)
-        front.append((q, t))
-        eps = t - 1
+        if not joint:
+            times = _time_tables(inst, sizes)
+            self.objectives(_quality_tables(inst, sizes), times["compute_ms"], times["step_ms"])
+            return
+        q, s = {}, {}
+        for idx in _points(inst, OBJECTIVE_KNOBS, sizes):
+            v = {k: d[k][i] for k, i in zip(OBJECTIVE_KNOBS, idx)}
+            ft = v["finetuning_type"]
+            r, tg = (None, None) if ft == "full" else (v["lora_rank"], v["lora_target"])
+            cand = candidate(inst, v, micro_ms(inst, ft, r, tg, v["cutoff_len"], v["per_device_train_batch_size"],
+                                               v["gradient_checkpointing"]), opt_ms(inst, ft, r, tg))
+            q[idx], s[idx] = point_objectives(inst, cand, v["gradient_accumulation_steps"], v["max_samples"])
+        self.quality = m.new_int_var(min(q.values()), max(q.values()), "quality")
+        m.add(self.quality == self.value(Table("quality", OBJECTIVE_KNOBS, q)))
+        self.time = m.new_int_var(0, max(s.values()), "time")
+        m.add(self.time == self.value(Table("time", OBJECTIVE_KNOBS, s)))
 
 
 def main(path: Path) -> None:
@@ -175,10 +119,11 @@ def main(path: Path) -> None:
         t = time.perf_counter()
         model = Staircase(inst, joint)
         built = time.perf_counter() - t
-        front, times = front_of(model)
+        t = time.perf_counter()
+        front = [(q, tt) for q, tt, _ in epsilon_front(model, SolveStats())]
         print(f"  {n} staircase + {'joint' if joint else 'factored'} objectives: staircase {model.stairs_s:.2f} s "
-              f"({inst.evaluated} estimates), model {built - model.stairs_s:.2f} s, CP-SAT {sum(times):.2f} s in "
-              f"{len(times)} solves (slowest {max(times):.2f} s), equal to brute: {front == oracle}")
+              f"({inst.evaluated} estimates), model {built - model.stairs_s:.2f} s, CP-SAT "
+              f"{time.perf_counter() - t:.2f} s in {3 * len(front) + 1} solves, equal to brute: {front == oracle}")
 
 
 if __name__ == "__main__":

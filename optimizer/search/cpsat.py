@@ -189,20 +189,9 @@ class _Factored:
     search space's order (mixed radix over the knobs' indices)."""
 
     def __init__(self, fac) -> None:
-        from .factored import KNOBS
-
         self.fac = fac
-        m = self.cp = cp_model.CpModel()
-        sizes = fac.sizes
-        self.x = {k: [m.new_bool_var(f"{k}={i}") for i in range(sizes[k])] for k in KNOBS}
-        for k in KNOBS:
-            m.add_exactly_one(self.x[k])
-        self.x["accumulating"] = [m.new_bool_var(f"accumulating={c}") for c in range(sizes["accumulating"])]
-        m.add_exactly_one(self.x["accumulating"])
-        for c in range(sizes["accumulating"]):
-            m.add(sum(self.x["gradient_accumulation_steps"][i] for i in range(sizes["gradient_accumulation_steps"])
-                      if fac.accumulating_index(i) == c) == self.x["accumulating"][c])
-        self._rows: dict[tuple, dict] = {}
+        self.knobs(fac.sizes, fac.accumulating_index)
+        m = self.cp
         totals = [sum(self.value(t) for t in fac.memory[k]) for k in fac.moments]
         overs = [self.value(fac.overhead[k]) if k in fac.overhead else 0 for k in fac.moments]
         limit = self.value(fac.limit)
@@ -214,13 +203,22 @@ class _Factored:
                 if j != i:
                     m.add(totals[i] >= totals[j] + (1 if j < i else 0)).only_enforce_if(zi)
             m.add(totals[i] + overs[i] <= limit).only_enforce_if(zi)
-        self.quality = m.new_int_var(*_bounds([self.bounds(t) for t in fac.quality]), "quality")
-        m.add(self.quality == sum(self.value(t) for t in fac.quality))
-        ms = self.value(fac.compute_ms) + self.value(fac.step_ms)
-        hi = -(-(self.bounds(fac.compute_ms)[1] + self.bounds(fac.step_ms)[1]) // TIME_UNIT_MS)
-        self.time = m.new_int_var(0, hi, "time")
-        m.add(TIME_UNIT_MS * self.time >= ms)
-        m.add(TIME_UNIT_MS * self.time <= ms + TIME_UNIT_MS - 1)
+        self.objectives(fac.quality, fac.compute_ms, fac.step_ms)
+
+    def knobs(self, sizes: dict[str, int], accumulating_index) -> None:
+        """A fresh model: one-hots per knob (factored.KNOBS and the accumulation class, channelled to accumulation
+        through `accumulating_index`: accumulation index -> class index) and the tie-break key: the point's
+        position in the search space's order (mixed radix over the knobs' indices)."""
+        from .factored import KNOBS
+
+        m = self.cp = cp_model.CpModel()
+        self._rows: dict[tuple, dict] = {}
+        self.x = {k: [m.new_bool_var(f"{k}={i}") for i in range(sizes[k])] for k in KNOBS + ("accumulating",)}
+        for vs in self.x.values():
+            m.add_exactly_one(vs)
+        for c in range(sizes["accumulating"]):
+            m.add(sum(self.x["gradient_accumulation_steps"][i] for i in range(sizes["gradient_accumulation_steps"])
+                      if accumulating_index(i) == c) == self.x["accumulating"][c])
         stride, key_hi, key_terms = 1, 0, []
         for k in reversed(KNOBS):
             key_terms += [stride * i * v for i, v in enumerate(self.x[k]) if i]
@@ -228,6 +226,17 @@ class _Factored:
             stride *= sizes[k]
         self.key = m.new_int_var(0, key_hi, "key")
         m.add(self.key == sum(key_terms))
+
+    def objectives(self, quality: list, compute_ms, step_ms) -> None:
+        """Quality as the sum of its term tables; time in whole seconds: ceil((compute ms + step ms) / 1000)."""
+        m = self.cp
+        self.quality = m.new_int_var(*_bounds([self.bounds(t) for t in quality]), "quality")
+        m.add(self.quality == sum(self.value(t) for t in quality))
+        ms = self.value(compute_ms) + self.value(step_ms)
+        hi = -(-(self.bounds(compute_ms)[1] + self.bounds(step_ms)[1]) // TIME_UNIT_MS)
+        self.time = m.new_int_var(0, hi, "time")
+        m.add(TIME_UNIT_MS * self.time >= ms)
+        m.add(TIME_UNIT_MS * self.time <= ms + TIME_UNIT_MS - 1)
 
     def index(self, k: str, solver: cp_model.CpSolver) -> int:
         return next(i for i, v in enumerate(self.x[k]) if solver.boolean_value(v))
@@ -276,26 +285,19 @@ def _solve_light(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSol
     return s, st
 
 
-def solve_factored(fac, stats: SolveStats | None = None):
-    """The front of a Factored instance as [(quality, time, key, knob values)], quality descending: the same
-    epsilon-constraint loop as `solve_cpsat` (maximize quality; with it fixed, minimize time; then the key; then
-    require a strictly smaller time). Empty when no plan fits."""
-    from .factored import KNOBS, memory_of
-
-    stats = stats or SolveStats()
-    model = _Factored(fac)
-    base = model.cp
-    d = fac.inst.domains
+def epsilon_front(model: _Factored, stats: SolveStats) -> list[tuple[int, int, cp_model.CpSolver]]:
+    """The epsilon-constraint loop over a factored model (maximize quality; with it fixed, minimize time; then the
+    key; then require a strictly smaller time): [(quality, time, the solver of the key step)], quality descending."""
     front = []
     eps = None
     while True:
-        m = base.clone()
+        m = model.cp.clone()
         if eps is not None:
             m.add(model.time <= eps)
         m.maximize(model.quality)
         s, st = _solve_light(m, stats)
         if st not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            break
+            return front
         q = s.value(model.quality)
         m.add(model.quality == q)
         m.minimize(model.time)
@@ -304,12 +306,24 @@ def solve_factored(fac, stats: SolveStats | None = None):
         m.add(model.time == t)
         m.minimize(model.key)
         s, st = _solve_light(m, stats)
+        front.append((q, t, s))
+        eps = t - 1
+        if eps < 0:
+            return front
+
+
+def solve_factored(fac, stats: SolveStats | None = None):
+    """The front of a Factored instance as [(quality, time, key, knob values)], quality descending
+    (`epsilon_front`). Empty when no plan fits."""
+    from .factored import KNOBS, memory_of
+
+    model = _Factored(fac)
+    d = fac.inst.domains
+    front = []
+    for q, t, s in epsilon_front(model, stats or SolveStats()):
         idx = {k: model.index(k, s) for k in KNOBS}
         values = {k: d[k][i] for k, i in idx.items()}
         if not memory_of(fac, values)[1]:  # re-checked by the tables' own arithmetic, outside the solver
             raise AssertionError(f"the factored model returned a plan that does not fit: {values}")  # pragma: no cover
         front.append((q, t, tuple(idx[k] for k in KNOBS), values))
-        eps = t - 1
-        if eps < 0:
-            break
     return front
