@@ -101,7 +101,8 @@ def test_what_is_not_modelled_is_one_clear_error(tmp_path):
     problem, base = load_problem(_problem(tmp_path))
     qlora = problem.search.model_copy(update={"finetuning_type": ["qlora4"]})
     only_qlora = problem.model_copy(update={"search": qlora})
-    with pytest.raises(ProblemError, match="vision-language model, whose memory is modelled for lora only"):
+    with pytest.raises(ProblemError, match=r"search.finetuning_type qlora4: none is modelled for Qwen/Qwen2.5-VL-3B-"
+                                           r"Instruct: .*quantization_bit 4 with a vision-language model is not mod"):
         build_instance(only_qlora, base)
     text_model = problem.model_copy(update={"model": "Qwen/Qwen2.5-3B-Instruct", "dataset": problem.dataset.model_copy(
         update={"images_per_sample": 1})})

@@ -15,7 +15,7 @@ from pathlib import Path
 from ..distributed import DistSettings, comm_time_s, per_gpu
 from ..errors import ConfigError, ProblemError
 from ..memory import budget_bytes, count_params, estimate
-from ..memory.precision import padded_length
+from ..memory.precision import padded_length, setting_for
 from ..memory.step import context_window_problem, device_peak
 from ..memory.terms import TermMemo, memoized
 from ..models import catalog
@@ -174,25 +174,12 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
     liger = list(s.enable_liger_kernel)
     if not family_of(arch.model_type).liger:
         liger = [False]
-    fts, targets = list(s.finetuning_type), list(s.lora_target)
-    if arch.vision is not None:  # precision._check_vision: LoRA on the decoder, the vision tower frozen and 16-bit
-        vlm = [f for f in fts if f == "lora"]
-        if not vlm:
-            raise ProblemError(f"search.finetuning_type {', '.join(fts)}: {arch.name} is a vision-language model, "
-                               "whose memory is modelled for lora only (bitsandbytes would also quantize the vision "
-                               "tower; full fine-tuning would train it). Add lora to search.finetuning_type.")
-        if len(vlm) < len(fts):
-            dropped = ", ".join(f for f in fts if f != "lora")
-            notes.append(f"{arch.name} is a vision-language model: finetuning_type {dropped} dropped (modelled: lora, "
-                         "the vision tower frozen)")
-        fts = vlm
-    if arch.is_moe:  # plan_for's full plans keep fp32 experts (precision.check_moe)
-        fts = [f for f in fts if f != "full"] or fts
-        if not _target_names(arch, "mlp"):  # routed experts only: no nn.Linear in the MLP block
-            targets = [t for t in targets if t != "mlp"] or targets
-        if len(fts) < len(s.finetuning_type) or len(targets) < len(s.lora_target):
-            notes.append(f"{arch.name} is a mixture-of-experts model: full fine-tuning (fp32 experts) and "
-                         "lora_target mlp (the routed experts are not nn.Linear) dropped where listed")
+    fts, targets = _modelled_types(arch, gpu, s, notes), list(s.lora_target)
+    if arch.is_moe and not _target_names(arch, "mlp"):  # routed experts only: no nn.Linear in the MLP block
+        targets = [t for t in targets if t != "mlp"] or targets
+        if len(targets) < len(s.lora_target):
+            notes.append(f"{arch.name} is a mixture-of-experts model: lora_target mlp dropped (the routed experts are "
+                         "not nn.Linear)")
     # Domains keep the problem file's order (duplicates dropped): ties between plans with equal quality and
     # time go to the values listed first, dimension by dimension in MEM_KNOBS order, then accumulation and
     # max_samples.
@@ -210,6 +197,30 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
         "max_samples": _unique(s.max_samples),
     }
     return domains, notes
+
+
+def _modelled_types(arch: Arch, gpu: GpuSpec, s, notes: list[str]) -> list[str]:
+    """The finetuning types of the search the memory model covers for this model: each is probed with its plan at
+    the space's first values (precision.setting_for refuses, e.g., a quantized vision-language model or fp32 experts
+    of a full MoE fine-tune); the refused ones are dropped with a note, or one error if none is left."""
+    kept, refused = [], {}
+    for ft in s.finetuning_type:
+        probe = plan_for(arch, gpu, {"finetuning_type": ft, "lora_rank": s.lora_rank[0], "lora_target": "all",
+                                     "cutoff_len": min(s.cutoff_len), "per_device_train_batch_size": 1,
+                                     "gradient_checkpointing": True, "flash_attn": "auto", "optim": "adamw_torch",
+                                     "enable_liger_kernel": False})
+        try:
+            setting_for(arch, probe)
+        except ConfigError as exc:
+            refused[ft] = str(exc)
+            continue
+        kept.append(ft)
+    if not kept:
+        raise ProblemError(f"search.finetuning_type {', '.join(refused)}: none is modelled for {arch.name}: "
+                           f"{next(iter(refused.values()))}")
+    for ft, why in refused.items():
+        notes.append(f"finetuning_type {ft} dropped: {why}")
+    return kept
 
 
 def _unique(values: list) -> list:
