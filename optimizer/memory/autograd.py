@@ -304,3 +304,22 @@ def linear_op(w: Walk, st: Setting, m: LinearSpec, x: str, x_b: int, N: int,
     res = w.op("lora_sum", N * m.out_features * res_b, ins=(out, sc), alias=True)
     w.drop(sc, out)
     return res, res_b
+
+
+def gated_mlp(w: Walk, st: Setting, lin: dict, x: str, x_b: int, N: int, I: int, prefix: str = "",
+              drop_input: bool = False) -> tuple[str, int]:
+    """down(act(gate(x)) * up(x)) of nn.Linear layers (LoRA targets, quantized like any decoder Linear): act saves
+    its input, the product both factors ([S] transformers llama `LlamaMLP.forward`; Qwen2MoeMLP is the same).
+    `drop_input`: the caller's last use of `x` (it is freed before the activation). Returns the output and its
+    element size."""
+    g, g_b = linear_op(w, st, lin["gate_proj"], x, x_b, N, from_norm=True)
+    u, _ = linear_op(w, st, lin["up_proj"], x, x_b, N, from_norm=True)
+    if drop_input:
+        w.drop(x)
+    act = w.op(f"{prefix}act", N * I * g_b, ins=(g,), saves=(g,))
+    w.drop(g)
+    prod = w.op(f"{prefix}act_mul_up", N * I * g_b, ins=(act, u), saves=(act, u))
+    w.drop(act, u)
+    d, d_b = linear_op(w, st, lin["down_proj"], prod, g_b, N)
+    w.drop(prod)
+    return d, d_b

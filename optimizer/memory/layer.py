@@ -8,7 +8,7 @@ from functools import lru_cache
 from ..models.arch import layer_linears
 from ..schema import Arch
 from ..units import alloc_bytes
-from .autograd import Walk, linear_op, norm_op, promote
+from .autograd import Walk, gated_mlp, linear_op, norm_op, promote
 from .moe import moe_block
 from .precision import FP32, Setting
 
@@ -279,17 +279,10 @@ def _mlp_block(w: Walk, arch: Arch, st: Setting, lin: dict, h1: str, res_b: int)
         act = w.op("act", N * I * gu_b, ins=(gu,), saves=(gu,))
         prod = w.op("act_mul_up", N * I * gu_b, ins=(act, gu), saves=(act, gu))
         w.drop(gu, act)
-        g_b = gu_b
+        d_out, d_b = linear_op(w, st, lin["down_proj"], prod, gu_b, N)
+        w.drop(prod)
     else:
-        g, g_b = linear_op(w, st, lin["gate_proj"], h2, h2_b, N, from_norm=True)
-        u, _ = linear_op(w, st, lin["up_proj"], h2, h2_b, N, from_norm=True)
-        w.drop(h2)
-        act = w.op("act", N * I * g_b, ins=(g,), saves=(g,))
-        w.drop(g)
-        prod = w.op("act_mul_up", N * I * g_b, ins=(act, u), saves=(act, u))
-        w.drop(act, u)
-    d_out, d_b = linear_op(w, st, lin["down_proj"], prod, g_b, N)
-    w.drop(prod)
+        d_out, d_b = gated_mlp(w, st, lin, h2, h2_b, N, I, drop_input=True)
     if arch.norms_per_layer == 4:  # Gemma: post_feedforward_layernorm; GLM-4: post_mlp_layernorm
         d2, d_b = norm_op(w, st, d_out, d_b, N * H, N, trainable)
         w.drop(d_out)

@@ -18,7 +18,7 @@ from dataclasses import replace
 from ..models.arch import LinearSpec
 from ..schema import Arch
 from ..units import alloc_bytes
-from .autograd import Walk, linear_op, promote
+from .autograd import Walk, gated_mlp, linear_op, promote
 from .precision import FP32, Setting
 
 INT64 = 8  # torch.sort / topk indices and the permutation tensors are int64
@@ -83,18 +83,8 @@ def moe_block(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, lin: dict) -> 
 
 
 def _shared_expert(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, lin: dict) -> tuple[str, int]:
-    """Qwen2MoeMLP: down(act(gate(x)) * up(x)) of nn.Linear layers (LoRA targets, quantized like any decoder
-    Linear); act saves its input, the product both factors ([S] transformers llama LlamaMLP.forward)."""
-    N, I = st.tokens, arch.shared_expert_intermediate_size
-    g, g_b = linear_op(w, st, lin["gate_proj"], x, x_b, N, from_norm=True)
-    u, _ = linear_op(w, st, lin["up_proj"], x, x_b, N, from_norm=True)
-    act = w.op("shared_act", N * I * g_b, ins=(g,), saves=(g,))
-    w.drop(g)
-    prod = w.op("shared_act_mul_up", N * I * g_b, ins=(act, u), saves=(act, u))
-    w.drop(act, u)
-    d, d_b = linear_op(w, st, lin["down_proj"], prod, g_b, N)
-    w.drop(prod)
-    return d, d_b
+    """Qwen2MoeMLP: the decoder's gated MLP of nn.Linear layers (autograd.gated_mlp) at the shared expert's width."""
+    return gated_mlp(w, st, lin, x, x_b, st.tokens, arch.shared_expert_intermediate_size, prefix="shared_")
 
 
 def _experts(w: Walk, arch: Arch, st: Setting, x: str, x_b: int, idx: str, sw: str, sw_b: int,
