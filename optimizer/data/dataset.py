@@ -208,18 +208,21 @@ def summarize(samples: Sequence[SampleTokens], percentiles: Iterable[int] = SUMM
     """A DatasetSummary: sample count, total-length percentiles (nearest rank), response token share."""
     if not samples:
         raise DatasetError("the dataset has no samples. Put training samples in it.")
-    totals = sorted(max(1, s.total) for s in samples)
+    return summary_of([s.total for s in samples], sum(s.response for s in samples), percentiles)
+
+
+def summary_of(lengths: Sequence[int], response_tokens: int,
+               percentiles: Iterable[int] = SUMMARY_PERCENTILES) -> DatasetSummary:
+    """The DatasetSummary of per-sample lengths (nearest-rank percentiles, the 50th and 100th always) and the
+    response tokens among them (their share of all tokens, within [1e-6, 1])."""
+    totals = sorted(max(1, n) for n in lengths)
     pct = {int(p): _percentile(totals, p) for p in percentiles}
     pct.setdefault(50, _percentile(totals, 50))
     pct[100] = totals[-1]
-    total = sum(s.total for s in samples)
-    resp = sum(s.response for s in samples)
-    share = resp / total if total else 1.0
-    return DatasetSummary(
-        num_samples=len(samples),
-        token_length_percentiles=dict(sorted(pct.items())),
-        response_token_share=min(1.0, max(share, 1e-6)),
-    )
+    total = sum(lengths)
+    share = response_tokens / total if total else 1.0
+    return DatasetSummary(num_samples=len(totals), token_length_percentiles=dict(sorted(pct.items())),
+                          response_token_share=min(1.0, max(share, 1e-6)))
 
 
 def token_pairs(samples: Sequence[SampleTokens]) -> list[tuple[int, int]]:

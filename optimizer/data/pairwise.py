@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..schema import DatasetSummary
-from .dataset import SUMMARY_PERCENTILES, Coverage, _count_conversations, _percentile, infer_seqlen
+from .dataset import SUMMARY_PERCENTILES, Coverage, _count_conversations, infer_seqlen, summary_of
 from .read import (
     Conversation,
     DatasetError,
@@ -119,14 +119,7 @@ def summarize_pairs(pairs: Sequence[PairTokens], percentiles: Iterable[int] = SU
     the sequence the collator pads to."""
     if not pairs:
         raise DatasetError("the dataset has no samples. Put preference pairs in it.")
-    totals = sorted(max(1, p.total) for p in pairs)
-    pct = {int(q): _percentile(totals, q) for q in percentiles}
-    pct.setdefault(50, _percentile(totals, 50))
-    pct[100] = totals[-1]
-    total = sum(p.total for p in pairs)
-    longer = sum(max(p.chosen, p.rejected) for p in pairs)
-    return DatasetSummary(num_samples=len(pairs), token_length_percentiles=dict(sorted(pct.items())),
-                          response_token_share=min(1.0, max(longer / total if total else 1.0, 1e-6)))
+    return summary_of([p.total for p in pairs], sum(max(p.chosen, p.rejected) for p in pairs), percentiles)
 
 
 @dataclass(frozen=True)

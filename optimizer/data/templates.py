@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 __all__ = [
     "BOS",
@@ -111,6 +111,17 @@ _GEMMA_KW = dict(
 )
 _LLAMA3_SPECIAL = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|eom_id|>")
 
+_QWEN = ChatTemplate(
+    name="qwen",
+    user=_CHATML_USER,
+    assistant=_CHATML_ASSISTANT,
+    system=_CHATML_SYSTEM,
+    observation=_QWEN_OBS,
+    default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+    tool_style="qwen",
+    special=_IM,
+)
+
 _ALL: tuple[ChatTemplate, ...] = (
     # LLaMA-Factory's `default` (no template named): "Human: ...<eos>\nAssistant:"
     ChatTemplate(
@@ -137,28 +148,10 @@ _ALL: tuple[ChatTemplate, ...] = (
         observation=("<|im_start|>tool\n" + _C + "<|im_end|>\n<|im_start|>assistant\n",),
         special=_IM,
     ),
-    ChatTemplate(
-        name="qwen",
-        user=_CHATML_USER,
-        assistant=_CHATML_ASSISTANT,
-        system=_CHATML_SYSTEM,
-        observation=_QWEN_OBS,
-        default_system="You are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
-        tool_style="qwen",
-        special=_IM,
-    ),
+    _QWEN,
     # [S] LLaMA-Factory data/template.py `qwen2_vl`: "copied from qwen template", default_system "You are a helpful
     # assistant."; its qwen2_vl mm_plugin turns each <image> into image tokens (counted in optimizer.data.images)
-    ChatTemplate(
-        name="qwen2_vl",
-        user=_CHATML_USER,
-        assistant=_CHATML_ASSISTANT,
-        system=_CHATML_SYSTEM,
-        observation=_QWEN_OBS,
-        default_system="You are a helpful assistant.",
-        tool_style="qwen",
-        special=_IM,
-    ),
+    replace(_QWEN, name="qwen2_vl", default_system="You are a helpful assistant."),
     ChatTemplate(
         name="qwen3",
         user=_CHATML_USER,
