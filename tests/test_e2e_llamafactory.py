@@ -13,6 +13,7 @@ import math
 import os
 import subprocess
 import textwrap
+from pathlib import Path
 
 import pytest
 import yaml
@@ -72,6 +73,25 @@ def _samples(n: int) -> list[dict]:
     return out
 
 
+def _train_three_steps(tmp_path: Path, cfg: dict, env: dict) -> list[str]:
+    """`trainfit train` of a solved config for 3 steps in LLaMA-Factory's environment, with test-only overrides (the
+    CPU has no bf16 autocast here; logged steps into a fresh folder). Checks it trained and saved the adapter;
+    returns the calibration log's lines."""
+    cfg = {**cfg, "bf16": False, "fp16": False, "use_cpu": True, "logging_steps": 1, "save_steps": 1000,
+           "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True}
+    run_cfg = tmp_path / "run.yaml"
+    run_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    log = tmp_path / "calibration.jsonl"
+    proc = subprocess.run([LF_PYTHON, "-m", "optimizer", "train", str(run_cfg), "--gpu", "rtx-5060-ti-16gb",
+                           "--max-steps", "3", "--log", str(log)], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
+    assert "trained 3 step(s)" in proc.stdout, proc.stdout
+    print(proc.stdout)
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    return log.read_text().splitlines()
+
+
 def test_solved_config_trains_with_llamafactory(tmp_path, monkeypatch):
     env = {**os.environ, "TRAINFIT_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
            "TRANSFORMERS_OFFLINE": "1", "WANDB_DISABLED": "true", "DISABLE_VERSION_CHECK": "1",
@@ -105,20 +125,7 @@ def test_solved_config_trains_with_llamafactory(tmp_path, monkeypatch):
     cfg = yaml.safe_load(picked[0].read_text())
     # the model folder (not its config.json) and the qwen template, as LLaMA-Factory needs them
     assert cfg["model_name_or_path"] == model.name and cfg["template"] == "qwen" and cfg["finetuning_type"] == "lora"
-    # Test-only overrides: the CPU has no bf16 autocast here; three logged steps into a fresh folder.
-    cfg.update({"bf16": False, "fp16": False, "use_cpu": True, "logging_steps": 1, "save_steps": 1000,
-                "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True})
-    run_cfg = tmp_path / "run.yaml"
-    run_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log = tmp_path / "calibration.jsonl"
-    proc = subprocess.run([LF_PYTHON, "-m", "optimizer", "train", str(run_cfg), "--gpu", "rtx-5060-ti-16gb",
-                           "--max-steps", "3", "--log", str(log)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert "trained 3 step(s)" in proc.stdout, proc.stdout
-    print(proc.stdout)
-    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    lines = log.read_text().splitlines()
+    lines = _train_three_steps(tmp_path, cfg, env)
     assert len(lines) == 1
     rec = json.loads(lines[0])
     assert rec["schema"] == "trainfit.calibration/1" and rec["steps"] == 3 and rec["device_name"] == "cpu"
@@ -163,18 +170,7 @@ def test_solved_dpo_config_trains_with_llamafactory(tmp_path, monkeypatch):
     cfg = yaml.safe_load(picked.read_text())
     assert (cfg["stage"], cfg["pref_loss"], cfg["pref_beta"]) == ("dpo", "sigmoid", 0.1)
     assert json.loads((tmp_path / "cfg" / "dataset_info.json").read_text())["tiny_pairs"]["ranking"] is True
-    cfg.update({"bf16": False, "fp16": False, "use_cpu": True, "logging_steps": 1, "save_steps": 1000,
-                "output_dir": str(tmp_path / "out"), "report_to": "none", "overwrite_output_dir": True})
-    run_cfg = tmp_path / "run.yaml"
-    run_cfg.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    log = tmp_path / "calibration.jsonl"
-    proc = subprocess.run([LF_PYTHON, "-m", "optimizer", "train", str(run_cfg), "--gpu", "rtx-5060-ti-16gb",
-                           "--max-steps", "3", "--log", str(log)], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-4000:])
-    assert "trained 3 step(s)" in proc.stdout, proc.stdout
-    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    rec = json.loads(log.read_text().splitlines()[0])
+    rec = json.loads(_train_three_steps(tmp_path, cfg, env)[0])
     assert rec["steps"] == 3 and rec["measured"]["loss"] is not None and math.isfinite(rec["measured"]["loss"])
     assert rec["predicted"]["step_s"] > 0
     # -logsigmoid(beta * 0) = ln 2: LoRA's B starts at zero, so the policy equals its adapter-disabled reference
