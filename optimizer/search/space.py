@@ -26,9 +26,9 @@ from ..units import GIB
 from . import quality as qm
 from .objectives import MEM_KNOBS, Candidate
 from .perf import (
-    _quantile,
     expected_padded_len,
     expected_padded_len_samples,
+    mean_length,
     micro_batch_seconds,
     optimizer_step_seconds,
     packed_rows_estimate,
@@ -279,8 +279,7 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         supervised = float(sum(sm.response for sm in measured.samples))
     else:
         cov = {c: qm.coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
-        mean_len = sum(_quantile(ds.token_length_percentiles, (i + 0.5) / 200) for i in range(200)) / 200
-        supervised = ds.num_samples * ds.response_token_share * mean_len
+        supervised = ds.num_samples * ds.response_token_share * mean_length(ds.token_length_percentiles)
     inst.coverage = cov
     inst.context = {
         "model_params": count_params(arch, Plan(finetuning_type="full"))[1], "num_layers": arch.num_hidden_layers,
