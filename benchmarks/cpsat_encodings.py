@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 OUTER = ("finetuning_type", "lora_rank", "lora_target", "gradient_checkpointing", "flash_attn", "optim",
          "enable_liger_kernel")
 OBJECTIVE_KNOBS = ("finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
-                   "gradient_checkpointing", "gradient_accumulation_steps", "max_samples")
+                   "gradient_checkpointing", "gradient_accumulation_steps", "max_samples", "num_train_epochs")
 
 
 def staircases(inst, sizes: dict, classes: list[bool]) -> dict[tuple, dict[int, int]]:
@@ -89,7 +89,8 @@ class Staircase(_Factored):
             r, tg = (None, None) if ft == "full" else (v["lora_rank"], v["lora_target"])
             cand = candidate(inst, v, micro_ms(inst, ft, r, tg, v["cutoff_len"], v["per_device_train_batch_size"],
                                                v["gradient_checkpointing"]), opt_ms(inst, ft, r, tg))
-            q[idx], s[idx] = point_objectives(inst, cand, v["gradient_accumulation_steps"], v["max_samples"])
+            q[idx], s[idx] = point_objectives(inst, cand, v["gradient_accumulation_steps"], v["max_samples"],
+                                              v["num_train_epochs"])
         self.quality = m.new_int_var(min(q.values()), max(q.values()), "quality")
         m.add(self.quality == self.value(Table("quality", OBJECTIVE_KNOBS, q)))
         self.time = m.new_int_var(0, max(s.values()), "time")

@@ -64,6 +64,7 @@ def growing() -> None:
              finetuning_type=["lora", "qlora4"]),
         dict(),  # the default search space
         wide,
+        {**wide, "num_train_epochs": [1, 2, 3]},  # epochs searched: time and quality, not memory
         {**wide, "max_samples": [None, 250, 500, 1000, 1500], "flash_attn": ["auto", "sdpa", "disabled"],
          "finetuning_type": ["lora", "qlora4", "qlora8", "full"], "optim": ["adamw_torch", "adamw_torch_fused",
                                                                             "adamw_8bit", "paged_adamw_8bit"]},
@@ -80,7 +81,7 @@ def growing() -> None:
                     search=SearchSpace(**space))
         total = 1
         for v in SearchSpace(**space).model_dump().values():
-            total *= len(v)
+            total *= len(v) if v is not None else 1  # num_train_epochs None: one value (the recipe's)
         t = time.perf_counter()
         try:
             inst = build_instance(p)

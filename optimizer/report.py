@@ -139,6 +139,10 @@ def front_table(result) -> str:
     multi = any(s.num_gpus > 1 for s in result.front)
     if multi:  # a cluster problem: GPUs, engine and offload of each point, and host RAM per node
         lines[1] = f"{lines[1][:3]}{'gpus engine':20s} {'host':>9s} {lines[1][3:]}"
+    epochs = len(result.searched_epochs) > 1  # search.num_train_epochs lists several: each point's own
+    if epochs:
+        at = lines[1].index(" kept")
+        lines[1] = f"{lines[1][:at]} {'epochs':>6s}{lines[1][at:]}"
     for i, s in enumerate(result.front, 1):
         where = ""
         if multi:
@@ -149,14 +153,16 @@ def front_table(result) -> str:
             f"{i:2d} {where}{s.finetuning_type:7s} {str(s.lora_rank or '-'):>4s} {(s.lora_target or '-'):9s} "
             f"{s.cutoff_len:6d} "
             f"{s.per_device_train_batch_size:5d} {s.gradient_accumulation_steps:5d} {str(s.max_samples or 'all'):>7s} "
+            + (f"{s.num_train_epochs:6g} " if epochs else "") +
             f"{s.kept_token_share:4.0%} {s.optimizer_steps:5d} {'on' if s.gradient_checkpointing else 'off':>3s} "
             f"{s.optim:17s} {'on' if s.enable_liger_kernel else 'off':5s} {s.device_peak_bytes / GIB:6.2f} GiB "
             f"{s.headroom_bytes / GIB:5.2f} GiB {_dur(s.time_s):>7s} {_dur(s.epoch_s):>7s} {s.quality:7.4f}  "
             f"{','.join(s.labels)}"
         )
     lines.append(f"recommended: #{result.recommended + 1} ({result.why})")
-    lines.append(f"epochs: {result.num_train_epochs:g} ({result.epochs_source}); kept = share of supervised tokens "
-                 "kept at cutoff_len")
+    what = (f"searched {', '.join(f'{e:g}' for e in result.searched_epochs)}" if epochs
+            else f"{result.num_train_epochs:g}")
+    lines.append(f"epochs: {what} ({result.epochs_source}); kept = share of supervised tokens kept at cutoff_len")
     proof = "proven optimal" if result.proven_optimal else "NOT proven optimal (time limit hit)"
     lines.append(f"front: {len(result.front)} points, {proof} ({result.method}), {result.evaluated_plans} plans "
                  f"evaluated by the memory model" + (f", {result.solve_s:.1f} s" if result.solve_s is not None else "")

@@ -293,11 +293,11 @@ def solve_report(result: dict, estimates: list[dict], configs: dict[str, str], l
     for i, s in enumerate(front):
         rows.append([str(i + 1), _e(", ".join(s["labels"])), _e(_kind(s)), str(s["cutoff_len"]),
                      f"{s['per_device_train_batch_size']}x{s['gradient_accumulation_steps']}",
-                     _e(s["max_samples"] if s["max_samples"] is not None else "all"),
+                     _e(s["max_samples"] if s["max_samples"] is not None else "all"), f"{s['num_train_epochs']:g}",
                      "on" if s["gradient_checkpointing"] else "off", _e(s["flash_attn"]), _e(s["optim"]),
                      "on" if s["enable_liger_kernel"] else "off", f"{_gib(s['device_peak_bytes']):.2f}",
                      f"{_gib(s['headroom_bytes']):.2f}", _dur(s["time_s"]), f"{s['quality']:.4f}"])
-    table = _table(["#", "pick", "method", "cutoff", "batch", "samples", "GC", "attn", "optim", "liger",
+    table = _table(["#", "pick", "method", "cutoff", "batch", "samples", "epochs", "GC", "attn", "optim", "liger",
                     "device peak GiB", "headroom GiB", "time", "quality"], rows, "front")
     body.append(table.replace(f"<tr><td>{r + 1}</td>", f'<tr class="rec"><td>{r + 1}</td>', 1))
     colors = _colors(estimates)
@@ -311,8 +311,8 @@ def solve_report(result: dict, estimates: list[dict], configs: dict[str, str], l
     body.append("<ul>" + "".join(f"<li>{_e(n)}</li>" for n in result["notes"]) + "</ul>" if result["notes"] else
                 "<p>No notes.</p>")
     dims = ["finetuning_type", "lora_rank", "lora_target", "cutoff_len", "per_device_train_batch_size",
-            "gradient_accumulation_steps", "max_samples", "gradient_checkpointing", "flash_attn", "optim",
-            "enable_liger_kernel"]
+            "gradient_accumulation_steps", "max_samples", "num_train_epochs", "gradient_checkpointing", "flash_attn",
+            "optim", "enable_liger_kernel"]
     body.append("<p>Values each dimension takes on the front:</p>" + _table(["dimension", "values"], [
         [_e(d), _e(", ".join("all" if v is None else str(v) for v in dict.fromkeys(s[d] for s in front)))]
         for d in dims]))

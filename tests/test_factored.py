@@ -73,10 +73,10 @@ def test_objective_tables_reproduce_the_objectives(path):
         ft, r, t = v["finetuning_type"], v["lora_rank"], v["lora_target"]
         c = candidate(inst, v, micro_ms(inst, ft, r, t, v["cutoff_len"], v["per_device_train_batch_size"],
                                         v["gradient_checkpointing"]), opt_ms(inst, ft, r, t))
-        a, n = v["gradient_accumulation_steps"], v["max_samples"]
-        assert sum(lookup(q, idx) for q in fac.quality) == point_quality(inst, c, a, n), v
+        a, n, e = v["gradient_accumulation_steps"], v["max_samples"], v["num_train_epochs"]
+        assert sum(lookup(q, idx) for q in fac.quality) == point_quality(inst, c, a, n, e), v
         ms = lookup(fac.compute_ms, idx) + lookup(fac.step_ms, idx)
-        assert -(-ms // 1000) == point_time(inst, c, a, n), v
+        assert -(-ms // 1000) == point_time(inst, c, a, n, e), v
 
 
 SMALL = [

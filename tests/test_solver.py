@@ -38,6 +38,9 @@ SMALL = st.fixed_dictionaries({
     "optim": st.lists(st.sampled_from(["adamw_torch", "adamw_torch_fused", "adamw_8bit"]), min_size=1, max_size=2,
                       unique=True),
     "enable_liger_kernel": st.lists(st.booleans(), min_size=1, max_size=2, unique=True),
+    # None: the recipe's one value for the data size; a list: searched (time and quality, not memory)
+    "num_train_epochs": st.one_of(st.none(), st.lists(st.sampled_from([1.0, 2.0, 3.0, 0.5, 8.0]), min_size=1,
+                                                      max_size=3, unique=True)),
 })
 
 
@@ -83,9 +86,10 @@ def _every_plan_front(inst):
                             plan_fields(inst, ft, r))
             if device_peak(inst.arch, plan) > inst.budget_bytes:
                 continue
-            for si, samples in enumerate(d["max_samples"]):
-                q, t = point_objectives(inst, c, accum, samples)
-                points.append((q, t, index + (ai, si), None))
+            for (si, samples), (ei, epochs) in itertools.product(enumerate(d["max_samples"]),
+                                                                  enumerate(d["num_train_epochs"])):
+                q, t = point_objectives(inst, c, accum, samples, epochs)
+                points.append((q, t, index + (ai, si, ei), None))
     return [(q, t, k) for q, t, k, _ in non_dominated(points)]
 
 

@@ -27,11 +27,14 @@ def picked(result: SolveResult, pick: str) -> list[int]:
     return [i for i, s in enumerate(result.front) if pick in s.labels][:1]
 
 
-def _stem(i: int, s: Solution) -> str:
+def _stem(i: int, s: Solution, epochs: bool = False) -> str:
+    """The file name of front point i; `epochs`: the search had several num_train_epochs values (they name it)."""
     parts = [f"p{i + 1:02d}", s.finetuning_type]
     if s.finetuning_type != "full":
         parts += [f"r{s.lora_rank}", s.lora_target or "all"]
     parts += [f"c{s.cutoff_len}", f"b{s.per_device_train_batch_size}x{s.gradient_accumulation_steps}"]
+    if epochs:
+        parts.append(f"e{s.num_train_epochs:g}")
     if s.engine is not None:
         parts += [f"g{s.num_gpus}", s.engine] + ([f"off-{s.offload}"] if s.offload != "none" else [])
     return "_".join(parts)
@@ -66,7 +69,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
     template = template_for(model_ref, _model_type(result))
     for i in picked(result, pick):
         s = result.front[i]
-        stem = _stem(i, s)
+        stem = _stem(i, s, len(result.searched_epochs) > 1)
         path = f"{out_dir.rstrip('/')}/{stem}.yaml"
         dist = None
         run = f"CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}"

@@ -15,24 +15,26 @@ __all__ = ["all_points", "solve_brute", "non_dominated"]
 P = TypeVar("P")
 
 
-def point_key(inst: Instance, combo_pos: int, accum: int, samples) -> tuple:
+def point_key(inst: Instance, combo_pos: int, accum: int, samples, epochs: float) -> tuple:
+    """The tie-break key: positions in the domains, MEM_KNOBS order, then accumulation, max_samples, epochs."""
     d = inst.domains
-    accum_i, samples_i = d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples)
-    return inst.combos[combo_pos].index + (accum_i, samples_i)
+    return inst.combos[combo_pos].index + (d["gradient_accumulation_steps"].index(accum),
+                                           d["max_samples"].index(samples), d["num_train_epochs"].index(epochs))
 
 
 def all_points(inst: Instance):
     d = inst.domains
-    grid = itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"])
-    for pos, accum, samples in grid:
+    grid = itertools.product(range(len(inst.combos)), d["gradient_accumulation_steps"], d["max_samples"],
+                             d["num_train_epochs"])
+    for pos, accum, samples, epochs in grid:
         if not inst.combos[pos].allows(accum):
             continue
-        q, t = point_objectives(inst, inst.combos[pos], accum, samples)
-        yield q, t, point_key(inst, pos, accum, samples), (pos, accum, samples)
+        q, t = point_objectives(inst, inst.combos[pos], accum, samples, epochs)
+        yield q, t, point_key(inst, pos, accum, samples, epochs), (pos, accum, samples, epochs)
 
 
 def solve_brute(inst: Instance):
-    """The Pareto front as [(quality, time_ms, key, (combo position, accumulation, max_samples))]."""
+    """The Pareto front as [(quality, time_ms, key, (combo position, accumulation, max_samples, epochs))]."""
     return non_dominated(all_points(inst))
 
 

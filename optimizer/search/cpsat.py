@@ -10,6 +10,8 @@ is found (two integer objectives). One worker and a fixed seed make the search d
 
 from __future__ import annotations
 
+import itertools
+
 from ortools.sat.python import cp_model
 
 from ..errors import InfeasibleError
@@ -26,10 +28,11 @@ class SolveStats:
         self.proven = True
 
 
-def _radix(inst: Instance) -> tuple[list[int], int, int]:
+def _radix(inst: Instance) -> tuple[list[int], int]:
+    """The memory knobs' domain sizes, and the number of (accumulation, max_samples, epochs) triples."""
     d = inst.domains
     sizes = [len(d[k]) for k in MEM_KNOBS]
-    return sizes, len(d["gradient_accumulation_steps"]), len(d["max_samples"])
+    return sizes, len(d["gradient_accumulation_steps"]) * len(d["max_samples"]) * len(d["num_train_epochs"])
 
 
 def _key_int(index: tuple[int, ...], sizes: list[int]) -> int:
@@ -40,9 +43,9 @@ def _key_int(index: tuple[int, ...], sizes: list[int]) -> int:
 
 
 def _groups(inst: Instance) -> list[tuple[int, int]]:
-    """Combos that are identical for both objectives at every (accumulation, max_samples) (Candidate.signature)
+    """Combos that are identical for both objectives at every (accumulation, max_samples, epochs) (Candidate.signature)
     collapse to the one with the smallest key: it is the one the tie-break would pick. (position, key int)"""
-    sizes, _, _ = _radix(inst)
+    sizes, _ = _radix(inst)
     best: dict[tuple, tuple[int, int]] = {}
     for pos, c in enumerate(inst.combos):
         sig = c.signature()
@@ -53,28 +56,27 @@ def _groups(inst: Instance) -> list[tuple[int, int]]:
 
 
 def _build(inst: Instance):
-    """Joint one-hot over (memory group, max_samples, accumulation): quality, time and key are linear in
+    """Joint one-hot over (memory group, accumulation, max_samples, epochs): quality, time and key are linear in
     it with coefficients from the instance tables (the joint encoding keeps the LP relaxation exact, so
     each solve is fast; memory feasibility is already built into which groups exist)."""
     m = cp_model.CpModel()
     d = inst.domains
     groups = _groups(inst)
-    accums, samples = d["gradient_accumulation_steps"], d["max_samples"]
-    sizes, na, ns = _radix(inst)
-    x: dict[tuple[int, int, object], cp_model.IntVar] = {}
+    tails = list(itertools.product(d["gradient_accumulation_steps"], d["max_samples"], d["num_train_epochs"]))
+    _, n_tail = _radix(inst)
+    x: dict[tuple[int, int, object, float], cp_model.IntVar] = {}
     q_coef, t_coef, k_coef = [], [], []
     for gi, (pos, gk) in enumerate(groups):
         c = inst.combos[pos]
-        for ai, a in enumerate(accums):
+        for ti, (a, n, e) in enumerate(tails):  # product order: the key's tail (accumulation, max_samples, epochs)
             if not c.allows(a):
                 continue
-            for ni, n in enumerate(samples):
-                var = m.new_bool_var(f"x{gi}_{ai}_{ni}")
-                x[gi, a, n] = var
-                q, t = point_objectives(inst, c, a, n)
-                q_coef.append(q)
-                t_coef.append(t)
-                k_coef.append(gk * (na * ns) + ai * ns + ni)
+            var = m.new_bool_var(f"x{gi}_{ti}")
+            x[gi, a, n, e] = var
+            q, t = point_objectives(inst, c, a, n, e)
+            q_coef.append(q)
+            t_coef.append(t)
+            k_coef.append(gk * n_tail + ti)
     xs = list(x.values())
     m.add_exactly_one(xs)
     Q = m.new_int_var(min(q_coef), max(q_coef), "quality")
@@ -106,7 +108,8 @@ def _solve(m: cp_model.CpModel, stats: SolveStats) -> tuple[cp_model.CpSolver, i
 
 
 def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
-    """The front as [(quality, time_ms, key, (combo position, accumulation, max_samples))], quality descending.
+    """The front as [(quality, time_ms, key, (combo position, accumulation, max_samples, epochs))], quality
+    descending.
 
     Per front point: maximize quality (time below the last point's); then, with quality fixed, minimize time and
     then the tie-break key. Exactly one literal is true, so fixing the quality leaves only the literals of that
@@ -131,11 +134,12 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         q = s.value(Q)
         sub = [i for i, cq in enumerate(qc) if cq == q and (eps is None or tc[i] <= eps)]
         i = _lexmin(sub, tc, kc, stats)
-        gi, accum, samples = lits[i]
+        gi, accum, samples, epochs = lits[i]
         t = tc[i]
         pos = groups[gi][0]
-        k = inst.combos[pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples))
-        front.append((q, t, k, (pos, accum, samples)))
+        k = inst.combos[pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples),
+                                      d["num_train_epochs"].index(epochs))
+        front.append((q, t, k, (pos, accum, samples, epochs)))
         eps = t - 1
         if eps < 0:
             break

@@ -13,9 +13,9 @@ A plan is one value per knob (MEM_KNOBS, gradient_accumulation_steps, max_sample
   most allocator.allocated_limit(budget, managed bytes) (over MANAGED_KNOBS).
 - quality: the sum of quality.quality_terms, each term rounded to integer units (objectives.quality_units) and
   tabled over the knobs behind its declared inputs (quality.TERM_INPUTS).
-- time: micro-batches(rows, batch) x t_micro(type, rank, targets, cutoff, batch, checkpointing) + optimizer
-  steps(rows, batch, accumulation) x t_opt(type, rank, targets), in whole seconds (objectives.point_time); rows are
-  the samples kept by max_samples, or with packing the packed rows at cutoff_len (objectives.rows_used).
+- time: micro-batches(rows, batch, epochs) x t_micro(type, rank, targets, cutoff, batch, checkpointing) + optimizer
+  steps(rows, batch, accumulation, epochs) x t_opt(type, rank, targets), in whole seconds (objectives.point_time);
+  rows are the samples kept by max_samples, or with packing the packed rows at cutoff_len (objectives.rows_used).
 
 `evaluations` counts the memory-model calls (`step_moments` at distinct representative plans): it grows with the
 sizes of the groups' sub-domains, not with the space. search/cpsat.py states these tables as CP-SAT constraints.
@@ -35,15 +35,16 @@ from .space import Instance, micro_ms, opt_ms, plan_fields, plan_for
 
 __all__ = ["KNOBS", "Table", "Factored", "factor", "MAX_TABLE_ENTRIES"]
 
-KNOBS = MEM_KNOBS + ("gradient_accumulation_steps", "max_samples")
+KNOBS = MEM_KNOBS + ("gradient_accumulation_steps", "max_samples", "num_train_epochs")
 _T = ("finetuning_type", "lora_rank", "lora_target")
 # a plan dict key of quality.quality_terms -> the knobs it is a function of (the instance fixes the rest)
 _QUALITY_INPUT_KNOBS = {
     "finetuning_type": ("finetuning_type",), "lora_rank": ("finetuning_type", "lora_rank"),
-    "lora_target": ("finetuning_type", "lora_target"), "num_train_epochs": (),
+    "lora_target": ("finetuning_type", "lora_target"), "num_train_epochs": ("num_train_epochs",),
     "effective_batch": ("per_device_train_batch_size", "gradient_accumulation_steps"),
     # packing: the trainer steps over packed rows, and their count depends on cutoff_len (objectives.rows_used)
-    "optimizer_steps": ("max_samples", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps"),
+    "optimizer_steps": ("max_samples", "cutoff_len", "per_device_train_batch_size", "gradient_accumulation_steps",
+                        "num_train_epochs"),
     "samples_used": ("max_samples",), "kept_token_share": ("cutoff_len",),
 }
 # What one solve builds: the entries of all tables together (each memory entry is one step_moments call).
@@ -231,7 +232,8 @@ def _quality_tables(inst: Instance, sizes: dict[str, int]) -> list[Table]:
             c = candidate(inst, point)
             accum = point.get("gradient_accumulation_steps", inst.domains["gradient_accumulation_steps"][0])
             samples = point.get("max_samples", inst.domains["max_samples"][0])
-            vals[idx] = quality_units(point_plan(inst, c, accum, samples), inst.context).get(name, 0)
+            epochs = point.get("num_train_epochs", inst.domains["num_train_epochs"][0])
+            vals[idx] = quality_units(point_plan(inst, c, accum, samples, epochs), inst.context).get(name, 0)
         if any(vals.values()):
             tables.append(Table(f"quality:{name}", knobs, vals))
     return tables
@@ -253,22 +255,22 @@ def _time_tables(inst: Instance, sizes: dict[str, int]) -> dict[str, Table]:
         opt[idx] = opt_ms(inst, ft, None if ft == "full" else r, None if ft == "full" else t)
     # time in ms = micro-batches x t_micro + optimizer steps x t_opt (objectives.point_time): two tables, each a
     # product over its knobs, so the sum is linear in the tables
-    samples_k = ("max_samples",)
+    samples_k = ("max_samples", "num_train_epochs")
     compute, step = {}, {}
     n_gpu = inst.num_gpus
     pos = {k: i for i, k in enumerate(mk)}
-    for si, smp in enumerate(d["max_samples"]):
+    for (si, smp), (ei, epochs) in itertools.product(enumerate(d["max_samples"]), enumerate(d["num_train_epochs"])):
         for idx, v in micro.items():
             b = d["per_device_train_batch_size"][idx[pos["per_device_train_batch_size"]]]
             n = -(-rows_used(inst, d["cutoff_len"][idx[pos["cutoff_len"]]], smp) // n_gpu)
-            compute[(si,) + idx] = micro_batches(inst.epochs, n, b) * v
+            compute[(si, ei) + idx] = micro_batches(epochs, n, b) * v
         for ci, c in enumerate(d["cutoff_len"]):
             n = -(-rows_used(inst, c, smp) // n_gpu)
             for bi, b in enumerate(d["per_device_train_batch_size"]):
                 for ai, a in enumerate(d["gradient_accumulation_steps"]):
-                    steps = optimizer_steps(inst.epochs, n, b, a)
+                    steps = optimizer_steps(epochs, n, b, a)
                     for tidx, v in opt.items():
-                        step[(si, ci, bi, ai) + tidx] = steps * v
+                        step[(si, ei, ci, bi, ai) + tidx] = steps * v
     return {
         "compute_ms": Table("compute_ms", samples_k + mk, compute),
         "step_ms": Table("step_ms", samples_k + ("cutoff_len", "per_device_train_batch_size",

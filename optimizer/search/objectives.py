@@ -1,8 +1,9 @@
 """The two objectives of a point of the search space, in the integers both solvers read, and the recommendation
 rule over the front. PURE.
 
-A point is (candidate, gradient_accumulation_steps, max_samples): a `Candidate` is one memory-feasible setting of
-the memory knobs (built by `space`); accumulation and max_samples do not change memory. CP-SAT (`cpsat`) and the
+A point is (candidate, gradient_accumulation_steps, max_samples, num_train_epochs): a `Candidate` is one
+memory-feasible setting of the memory knobs (built by `space`); accumulation, max_samples and epochs do not change
+memory. CP-SAT (`cpsat`) and the
 exhaustive oracle (`brute`) both call `point_objectives`, so they optimize the same numbers by construction.
 
 - quality: `quality.quality_terms(plan, context)`, the evidence-based score (each term with its source in
@@ -80,15 +81,15 @@ def optimizer_steps(epochs: float, samples: int, batch: int, accumulation: int) 
     return math.ceil(epochs * math.ceil(math.ceil(samples / batch) / accumulation))
 
 
-def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> dict:
+def point_plan(inst: Instance, c: Candidate, accumulation: int, samples: int | None, epochs: float) -> dict:
     """The plan dict `quality.quality` scores (its keys are documented there). With N GPUs (data parallel) the
     effective batch is the global one, b x accumulation x N, and each rank sees ceil(n / N) samples
     (torch DistributedSampler pads to a multiple of N), so the optimizer steps fall N-fold."""
     n, b, g = inst.samples_used[samples], c.per_device_train_batch_size, inst.num_gpus
     rows = rows_used(inst, c.cutoff_len, samples)  # packing: the trainer steps over packed rows
     return {"finetuning_type": c.finetuning_type, "lora_rank": c.lora_rank, "lora_target": c.lora_target,
-            "effective_batch": b * accumulation * g, "num_train_epochs": inst.epochs,
-            "optimizer_steps": optimizer_steps(inst.epochs, -(-rows // g), b, accumulation),
+            "effective_batch": b * accumulation * g, "num_train_epochs": epochs,
+            "optimizer_steps": optimizer_steps(epochs, -(-rows // g), b, accumulation),
             "kept_token_share": inst.coverage[c.cutoff_len], "samples_used": n}
 
 
@@ -99,13 +100,13 @@ def quality_units(plan: dict, context: dict) -> dict[str, int]:
     return {k: round(QUALITY_SCALE * v) for k, v in qm.quality_terms(plan, context).items()}
 
 
-def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
+def point_quality(inst: Instance, c: Candidate, accumulation: int, samples: int | None, epochs: float) -> int:
     """The sum of `quality_units`, cached on the instance by what the score depends on."""
     key = (c.finetuning_type, c.lora_rank, c.lora_target, c.cutoff_len, c.per_device_train_batch_size,
-           accumulation, samples)
+           accumulation, samples, epochs)
     q = inst.quality_cache.get(key)
     if q is None:
-        q = inst.quality_cache[key] = sum(quality_units(point_plan(inst, c, accumulation, samples),
+        q = inst.quality_cache[key] = sum(quality_units(point_plan(inst, c, accumulation, samples, epochs),
                                                         inst.context).values())
     return q
 
@@ -121,18 +122,19 @@ def rows_used(inst: Instance, cutoff_len: int, samples: int | None) -> int:
     return max(1, -(-rows * n // max(total, 1)))
 
 
-def point_time(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> int:
+def point_time(inst: Instance, c: Candidate, accumulation: int, samples: int | None, epochs: float) -> int:
     """Training time in whole seconds (ceil): the objective's resolution, so sub-second differences tie and the
     tie-break decides. With N GPUs each rank runs ceil(n / N) rows (samples, or packed rows); c.opt_ms includes the
     communication."""
     n, b = -(-rows_used(inst, c.cutoff_len, samples) // inst.num_gpus), c.per_device_train_batch_size
-    ms = micro_batches(inst.epochs, n, b) * c.micro_ms + optimizer_steps(inst.epochs, n, b, accumulation) * c.opt_ms
+    ms = micro_batches(epochs, n, b) * c.micro_ms + optimizer_steps(epochs, n, b, accumulation) * c.opt_ms
     return -(-ms // TIME_UNIT_MS)
 
 
-def point_objectives(inst: Instance, c: Candidate, accumulation: int, samples: int | None) -> tuple[int, int]:
+def point_objectives(inst: Instance, c: Candidate, accumulation: int, samples: int | None,
+                     epochs: float) -> tuple[int, int]:
     """(scaled quality, time units) of one point of the search space."""
-    return point_quality(inst, c, accumulation, samples), point_time(inst, c, accumulation, samples)
+    return point_quality(inst, c, accumulation, samples, epochs), point_time(inst, c, accumulation, samples, epochs)
 
 
 # --- the recommendation rule ------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ __all__ = ["Problem", "SearchSpace", "DatasetSummary", "DatasetSpec", "CustomGpu
            "Cluster"]
 
 _STRICT = ConfigDict(extra="forbid", frozen=True)
+# num_train_epochs bounds (objective and search): a positive run and no overflow of the step counts
+EPOCHS_MIN, EPOCHS_MAX = 0.001, 10_000
 
 # finetuning_type choices of the search: LoRA on 16-bit weights, QLoRA on bitsandbytes 4-bit or 8-bit
 # weights, full fine-tuning.
@@ -103,6 +105,9 @@ class SearchSpace(BaseModel):
     optim: list[Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"]] = Field(
         default=["adamw_torch_fused", "adamw_8bit"], min_length=1, description="Optimizers.")
     enable_liger_kernel: list[bool] = Field(default=[False, True], min_length=1, description="Liger kernels off/on.")
+    num_train_epochs: list[float] | None = Field(
+        default=None, min_length=1, description="Epochs to search (they change time and the quality score, not "
+        "memory). null: one value, objective.num_train_epochs or the recipe for the data size.")
 
     @model_validator(mode="after")
     def _positive(self) -> SearchSpace:
@@ -111,14 +116,17 @@ class SearchSpace(BaseModel):
                 raise ValueError(f"{name} values must be positive")
         if any(v is not None and v <= 0 for v in self.max_samples):
             raise ValueError("max_samples values must be positive or null")
+        if any(not (EPOCHS_MIN <= v <= EPOCHS_MAX) for v in self.num_train_epochs or ()):
+            raise ValueError(f"num_train_epochs values must be between {EPOCHS_MIN:g} and {EPOCHS_MAX:g}")
         return self
 
 
 class Objective(BaseModel):
     model_config = _STRICT
-    num_train_epochs: float | None = Field(default=None, ge=0.001, le=10_000, allow_inf_nan=False,
-                                           description="Epochs (time objective and configs); "
-                                           "null: the recipe for the data size (search/quality.py recipe_epochs).")
+    num_train_epochs: float | None = Field(default=None, ge=EPOCHS_MIN, le=EPOCHS_MAX, allow_inf_nan=False,
+                                           description="Epochs (time objective and configs); null: "
+                                           "search.num_train_epochs, or the recipe for the data size "
+                                           "(search/quality.py recipe_epochs).")
     max_hours: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False,
                                     description="Time budget: the recommendation trains within "
                                     "it when any front point does.")
@@ -220,6 +228,9 @@ class Problem(BaseModel):
     def _stage_fits(self) -> Problem:
         if self.stage == "dpo" and self.cluster is not None:
             raise ValueError(f"{DPO_CLUSTER}: remove cluster to solve on one GPU, or use stage sft")
+        if self.search.num_train_epochs is not None and self.objective.num_train_epochs is not None:
+            raise ValueError("num_train_epochs is set twice: keep objective.num_train_epochs (one value) or "
+                             "search.num_train_epochs (values to search), not both")
         defaults = type(self).model_fields
         if self.stage != "dpo" and (self.pref_loss != defaults["pref_loss"].default
                                     or self.pref_beta != defaults["pref_beta"].default):

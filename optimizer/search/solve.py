@@ -50,7 +50,8 @@ class Solution(BaseModel):
     quality_terms: dict[str, float] = Field(description="The score's terms by name (they add up to `quality`).")
     time_s: float = Field(description="Estimated training time for all epochs, seconds.")
     epoch_s: float = Field(description="Estimated time of one epoch, seconds.")
-    num_train_epochs: float = Field(description="Epochs (the problem's, or the recipe's for the data size).")
+    num_train_epochs: float = Field(description="Epochs (searched, the problem's, or the recipe's for the data "
+                                    "size).")
     optimizer_steps: int = Field(description="Optimizer steps of the whole run (transformers' count).")
     kept_token_share: float = Field(description="Share of the supervised (response) tokens kept at cutoff_len.")
     supervised_tokens: int = Field(description="Supervised tokens trained on per epoch (samples used x kept share).")
@@ -86,8 +87,12 @@ class SolveResult(BaseModel):
     front: list[Solution]
     recommended: int = Field(description="Index of the recommended point in `front` (objective.prefer).")
     why: str = Field(description="Why the recommended point: the rule and what it gives up (objectives.recommend).")
-    num_train_epochs: float = Field(description="Epochs of every front point.")
-    epochs_source: str = Field(description="Where num_train_epochs comes from.")
+    num_train_epochs: float = Field(description="Epochs of the recommended point (each point has its own, "
+                                    "front[i].num_train_epochs: they differ where search.num_train_epochs lists "
+                                    "several values).")
+    searched_epochs: list[float] = Field(description="The num_train_epochs values searched (one unless "
+                                         "search.num_train_epochs lists several).")
+    epochs_source: str = Field(description="Where the epochs come from.")
     max_hours: float | None = Field(description="The time budget of the problem, if any.")
     prefer: str = Field(description="The problem's preference: quality, balanced or speed.")
     data_lengths: list[int] | None = Field(description="Measured tokens per sample (prompt + response), sorted; None "
@@ -145,16 +150,17 @@ def _instances(problem: Problem, base: Path | None) -> list[Instance]:
     return out
 
 
-def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples) -> tuple[Solution, FrontRow]:
+def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples,
+              epochs: float) -> tuple[Solution, FrontRow]:
     total_tokens = inst.context["supervised_tokens_total"]
     c = inst.combos[pos]
     knobs = {**c.knobs(), "gradient_accumulation_steps": accum, "max_samples": samples}
     ft = c.finetuning_type
-    point = point_plan(inst, c, accum, samples)
+    point = point_plan(inst, c, accum, samples, epochs)
     steps = point["optimizer_steps"]
     h = hparams_for(inst, ft, c.lora_rank, steps)
     src = h.pop("sources")
-    hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": inst.epochs,
+    hp = {"learning_rate": float(f"{h['learning_rate']:.2g}"), "num_train_epochs": epochs,
           "warmup_steps": qm.warmup_steps(steps, h["warmup_ratio"]), "max_grad_norm": h["max_grad_norm"]}
     hsrc = {"learning_rate": src["learning_rate"], "num_train_epochs": inst.epochs_source,
             "warmup_steps": f"ceil({h['warmup_ratio']} x {steps} optimizer steps); " + src["warmup_ratio"],
@@ -162,7 +168,7 @@ def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples) -> 
     if ft != "full":
         for k in ("lora_alpha", "use_rslora", "lora_dropout"):
             hp[k], hsrc[k] = h[k], src[k]
-    plan = plan_for(inst.arch, inst.gpu, knobs, plan_fields(inst, ft, c.lora_rank))
+    plan = plan_for(inst.arch, inst.gpu, knobs, {**plan_fields(inst, ft, c.lora_rank), "num_train_epochs": epochs})
     est = estimate(inst.arch, plan)
     allocated, device, multi = est.peak_allocated_bytes, est.device_peak_bytes, {}
     if inst.dist is not None:
@@ -179,7 +185,7 @@ def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples) -> 
     sol = Solution(
         **knobs, plan=plan, peak_allocated_bytes=allocated, device_peak_bytes=device,
         headroom_bytes=inst.gpu.memory_bytes - device, quality=q / QUALITY_SCALE,
-        quality_terms=terms, time_s=time_s, epoch_s=round(time_s / inst.epochs, 1), num_train_epochs=inst.epochs,
+        quality_terms=terms, time_s=time_s, epoch_s=round(time_s / epochs, 1), num_train_epochs=epochs,
         optimizer_steps=steps, kept_token_share=round(point["kept_token_share"], 4), supervised_tokens=tokens,
         hparams=hp, hparam_sources=hsrc, **multi,
     )
@@ -207,8 +213,8 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
     raw = non_dominated(merged) if len(insts) > 1 else [(q, t, k[1:], p) for q, t, k, p in merged]
     front: list[Solution] = []
     rows: list[FrontRow] = []
-    for q, t, _key, (ii, (pos, accum, samples)) in raw:
-        sol, row = _solution(insts[ii], q, t, pos, accum, samples)
+    for q, t, _key, (ii, (pos, accum, samples, epochs)) in raw:
+        sol, row = _solution(insts[ii], q, t, pos, accum, samples, epochs)
         front.append(sol)
         rows.append(row)
     inst = insts[0]
@@ -231,7 +237,8 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
     return SolveResult(
         problem=problem.name, model=inst.arch.name, gpu=inst.gpu.id, gpu_total_bytes=inst.gpu.memory_bytes,
         budget_bytes=inst.budget_bytes, margin=problem.margin, method=method, proven_optimal=stats.proven,
-        front=front, recommended=rec_index, why=why, num_train_epochs=inst.epochs, epochs_source=inst.epochs_source,
+        front=front, recommended=rec_index, why=why, num_train_epochs=r.num_train_epochs,
+        searched_epochs=inst.domains["num_train_epochs"], epochs_source=inst.epochs_source,
         max_hours=obj.max_hours, prefer=obj.prefer, data_lengths=list(inst.lengths) if inst.lengths else None,
         cutoff_coverage={c: round(v, 4) for c, v in sorted(inst.coverage.items())},
         evaluated_plans=sum(i.evaluated for i in insts), num_samples=inst.summary.num_samples,

@@ -47,7 +47,9 @@ class Instance:
     domains: dict[str, list]
     combos: list[Candidate]
     samples_used: dict[int | None, int]  # max_samples value -> samples trained on
-    epochs: float = 3.0  # the problem's num_train_epochs, or the recipe's for the data size
+    # the first num_train_epochs value searched (domains["num_train_epochs"]: the problem's values, or its one value,
+    # or the recipe's for the data size); memory never reads it
+    epochs: float = 3.0
     epochs_source: str = "the problem file"
     context: dict = field(default_factory=dict)  # what quality.quality needs of the model and the data
     coverage: dict[int, float] = field(default_factory=dict)  # cutoff_len -> share of supervised tokens kept
@@ -195,6 +197,7 @@ def _domains(problem: Problem, arch: Arch, gpu: GpuSpec) -> tuple[dict[str, list
         "enable_liger_kernel": _unique(liger),
         "gradient_accumulation_steps": _unique(s.gradient_accumulation_steps),
         "max_samples": _unique(s.max_samples),
+        "num_train_epochs": [],  # set by build_instance (the recipe's value needs the data size)
     }
     return domains, notes
 
@@ -287,10 +290,15 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         "kv_size": arch.num_key_value_heads * arch.head_dim, "samples_total": ds.num_samples,
         "supervised_tokens_total": supervised, "model_family": model_family(arch), "stage": problem.stage,
     }
-    if problem.objective.num_train_epochs is not None:
-        inst.epochs = problem.objective.num_train_epochs
+    if problem.search.num_train_epochs is not None:
+        domains["num_train_epochs"] = _unique(problem.search.num_train_epochs)
+        inst.epochs_source = "search.num_train_epochs"
+    elif problem.objective.num_train_epochs is not None:
+        domains["num_train_epochs"] = [problem.objective.num_train_epochs]
     else:
-        inst.epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
+        epochs, inst.epochs_source = qm.recipe_epochs(ds.num_samples)
+        domains["num_train_epochs"] = [epochs]
+    inst.epochs = domains["num_train_epochs"][0]
     for n in domains["max_samples"]:
         inst.samples_used[n] = ds.num_samples if n is None else min(n, ds.num_samples)
     if problem.dataset.packing or problem.dataset.neat_packing:
@@ -438,7 +446,8 @@ def space_size(domains: dict[str, list]) -> tuple[int, int]:
     fts = domains["finetuning_type"]
     lora = sum(1 for f in fts if f != "full") * len(domains["lora_rank"]) * len(domains["lora_target"])
     settings = (lora + (1 if "full" in fts else 0)) * rest
-    return settings, settings * len(domains["gradient_accumulation_steps"]) * len(domains["max_samples"])
+    points = settings * len(domains["gradient_accumulation_steps"]) * len(domains["max_samples"])
+    return settings, points * max(1, len(domains.get("num_train_epochs", ())))
 
 
 def check_size(domains: dict[str, list]) -> None:
