@@ -183,6 +183,13 @@ def cases() -> list[Case]:
     prob("epochs 1e-300", "num_train_epochs:__3.0", "num_train_epochs: 1.0e-300")
     prob("epochs 1e300", "num_train_epochs:__3.0", "num_train_epochs: 1.0e+300")
     prob("margin .nan", "margin:__0.1", "margin: .nan")
+    for value in ("[1, .nan]", "[0]", "[1.0e+300]", "[]", "[three]"):  # searched epochs, none in the objective
+        text = _problem(**{"num_train_epochs:__3.0": "prefer: balanced", "enable_liger_kernel:__[false]":
+                           f"enable_liger_kernel: [false]\n  num_train_epochs: {value}"})
+        out.append(Case("non-finite/extreme numbers", "problem search epochs " + value, {"p.yaml": text},
+                        ["solve", "p.yaml", "--no-write"]))
+    prob("epochs in search and objective", "enable_liger_kernel:__[false]",
+         "enable_liger_kernel: [false]\n  num_train_epochs: [1, 2]")
     prob("weight .inf", "num_train_epochs:__3.0", "num_train_epochs: 3.0\n  quality_weights: {target: .inf}")
     prob("weight .nan", "num_train_epochs:__3.0", "num_train_epochs: 3.0\n  quality_weights: {rank: .nan}")
     prob("weight 1e308", "num_train_epochs:__3.0", "num_train_epochs: 3.0\n  quality_weights: {cutoff: 1.0e+308}")
