@@ -474,6 +474,31 @@ def test_coverage_table_on_a_tiny_dataset():
     assert token_pairs(samples) == [(50, 50), (100, 100), (150, 250), (60, 40)]
 
 
+def test_summary_coverage_truncates_by_llamafactorys_rule():
+    """A data summary's kept share (search/perf.summary_coverage) applies infer_seqlen to its quantile samples: with
+    one length, prompt 200 + response 800 at cutoff 600 keeps 600 - 200 = 400 response tokens (the short prompt is
+    kept whole), not the proportional 480."""
+    from optimizer.search.perf import summary_coverage
+
+    assert summary_coverage({0: 1000, 100: 1000}, 0.8, 600) == 0.5
+    assert summary_coverage({0: 1000, 100: 1000}, 0.2, 600) == 1.0  # a short response is kept whole
+    assert summary_coverage({0: 1000, 100: 1000}, 0.5, 600) == int(600 * 0.5) / 500  # both cut in proportion
+
+
+def test_summary_coverage_tracks_the_exact_coverage_of_the_reference_data():
+    """The summary of the reference data (13 percentiles, one response share) against the exact per-sample
+    truncation: within 5 points at every cutoff (measured: 128 -0.3, 256 +4.5, 384 +1.5, 512 -0.6, 768 +0.2)."""
+    from optimizer.search.perf import summary_coverage
+
+    measured = count_tokens(ROOT / "problems/data/triz_synthetic.json", template="qwen",
+                            counter=ApproxCounter(tokenizer_family("Qwen/Qwen2.5-3B-Instruct", "qwen2", "qwen")),
+                            formatting="alpaca")
+    s = measured.summary()
+    for cutoff in (128, 256, 384, 512, 768, 1024):
+        exact = measured.coverage(cutoff).response_kept_share
+        assert abs(summary_coverage(s.token_length_percentiles, s.response_token_share, cutoff) - exact) <= 0.05
+
+
 def test_summary():
     samples = [SampleTokens(((t - t // 2, t // 2),)) for t in range(1, 101)]  # totals 1..100
     s = summarize(samples)

@@ -153,6 +153,23 @@ def mean_length(percentiles: dict[int, int], cap: float = math.inf) -> float:
                for i in range(QUANTILE_STEPS)) / QUANTILE_STEPS
 
 
+def summary_coverage(percentiles: dict[int, int], response_share: float, cutoff_len: int) -> float:
+    """Share of the supervised (response) tokens kept at cutoff_len, for a dataset known only by its length
+    percentiles: each of QUANTILE_STEPS samples of the quantile function, a single turn whose response is
+    `response_share` of its tokens, truncated by LLaMA-Factory's rule (data.dataset.infer_seqlen: a short response is
+    kept whole, else a short prompt, else both cut in proportion). With a data file, data.dataset.coverage truncates
+    each measured sample instead."""
+    from ..data.dataset import infer_seqlen
+
+    kept = total = 0
+    for i in range(QUANTILE_STEPS):
+        length = round(_quantile(percentiles, (i + 0.5) / QUANTILE_STEPS))
+        response = round(response_share * length)
+        kept += infer_seqlen(length - response, response, cutoff_len)[1]
+        total += response
+    return kept / total if total else 1.0
+
+
 def packed_rows_estimate(percentiles: dict[int, int], num_samples: int, cutoff_len: int) -> int:
     """Rows that `packing` makes of a dataset known only by its length percentiles: the tokens after truncation at
     cutoff_len - 1 (LLaMA-Factory lowers cutoff_len by 1 when packing, hparams/data_args.py) divided by that

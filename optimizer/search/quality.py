@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 
 __all__ = ["quality", "quality_terms", "TERM_INPUTS", "recommended_hparams", "recipe_epochs", "lora_params",
-           "coverage", "TIE_TOL"]
+           "TIE_TOL"]
 
 # A difference below this is "no difference" (the score's resolution). POLICY: sized so that the smallest
 # documented effects the model encodes (e.g. one adapted attention matrix; Hu et al. 2021 Table 5) exceed it.
@@ -359,33 +359,3 @@ def recommended_hparams(finetuning_type: str, model_params: float, model_family:
     src["effective_batch"] = "QLoRA: 16; Unsloth ~16; TRL LoRA guide: < 32 (Schulman et al. 2025)"
     out["sources"] = src
     return out
-
-
-def coverage(cutoff_len: int, percentiles: dict[int, int], response_share: float) -> float:
-    """Share of supervised tokens kept when samples are truncated to cutoff_len.
-
-    The length distribution is piecewise linear between the given percentiles (the 0th percentile defaults to
-    1 token). LLaMA-Factory's `infer_seqlen` keeps the response whole while it fits and trims prompt and
-    response in proportion otherwise; here a sample of length l > cutoff keeps cutoff/l of its response.
-    """
-    pts = sorted(percentiles.items())
-    if pts[0][0] > 0:
-        pts = [(0, 1)] + pts
-    kept = total = 0.0
-    steps = 200
-    for i in range(steps):
-        q = (i + 0.5) / steps * 100
-        for (q0, l0), (q1, l1) in zip(pts, pts[1:]):
-            if q0 <= q <= q1:
-                length = l0 + (l1 - l0) * ((q - q0) / (q1 - q0) if q1 > q0 else 0.0)
-                break
-        resp = response_share * length
-        prompt = length - resp
-        if length <= cutoff_len:
-            kept += resp
-        elif prompt < cutoff_len and resp * 2 < cutoff_len:
-            kept += resp  # short response: the prompt is truncated
-        else:
-            kept += resp * cutoff_len / length
-        total += resp
-    return kept / total if total else 1.0

@@ -32,6 +32,7 @@ from .perf import (
     micro_batch_seconds,
     optimizer_step_seconds,
     packed_rows_estimate,
+    summary_coverage,
 )
 from .problem import CustomGpu, DatasetSummary, Problem
 
@@ -281,7 +282,8 @@ def build_instance(problem: Problem, base: Path | None = None, dist: DistSetting
         cov = {c: measured.coverage(c).response_kept_share for c in domains["cutoff_len"]}
         supervised = float(sum(sm.response for sm in measured.samples))
     else:
-        cov = {c: qm.coverage(c, ds.token_length_percentiles, ds.response_token_share) for c in domains["cutoff_len"]}
+        cov = {c: summary_coverage(ds.token_length_percentiles, ds.response_token_share, c)
+               for c in domains["cutoff_len"]}
         supervised = ds.num_samples * ds.response_token_share * mean_length(ds.token_length_percentiles)
     inst.coverage = cov
     inst.context = {
