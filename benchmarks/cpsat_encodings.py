@@ -1,7 +1,7 @@
 """Which CP-SAT encoding of the search is fast, measured (issue 10): the same exact front four ways.
 
 1. default: the feasible memory settings enumerated (the staircase walk, space.enumerate_instance), one Boolean per
-   (objective group, accumulation, max_samples); no coupling constraint, the LP relaxation is integral
+   (objective group, accumulation, max_samples, epochs); no coupling constraint, the LP relaxation is integral
    (search/cpsat.py solve_cpsat).
 2. factored: the memory model as tables per moment x knob group and the objectives as tables per term, all
    channelled to one-hot knobs (search/factored.py + cpsat.solve_factored).
@@ -9,7 +9,7 @@
    sorted batch position <= the largest that fits at the chosen cutoff_len (the staircase the enumeration walks,
    |C| + |B| estimates per row); objectives as in 2.
 4. staircase + joint objectives: memory as in 3; quality and time as one table over every objective knob
-   (finetuning type, rank, targets, cutoff_len, batch, checkpointing, accumulation, max_samples).
+   (finetuning type, rank, targets, cutoff_len, batch, checkpointing, accumulation, max_samples, epochs).
 
 Each prints the time of its epsilon-constraint loop (3 solves per front point, one worker) and checks its front
 against brute force. Run: python benchmarks/cpsat_encodings.py [problem.yaml]

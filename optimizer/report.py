@@ -139,7 +139,7 @@ def front_table(result) -> str:
     multi = any(s.num_gpus > 1 for s in result.front)
     if multi:  # a cluster problem: GPUs, engine and offload of each point, and host RAM per node
         lines[1] = f"{lines[1][:3]}{'gpus engine':20s} {'host':>9s} {lines[1][3:]}"
-    epochs = len(result.searched_epochs) > 1  # search.num_train_epochs lists several: each point's own
+    epochs = result.several_epochs
     if epochs:
         at = lines[1].index(" kept")
         lines[1] = f"{lines[1][:at]} {'epochs':>6s}{lines[1][at:]}"

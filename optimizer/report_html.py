@@ -67,7 +67,7 @@ def _summary(i: int, s: dict) -> str:
     """One line for a front point (hover text, matrix cells)."""
     return (f"#{i + 1} {_kind(s)}, cutoff {s['cutoff_len']}, batch {s['per_device_train_batch_size']}"
             f"x{s['gradient_accumulation_steps']}, GC {'on' if s['gradient_checkpointing'] else 'off'}, {s['optim']}"
-            f"{', liger' if s['enable_liger_kernel'] else ''}")
+            f"{', liger' if s['enable_liger_kernel'] else ''}, {s['num_train_epochs']:g} epochs")
 
 
 def _terms(phase: dict) -> dict[str, tuple[int, str]]:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import yaml
 from typer.testing import CliRunner
 
@@ -14,6 +12,7 @@ from optimizer.search.brute import non_dominated, solve_brute
 from optimizer.search.cpsat import solve_cpsat
 from optimizer.search.objectives import optimizer_steps
 from optimizer.search.problem import DatasetSpec, DatasetSummary, Objective, Problem, SearchSpace
+from optimizer.search.quality import WARMUP_RATIO, warmup_steps
 from optimizer.search.solve import solve_problem
 from optimizer.search.space import build_instance
 
@@ -66,7 +65,7 @@ def test_each_point_carries_its_epochs_in_time_steps_warmup_plan_and_config():
                                                     s.gradient_accumulation_steps)
         assert s.epoch_s == round(s.time_s / s.num_train_epochs, 1)
         assert s.plan.num_train_epochs == s.hparams["num_train_epochs"] == s.num_train_epochs
-        assert s.hparams["warmup_steps"] == math.ceil(0.1 * s.optimizer_steps)
+        assert s.hparams["warmup_steps"] == warmup_steps(s.optimizer_steps, WARMUP_RATIO)
         # epochs never change memory: the point's peak is the estimate of its plan at any epochs
         other = s.plan.model_copy(update={"num_train_epochs": 7.0})
         assert estimate(inst.arch, other).device_peak_bytes == s.device_peak_bytes
@@ -109,3 +108,22 @@ def test_the_table_shows_epochs_when_searched():
     text = front_table(solve_problem(_problem([1.0, 2.0])))
     assert " epochs " in text.splitlines()[1] and "epochs: searched 1, 2 (search.num_train_epochs)" in text
     assert " epochs " not in front_table(solve_problem(_problem())).splitlines()[1]
+
+
+def test_fewest_gpus_recommends_only_what_the_rule_lets_balanced_consider():
+    """prefer fewest_gpus used to take the fastest point within the score's resolution whatever it gave up: with
+    epochs searched on the 4 x RTX 4090 problem it dropped an epoch (a third of the optimizer steps) to save 9 min,
+    under the rule's 15 min. Now its candidates are the points objectives.eligible passes."""
+    from optimizer.search.objectives import FrontRow, eligible
+    from optimizer.search.problem import load_problem
+
+    p, base = load_problem("problems/qwen2.5-7b-full-4x4090.yaml")
+    p = p.model_copy(update={"search": p.search.model_copy(update={"num_train_epochs": [2.0, 1.0, 3.0]}),
+                             "objective": p.objective.model_copy(update={"num_train_epochs": None})})
+    assert p.objective.prefer == "fewest_gpus"
+    res = solve_problem(p, base)
+    rows = [FrontRow(quality=s.quality, time_s=s.time_s, supervised_tokens=s.supervised_tokens,
+                     optimizer_steps=s.optimizer_steps, epochs=s.num_train_epochs) for s in res.front]
+    anchor, passing = eligible(rows, None)
+    assert res.recommended in passing
+    assert res.front[res.recommended].num_train_epochs == res.front[anchor].num_train_epochs == 3.0

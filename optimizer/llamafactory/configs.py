@@ -69,7 +69,7 @@ def config_files(result: SolveResult, problem: Problem, problem_path: str, out_d
     template = template_for(model_ref, _model_type(result))
     for i in picked(result, pick):
         s = result.front[i]
-        stem = _stem(i, s, len(result.searched_epochs) > 1)
+        stem = _stem(i, s, result.several_epochs)
         path = f"{out_dir.rstrip('/')}/{stem}.yaml"
         dist = None
         run = f"CUDA_VISIBLE_DEVICES=0 llamafactory-cli train {path}"

@@ -105,6 +105,7 @@ def summary_matrix(results) -> str:
             s = res.front[res.recommended]
             kind = s.finetuning_type + ("" if s.finetuning_type == "full" else f" r{s.lora_rank} {s.lora_target}")
             setup = f" {s.num_gpus}x {s.engine}" if s.num_gpus > 1 else ""
+            setup += f" {s.num_train_epochs:g}ep" if res.several_epochs else ""
             cell = (f"{kind} c{s.cutoff_len} b{s.per_device_train_batch_size}{setup} "
                     f"{s.device_peak_bytes / GIB:.1f}G {s.time_s / 60:.0f}min")
         rows.setdefault(problem.model, {})[gpu] = cell

@@ -15,6 +15,7 @@ import itertools
 from ortools.sat.python import cp_model
 
 from ..errors import InfeasibleError
+from .brute import point_key
 from .objectives import MEM_KNOBS, TIME_UNIT_MS, point_objectives
 from .space import Instance
 
@@ -120,7 +121,6 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         return []
     base, x, Q, T, key, groups, (qc, tc, kc) = _build(inst)
     lits = list(x)
-    d = inst.domains
     front = []
     eps = None
     while True:
@@ -137,9 +137,7 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         gi, accum, samples, epochs = lits[i]
         t = tc[i]
         pos = groups[gi][0]
-        k = inst.combos[pos].index + (d["gradient_accumulation_steps"].index(accum), d["max_samples"].index(samples),
-                                      d["num_train_epochs"].index(epochs))
-        front.append((q, t, k, (pos, accum, samples, epochs)))
+        front.append((q, t, point_key(inst, pos, accum, samples, epochs), (pos, accum, samples, epochs)))
         eps = t - 1
         if eps < 0:
             break

@@ -1,6 +1,7 @@
 """The search space as factored tables: each term of the memory model and of the objectives over its own knobs.
 
-A plan is one value per knob (MEM_KNOBS, gradient_accumulation_steps, max_samples). Nothing here enumerates plans:
+A plan is one value per knob (MEM_KNOBS, gradient_accumulation_steps, max_samples, num_train_epochs). Nothing here
+enumerates plans:
 
 - memory: every moment of the step (memory/step.py `step_moments`, flat: forward, loss, [reference], cross-entropy
   backward, top and bottom layer backward, lm_head backward, [embedding gradient], optimizer step) is a sum of named

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Candidate", "MEM_KNOBS", "QUALITY_SCALE", "TIME_UNIT_MS", "micro_batches", "optimizer_steps", "rows_used",
            "point_plan", "point_quality", "quality_units", "point_time", "point_objectives", "recommend",
-           "Recommendation"]
+           "Recommendation", "eligible", "passes"]
 
 QUALITY_SCALE = 10_000
 TIME_UNIT_MS = 1000
@@ -156,6 +156,7 @@ class FrontRow:
     time_s: float
     supervised_tokens: float  # supervised tokens trained on per epoch
     optimizer_steps: int
+    epochs: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -165,29 +166,39 @@ class Recommendation:
     reason: str
 
 
-def _passes(r: FrontRow, a: FrontRow) -> tuple[bool, str]:
+def passes(r: FrontRow, a: FrontRow) -> tuple[bool, str]:
     """May r be recommended instead of the anchor a? (verdict, what it gives up)"""
     lost_tok = 1 - r.supervised_tokens / a.supervised_tokens if a.supervised_tokens else 0.0
     lost_steps = 1 - r.optimizer_steps / a.optimizer_steps if a.optimizer_steps else 0.0
     saved = a.time_s - r.time_s
     gives_up = lost_tok > MAX_TOKEN_LOSS or lost_steps > MAX_TOKEN_LOSS
     big_saving = saved >= MIN_SAVING_S and saved >= MIN_SAVING_SHARE * a.time_s
-    what = (f"keeps {1 - lost_tok:.0%} of the supervised tokens and {1 - lost_steps:.0%} of the optimizer steps of "
-            "the best point")
+    what = (f"keeps {1 - lost_tok:.0%} of the supervised tokens per epoch and {1 - lost_steps:.0%} of the optimizer "
+            "steps of the best point" + (f", in {r.epochs:g} epochs instead of {a.epochs:g}" if r.epochs != a.epochs
+                                         else ""))
     return (not gives_up or big_saving), what
+
+
+def eligible(rows: list[FrontRow], max_s: float | None) -> tuple[int, list[int]] | None:
+    """The rule's anchor (the best-quality point within the time budget) and the points within the budget that pass
+    it against that anchor (`passes`), in front order; None when no point fits the budget."""
+    budget = [i for i, r in enumerate(rows) if max_s is None or r.time_s <= max_s]
+    if not budget:
+        return None
+    a = budget[0]
+    return a, [i for i in budget if passes(rows[i], rows[a])[0]]
 
 
 def recommend(rows: list[FrontRow], *, max_s: float | None = None, prefer: str = "balanced") -> Recommendation:
     """The recommended front point (rows in front order: quality descending, time descending) and why."""
     last = len(rows) - 1
-    budget = [i for i, r in enumerate(rows) if max_s is None or r.time_s <= max_s]
-    if not budget:
+    got = eligible(rows, max_s)
+    if got is None:
         why = (f"no front point fits the time budget of {max_s / 3600:g} h: the fastest ({rows[last].time_s / 60:.0f} "
                "min) is recommended; raise objective.max_hours or shrink the data")
         return Recommendation(last, last, why)
-    a = budget[0]
+    a, passing = got
     anchor = rows[a]
-    passing = [i for i in budget if _passes(rows[i], anchor)[0]]
     close = [i for i in passing if rows[i].quality >= anchor.quality - qm.TIE_TOL]
     balanced = close[-1]
     pick = {"quality": a, "balanced": balanced, "speed": passing[-1]}[prefer]
@@ -196,7 +207,7 @@ def recommend(rows: list[FrontRow], *, max_s: float | None = None, prefer: str =
         why = f"{prefer}: the {head}"
         if a < last:
             faster = rows[a + 1]
-            ok, what = _passes(faster, anchor)
+            ok, what = passes(faster, anchor)
             if not ok:
                 why += (f"; the next faster point saves only {(anchor.time_s - faster.time_s) / 60:.0f} min and "
                         f"{what}")
@@ -208,7 +219,7 @@ def recommend(rows: list[FrontRow], *, max_s: float | None = None, prefer: str =
         why = (f"{prefer}: {(anchor.time_s - r.time_s) / 60:.0f} min faster than the {head} (#{a + 1}), scoring "
                f"{anchor.quality - r.quality:.3f} lower" + (f" (within the score's resolution {qm.TIE_TOL})"
                                                             if prefer == "balanced" else ""))
-        ok, what = _passes(r, anchor)
+        ok, what = passes(r, anchor)
         why += f"; it {what}"
     why += (f" (rule: a point giving up > {MAX_TOKEN_LOSS:.0%} of supervised tokens or optimizer steps must save "
             f">= {MIN_SAVING_SHARE:.0%} and >= {MIN_SAVING_S // 60} min)")

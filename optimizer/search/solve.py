@@ -16,7 +16,7 @@ from ..units import GIB
 from . import quality as qm
 from .brute import non_dominated, solve_brute
 from .cpsat import SolveStats, solve_cpsat
-from .objectives import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, FrontRow, point_plan, recommend
+from .objectives import MEM_KNOBS, QUALITY_SCALE, TIME_UNIT_MS, FrontRow, eligible, passes, point_plan, recommend
 from .perf import time_band
 from .problem import Problem
 from .space import Instance, build_instance, hparams_for, plan_fields, plan_for
@@ -104,6 +104,11 @@ class SolveResult(BaseModel):
                                   "differs every run, and the output is otherwise byte-identical).")
     notes: list[str]
 
+    @property
+    def several_epochs(self) -> bool:
+        """search.num_train_epochs listed several values: each front point has its own (tables and names show it)."""
+        return len(self.searched_epochs) > 1
+
 
 def _infeasible(inst: Instance) -> InfeasibleError:
     peak, knobs = inst.min_peak or (0, ())
@@ -189,7 +194,8 @@ def _solution(inst: Instance, q: int, t: int, pos: int, accum: int, samples,
         optimizer_steps=steps, kept_token_share=round(point["kept_token_share"], 4), supervised_tokens=tokens,
         hparams=hp, hparam_sources=hsrc, **multi,
     )
-    return sol, FrontRow(quality=q / QUALITY_SCALE, time_s=time_s, supervised_tokens=tokens, optimizer_steps=steps)
+    return sol, FrontRow(quality=q / QUALITY_SCALE, time_s=time_s, supervised_tokens=tokens, optimizer_steps=steps,
+                         epochs=epochs)
 
 
 def solve_problem(problem: Problem, base: Path | None = None, method: str = "cpsat",
@@ -247,16 +253,21 @@ def solve_problem(problem: Problem, base: Path | None = None, method: str = "cps
 
 
 def _fewest_gpus(front: list[Solution], rows: list[FrontRow], rec, max_s: float | None) -> tuple[int, str]:
-    """prefer fewest_gpus: among the points within the score's resolution (quality.TIE_TOL) of the best point in
-    the time budget, the one with the fewest GPUs (ties: the fastest)."""
-    budget = [i for i, r in enumerate(rows) if max_s is None or r.time_s <= max_s]
-    if not budget:
+    """prefer fewest_gpus: among the points balanced would consider (within the time budget, passing the rule
+    against the best point there: objectives.eligible, and within the score's resolution quality.TIE_TOL of it), the
+    one with the fewest GPUs (ties: the fastest)."""
+    got = eligible(rows, max_s)
+    if got is None:
         return rec.index, rec.reason
-    anchor = rows[budget[0]]
-    close = [i for i in budget if rows[i].quality >= anchor.quality - qm.TIE_TOL]
+    a, passing = got
+    anchor = rows[a]
+    close = [i for i in passing if rows[i].quality >= anchor.quality - qm.TIE_TOL]
     pick = min(close, key=lambda i: (front[i].num_gpus, rows[i].time_s))
-    return pick, (f"fewest_gpus: {front[pick].num_gpus} GPU(s), the fewest of the points scoring within the score's "
-                  f"resolution {qm.TIE_TOL} of the best ({anchor.quality - rows[pick].quality:.3f} lower)")
+    why = (f"fewest_gpus: {front[pick].num_gpus} GPU(s), the fewest of the points scoring within the score's "
+           f"resolution {qm.TIE_TOL} of the best ({anchor.quality - rows[pick].quality:.3f} lower)")
+    if pick != a:
+        why += f"; it {passes(rows[pick], anchor)[1]}"
+    return pick, why
 
 
 def _accumulation_reason(s: Solution, ebs: int) -> str:

@@ -427,14 +427,14 @@ def _settings(inst: Instance, domains: dict, outer: list[str], cutoffs: list[int
 
 
 # Memory knobs no objective reads (objectives.point_objectives: quality and time depend on the type, rank, targets,
-# cutoff, batch, checkpointing, accumulation and max_samples only)
+# cutoff, batch, checkpointing, accumulation, max_samples and epochs only)
 MEMORY_ONLY = ("flash_attn", "optim", "enable_liger_kernel")
 
 
 # What one solve handles: memory settings (memory knobs without accumulation and max_samples; each costs a few
-# memory-model terms and one table row) and points (settings x accumulation x max_samples: brute force enumerates
-# them, CP-SAT's model has one literal per objective group). Measured: 10^5 settings build in ~30 s and ~1 GiB
-# (python benchmarks/solve.py); a valid problem once reached 6 GiB in 38 s before this check existed (issue 16).
+# memory-model terms and one table row) and points (settings x accumulation x max_samples x epochs: brute force
+# enumerates them, CP-SAT's model has one literal per objective group). Measured: 10^5 settings build in ~30 s and
+# ~1 GiB (python benchmarks/solve.py); a valid problem once reached 6 GiB in 38 s before this check existed (issue 16).
 MAX_SETTINGS = 200_000
 MAX_POINTS = 20_000_000
 
