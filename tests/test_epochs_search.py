@@ -127,3 +127,15 @@ def test_fewest_gpus_recommends_only_what_the_rule_lets_balanced_consider():
     anchor, passing = eligible(rows, None)
     assert res.recommended in passing
     assert res.front[res.recommended].num_train_epochs == res.front[anchor].num_train_epochs == 3.0
+
+
+def test_a_large_cpsat_model_suggests_the_brute_force_solver(monkeypatch):
+    import optimizer.search.solve as solve_mod
+
+    monkeypatch.setattr(solve_mod, "LITERALS_HINT", 10)
+    res = solve_problem(_problem([1.0, 2.0]))
+    hint = [n for n in res.notes if n.startswith("CP-SAT held")]
+    assert len(hint) == 1 and "--solver brute" in hint[0]
+    assert not any(n.startswith("CP-SAT held") for n in solve_problem(_problem([1.0, 2.0]), method="brute").notes)
+    monkeypatch.setattr(solve_mod, "LITERALS_HINT", 10**9)
+    assert not any(n.startswith("CP-SAT held") for n in solve_problem(_problem([1.0, 2.0])).notes)

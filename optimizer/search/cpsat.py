@@ -28,6 +28,7 @@ TIME_LIMIT_S = 30.0
 class SolveStats:
     def __init__(self) -> None:
         self.proven = True
+        self.literals = 0  # literals of the enumerated models solved (solve_cpsat), summed
 
 
 def _radix(inst: Instance) -> tuple[list[int], int]:
@@ -134,6 +135,7 @@ def solve_cpsat(inst: Instance, stats: SolveStats | None = None):
         return non_dominated(merged)
     base, x, Q, T, key, groups, (qc, tc, kc) = _build(inst)
     lits = list(x)
+    stats.literals += len(lits)
     front = []
     eps = None
     while True:
