@@ -21,11 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from optimizer import perf
 from optimizer.memory import count_params
 from optimizer.models.arch import arch_from_config
 from optimizer.models.catalog import get_gpu, resolve_arch
 from optimizer.schema import GpuSpec, Plan
+from optimizer.search import perf
 
 # Qwen-7B (v1): 32 layers, hidden 4096, MLP 11008, 32 heads (MHA), vocabulary 151,936, untied, qkv bias
 QWEN7B = arch_from_config({"model_type": "llama", "hidden_size": 4096, "intermediate_size": 11008,

@@ -182,7 +182,8 @@ def test_problem_errors_are_collected(tmp_path):
 def _rows(*pts):
     from optimizer.search.objectives import FrontRow
 
-    return [FrontRow(quality=q, time_s=t, supervised_tokens=tok, optimizer_steps=st) for q, t, tok, st in pts]
+    return [FrontRow(quality=q, time_s=t, supervised_tokens=tok, optimizer_steps=st, epochs=1.0)
+            for q, t, tok, st in pts]
 
 
 def test_recommend_keeps_tokens_unless_the_saving_is_large():

@@ -156,7 +156,7 @@ class FrontRow:
     time_s: float
     supervised_tokens: float  # supervised tokens trained on per epoch
     optimizer_steps: int
-    epochs: float = 1.0
+    epochs: float
 
 
 @dataclass(frozen=True)

@@ -74,7 +74,8 @@ def flops_per_token(arch: Arch, *, full: bool, gc: bool, seq_len: int, lora_para
 
 def time_band(gpu: GpuSpec) -> str:
     """The error band the fit supports (benchmarks/throughput.py): datacenter cards median 5%, max 13% on the
-    fitted points; GeForce cards rest on one published point (and torchtune's RTX 4090 figures are ~70% above)."""
+    fitted points; GeForce cards rest on one published point (and the model is ~75% below torchtune's RTX 4090
+    figures)."""
     if gpu_class(gpu) == "datacenter":
         return "times: +-15% (fit to published A100 throughput: median error 5%, max 13%)"
     return ("times: +-50% (GeForce utilization fitted to one published point; other published consumer figures "
